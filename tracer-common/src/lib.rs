@@ -1,0 +1,234 @@
+//! Types shared by the tracer's eBPF programs (kernel side) and its collector
+//! (user side).
+//!
+//! Every type here crosses the kernel/user boundary through BPF maps, so each is
+//! `#[repr(C)]`, `Copy`, made only of fixed-width integers, and laid out without
+//! implicit padding (the padding would be uninitialised stack memory, which the
+//! verifier rejects as a map key and which would make keys compare unequal).
+#![no_std]
+
+/// Which kind of memory a call site holds.
+///
+/// Stored as a `u32` in [`SiteKey::kind`] and [`AllocInfo::kind`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Heap blocks from the malloc family.
+    Heap = 0,
+    /// Mappings from mmap/mremap.
+    Mmap = 1,
+}
+
+impl Kind {
+    /// Decodes a kind stored in a map; `None` for values this build does not know.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::Heap),
+            1 => Some(Self::Mmap),
+            _ => None,
+        }
+    }
+
+    /// The name used in the JSON stream and the table.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Heap => "heap",
+            Self::Mmap => "mmap",
+        }
+    }
+}
+
+/// The allocator operation whose entry was seen and whose return is awaited.
+///
+/// Used as the uprobe attach cookie and stored in [`Pending::op`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Malloc = 1,
+    Calloc = 2,
+    Realloc = 3,
+    ReallocArray = 4,
+    PosixMemalign = 5,
+    AlignedAlloc = 6,
+    Memalign = 7,
+    Valloc = 8,
+    Pvalloc = 9,
+    Mmap = 10,
+    Mremap = 11,
+}
+
+impl Op {
+    /// Decodes an op stored in a map or cookie.
+    pub const fn from_u64(v: u64) -> Option<Self> {
+        Some(match v {
+            1 => Self::Malloc,
+            2 => Self::Calloc,
+            3 => Self::Realloc,
+            4 => Self::ReallocArray,
+            5 => Self::PosixMemalign,
+            6 => Self::AlignedAlloc,
+            7 => Self::Memalign,
+            8 => Self::Valloc,
+            9 => Self::Pvalloc,
+            10 => Self::Mmap,
+            11 => Self::Mremap,
+            _ => return None,
+        })
+    }
+}
+
+/// Stack id used when the kernel could not record the stack (table full or a
+/// hash collision). The bytes are still accounted, under an "unknown stack" site.
+pub const STACK_ID_NONE: u32 = u32::MAX;
+
+/// Value of the per-thread map that carries an allocator call from its entry
+/// probe to its return probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Requested size in bytes (already multiplied out for calloc/reallocarray).
+    pub size: u64,
+    /// The block being resized (realloc, mremap) or the out-pointer
+    /// (posix_memalign); 0 when unused.
+    pub addr: u64,
+    /// Stack pointer at entry. A return is matched to its entry by
+    /// `sp_at_return == sp + 8`, which tells nested allocator calls (glibc's
+    /// realloc(NULL, n) calls malloc through the probed symbol) from the outer one
+    /// and detects entries whose return was never seen.
+    pub sp: u64,
+    /// An [`Op`].
+    pub op: u32,
+    /// Probed functions tail-called by this one (same stack pointer): each
+    /// adds a return to skip before the final one accounts the call.
+    pub tail_calls: u32,
+}
+
+/// Value of the address map: one live block or mapping.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocInfo {
+    pub size: u64,
+    /// Stack id in the stack table, or [`STACK_ID_NONE`].
+    pub stack_id: u32,
+    /// A [`Kind`].
+    pub kind: u32,
+}
+
+/// Key of the per-site statistics map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteKey {
+    /// Stack id in the stack table, or [`STACK_ID_NONE`].
+    pub stack_id: u32,
+    /// A [`Kind`].
+    pub kind: u32,
+}
+
+/// Per-site statistics, updated with atomic adds by every CPU.
+///
+/// Outstanding values are signed: a free can be seen on one CPU an instant
+/// before the matching alloc's increment lands on another, so a reader may see a
+/// transient negative value, which it clamps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteStats {
+    pub outstanding_bytes: i64,
+    pub outstanding_count: i64,
+    /// Allocations made from this site since attach.
+    pub allocs: u64,
+    /// Bytes allocated from this site since attach.
+    pub alloc_bytes: u64,
+    /// Frees (or unmaps) of blocks allocated from this site.
+    pub frees: u64,
+    pub free_bytes: u64,
+}
+
+/// Indexes of the per-CPU counter array. Every path on which the kernel side
+/// drops or cannot attribute something has a counter, so the user is told.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Allocation entry probes that fired.
+    AllocCalls = 0,
+    /// Free/munmap entry probes that fired.
+    FreeCalls = 1,
+    /// Allocations that failed in the target (NULL / MAP_FAILED): not counted.
+    FailedAllocs = 2,
+    /// Live blocks that could not be tracked because the address map was full.
+    /// Their bytes are missing from outstanding totals (lost).
+    AddrMapFull = 3,
+    /// Sites that could not be created because the site map was full (lost).
+    SiteMapFull = 4,
+    /// Stacks the kernel could not record (stack table full or hash collision);
+    /// accounted under the unknown-stack site.
+    StackLost = 5,
+    /// Entries that could not be remembered until their return: the per-thread
+    /// map was full (lost).
+    PendingMapFull = 6,
+    /// Returns whose entry was not seen (attached mid-call) or did not match.
+    UnmatchedReturns = 7,
+    /// Entries overwritten because their return was never seen (e.g. longjmp).
+    StalePending = 8,
+    /// Allocator calls made from inside another probed allocator call (malloc →
+    /// mmap) or tail-called by one (reallocarray → realloc): the outer call
+    /// accounts them.
+    NestedCalls = 9,
+    /// Frees of addresses not allocated since attach (allocated before attach,
+    /// or by an untraced allocator). Informational.
+    UntrackedFrees = 10,
+    /// munmap calls that covered only part of a tracked mapping away from its
+    /// start; the mapping stays accounted whole.
+    PartialUnmaps = 11,
+    /// Events dropped by the kernel because the target's tgid did not match.
+    OtherProcess = 12,
+}
+
+/// Number of entries in the counter array.
+pub const COUNTER_COUNT: u32 = 13;
+
+/// Default sizes of the kernel maps; all configurable from the command line.
+pub const DEFAULT_MAX_ALLOCS: u32 = 1 << 20;
+pub const DEFAULT_MAX_SITES: u32 = 1 << 15;
+pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
+pub const DEFAULT_MAX_THREADS: u32 = 1 << 14;
+
+/// Depth of the stacks the kernel records (the kernel's own maximum).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are repr(C), made of plain integers, without padding.
+    unsafe impl aya::Pod for super::Pending {}
+    unsafe impl aya::Pod for super::AllocInfo {}
+    unsafe impl aya::Pod for super::SiteKey {}
+    unsafe impl aya::Pod for super::SiteStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // Padding would reach the kernel as uninitialised bytes; sizes equal to the
+    // sum of the fields prove there is none.
+    #[test]
+    fn no_hidden_padding() {
+        assert_eq!(size_of::<Pending>(), 8 * 3 + 4 + 4);
+        assert_eq!(size_of::<AllocInfo>(), 8 + 4 + 4);
+        assert_eq!(size_of::<SiteKey>(), 4 + 4);
+        assert_eq!(size_of::<SiteStats>(), 8 * 6);
+    }
+
+    #[test]
+    fn kinds_and_ops_round_trip() {
+        for k in [Kind::Heap, Kind::Mmap] {
+            assert_eq!(Kind::from_u32(k as u32), Some(k));
+        }
+        assert_eq!(Kind::from_u32(99), None);
+        for v in 1..=11u64 {
+            assert_eq!(Op::from_u64(v).map(|o| o as u64), Some(v));
+        }
+        assert_eq!(Op::from_u64(0), None);
+        assert_eq!(Counter::OtherProcess as u32 + 1, COUNTER_COUNT);
+    }
+}

@@ -1,0 +1,575 @@
+//! Kernel side of the tracer: uprobes on the allocator of one process keep, per
+//! call stack, the bytes and blocks it still holds.
+//!
+//! Accounting happens here, not per event in userspace: the return probe of
+//! every allocation records `address → (size, stack)` and atomically adds to the
+//! stack's statistics; the free probe removes the address and subtracts. The
+//! collector only reads the site map once per interval, so the cost per
+//! allocation is a few map operations and one stack walk, with no event sent.
+#![no_std]
+#![no_main]
+// The BPF target has no `fetch_add` on core's atomics (it declares no CAS), but
+// LLVM lowers an unused atomicrmw add to BPF_ATOMIC_ADD; the intrinsic is the
+// way to reach it.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, StackTrace},
+    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+};
+use aya_log_ebpf::debug;
+use tracer_common::{
+    AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS,
+    DEFAULT_MAX_THREADS, Kind, Op, Pending, STACK_ID_NONE, SiteKey, SiteStats,
+};
+
+/// Process (tgid) whose events count; 0 accepts every process. Set before load.
+/// The perf event is already scoped to the target, this guards against a
+/// probe shared with another consumer on the same inode.
+#[unsafe(no_mangle)]
+static TARGET_TGID: u32 = 0;
+
+/// Page size of the target, for rounding mapping lengths. Set before load.
+#[unsafe(no_mangle)]
+static PAGE_SIZE: u64 = 4096;
+
+#[map]
+static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(DEFAULT_MAX_THREADS, 0);
+
+#[map]
+static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
+
+#[map]
+static SITES: HashMap<SiteKey, SiteStats> = HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
+
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+const MAP_FAILED: u64 = u64::MAX;
+
+#[inline(always)]
+fn count(c: Counter) -> u64 {
+    let Some(p) = COUNTERS.get_ptr_mut(c as u32) else {
+        return 0;
+    };
+    // Per-CPU slot and uprobe programs do not nest on one CPU: a plain add is safe.
+    unsafe {
+        let old = *p;
+        *p = old + 1;
+        old
+    }
+}
+
+/// Atomic add to a counter shared by all CPUs (a map value).
+#[inline(always)]
+fn add<T: Copy>(dst: *mut T, v: T) {
+    // SAFETY: callers pass pointers into live map values.
+    unsafe {
+        atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(dst, v);
+    }
+}
+
+#[inline(always)]
+fn target_tgid() -> u32 {
+    unsafe { core::ptr::read_volatile(&TARGET_TGID) }
+}
+
+/// True when the event comes from the traced process.
+#[inline(always)]
+fn is_target(pid_tgid: u64) -> bool {
+    let want = target_tgid();
+    if want == 0 || (pid_tgid >> 32) as u32 == want {
+        return true;
+    }
+    count(Counter::OtherProcess);
+    false
+}
+
+#[inline(always)]
+fn sp_of(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
+    unsafe { (*regs).rsp }
+}
+
+// ---------------------------------------------------------------- entries
+
+/// Remembers an allocator call until its return probe.
+#[inline(always)]
+fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32> {
+    let id = bpf_get_current_pid_tgid();
+    if !is_target(id) {
+        return Ok(0);
+    }
+    count(Counter::AllocCalls);
+    let sp = sp_of(ctx.regs);
+    if let Some(outer) = PENDING.get_ptr_mut(&id) {
+        let outer_sp = unsafe { (*outer).sp };
+        if outer_sp > sp {
+            // Called from inside another probed allocator call on this thread
+            // (malloc → mmap for a large block): the outer call accounts it.
+            count(Counter::NestedCalls);
+            return Ok(0);
+        }
+        if outer_sp == sp {
+            // A tail call from one probed function into another (glibc:
+            // reallocarray → realloc → malloc): one logical call, whose return
+            // will fire once per probed function. The outer entry accounts it.
+            unsafe { (*outer).tail_calls += 1 };
+            count(Counter::NestedCalls);
+            return Ok(0);
+        }
+        // An entry below our frame never returned (longjmp out of the
+        // allocator, or its return probe was lost): replace it.
+        if count(Counter::StalePending) == 0 {
+            debug!(ctx, "replacing an allocator entry whose return was never seen");
+        }
+    }
+    let pending = Pending {
+        size,
+        addr,
+        sp,
+        op: op as u32,
+        tail_calls: 0,
+    };
+    if PENDING.insert(&id, &pending, 0).is_err() {
+        if count(Counter::PendingMapFull) == 0 {
+            debug!(ctx, "per-thread pending map full: allocations are being lost");
+        }
+        return Err(1);
+    }
+    Ok(0)
+}
+
+#[inline(always)]
+fn cookie_op(ctx: &ProbeContext) -> Option<Op> {
+    Op::from_u64(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) })
+}
+
+/// malloc(size), valloc(size), pvalloc(size): the op comes from the cookie.
+#[uprobe]
+pub fn size_arg0(ctx: ProbeContext) -> u32 {
+    match try_size_arg(&ctx, 0) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// aligned_alloc(align, size), memalign(align, size).
+#[uprobe]
+pub fn size_arg1(ctx: ProbeContext) -> u32 {
+    match try_size_arg(&ctx, 1) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_size_arg(ctx: &ProbeContext, n: usize) -> Result<u32, u32> {
+    let Some(op) = cookie_op(ctx) else {
+        return Err(1);
+    };
+    let Some(size) = ctx.arg::<u64>(n) else {
+        return Err(1);
+    };
+    let size = if matches!(op, Op::Pvalloc) {
+        round_up_page(if size == 0 { 1 } else { size })
+    } else {
+        size
+    };
+    remember(ctx, op, size, 0)
+}
+
+/// calloc(n, size).
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    match try_calloc(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_calloc(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (Some(n), Some(size)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return Err(1);
+    };
+    // An overflowing product makes calloc fail; remember it anyway so the
+    // return (NULL) is matched and counted as a failed allocation.
+    remember(ctx, Op::Calloc, mul_or_max(n, size), 0)
+}
+
+/// `a * b`, or `u64::MAX` on overflow. `checked_mul` (and the `MAX / a` test,
+/// which LLVM recognises as the same thing) lowers to a 128-bit multiply that
+/// BPF cannot do, so the product is built from 32-bit halves.
+#[inline(always)]
+fn mul_or_max(a: u64, b: u64) -> u64 {
+    let (ah, al, bh, bl) = (a >> 32, a & 0xffff_ffff, b >> 32, b & 0xffff_ffff);
+    if ah != 0 && bh != 0 {
+        return u64::MAX;
+    }
+    let cross = ah * bl + al * bh;
+    if cross >> 32 != 0 {
+        return u64::MAX;
+    }
+    let lo = al * bl;
+    let product = lo.wrapping_add(cross << 32);
+    if product < lo { u64::MAX } else { product }
+}
+
+/// realloc(ptr, size).
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    match try_realloc(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_realloc(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (Some(ptr), Some(size)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return Err(1);
+    };
+    remember(ctx, Op::Realloc, size, ptr)
+}
+
+/// reallocarray(ptr, n, size).
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    match try_reallocarray(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_reallocarray(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (Some(ptr), Some(n), Some(size)) =
+        (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2))
+    else {
+        return Err(1);
+    };
+    remember(
+        ctx,
+        Op::ReallocArray,
+        mul_or_max(n, size),
+        ptr,
+    )
+}
+
+/// posix_memalign(memptr, align, size).
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    match try_posix_memalign(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_posix_memalign(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (Some(memptr), Some(size)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(2)) else {
+        return Err(1);
+    };
+    remember(ctx, Op::PosixMemalign, size, memptr)
+}
+
+/// mmap(addr, len, prot, flags, fd, off).
+#[uprobe]
+pub fn mmap_enter(ctx: ProbeContext) -> u32 {
+    match try_mmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_mmap(ctx: &ProbeContext) -> Result<u32, u32> {
+    let Some(len) = ctx.arg::<u64>(1) else {
+        return Err(1);
+    };
+    remember(ctx, Op::Mmap, round_up_page(len), 0)
+}
+
+/// mremap(old, old_len, new_len, flags, ...).
+#[uprobe]
+pub fn mremap_enter(ctx: ProbeContext) -> u32 {
+    match try_mremap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_mremap(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (Some(old), Some(new_len)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(2)) else {
+        return Err(1);
+    };
+    remember(ctx, Op::Mremap, round_up_page(new_len), old)
+}
+
+#[inline(always)]
+fn round_up_page(len: u64) -> u64 {
+    let page = unsafe { core::ptr::read_volatile(&PAGE_SIZE) };
+    let mask = page.wrapping_sub(1);
+    len.saturating_add(mask) & !mask
+}
+
+// ---------------------------------------------------------------- returns
+
+/// The one return probe of every allocating function: matches the pending
+/// entry and accounts the result.
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    match try_alloc_return(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
+    let id = bpf_get_current_pid_tgid();
+    if !is_target(id) {
+        return Ok(0);
+    }
+    let Some(pending) = (unsafe { PENDING.get(&id) }).copied() else {
+        // Attached while the call was in progress.
+        count(Counter::UnmatchedReturns);
+        return Ok(0);
+    };
+    // `ret` popped the return address: sp is 8 above the entry's.
+    let sp = sp_of(ctx.regs);
+    if pending.sp > sp {
+        // Return of a nested call skipped at its entry; the outer one is pending.
+        return Ok(0);
+    }
+    if pending.sp.wrapping_add(8) == sp && pending.tail_calls > 0 {
+        // One of the returns of a tail-call chain; the last one accounts.
+        if let Some(p) = PENDING.get_ptr_mut(&id) {
+            unsafe { (*p).tail_calls -= 1 };
+        }
+        return Ok(0);
+    }
+    let _ = PENDING.remove(&id);
+    if pending.sp.wrapping_add(8) != sp {
+        count(Counter::UnmatchedReturns);
+        return Ok(0);
+    }
+    let ret: u64 = ctx.ret();
+    let Some(op) = Op::from_u64(pending.op as u64) else {
+        return Err(1);
+    };
+    match op {
+        Op::Malloc | Op::Calloc | Op::AlignedAlloc | Op::Memalign | Op::Valloc | Op::Pvalloc => {
+            if ret == 0 {
+                count(Counter::FailedAllocs);
+                return Ok(0);
+            }
+            record(ctx, ret, pending.size, Kind::Heap);
+        }
+        Op::PosixMemalign => {
+            // Returns an error number, the block goes through the out-pointer.
+            if ret as u32 != 0 {
+                count(Counter::FailedAllocs);
+                return Ok(0);
+            }
+            let Ok(p) = (unsafe { bpf_probe_read_user(pending.addr as *const u64) }) else {
+                count(Counter::UnmatchedReturns);
+                return Err(1);
+            };
+            record(ctx, p, pending.size, Kind::Heap);
+        }
+        Op::Realloc | Op::ReallocArray => {
+            if ret == 0 {
+                // realloc(p, 0) frees p and returns NULL; any other NULL is a
+                // failure that leaves p allocated.
+                if pending.size == 0 && pending.addr != 0 {
+                    release(pending.addr, Kind::Heap, u64::MAX);
+                } else {
+                    count(Counter::FailedAllocs);
+                }
+                return Ok(0);
+            }
+            if pending.addr != 0 {
+                release(pending.addr, Kind::Heap, u64::MAX);
+            }
+            record(ctx, ret, pending.size, Kind::Heap);
+        }
+        Op::Mmap | Op::Mremap => {
+            if ret == MAP_FAILED {
+                count(Counter::FailedAllocs);
+                return Ok(0);
+            }
+            if matches!(op, Op::Mremap) {
+                release(pending.addr, Kind::Mmap, u64::MAX);
+            }
+            record(ctx, ret, pending.size, Kind::Mmap);
+        }
+    }
+    Ok(0)
+}
+
+/// Accounts a new block at `addr` to the current user stack.
+#[inline(always)]
+fn record(ctx: &RetProbeContext, addr: u64, size: u64, kind: Kind) {
+    // At the return probe the registers are the caller's, so the frame-pointer
+    // walk starts at the call site itself.
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as u32,
+        Err(_) => {
+            if count(Counter::StackLost) == 0 {
+                debug!(ctx, "stack table full or hash collision: stacks are being lost");
+            }
+            STACK_ID_NONE
+        }
+    };
+    // A block at this address that we still hold was freed by a path we do not
+    // see; drop it so its bytes are not reported as leaked forever.
+    if unsafe { ALLOCS.get(&addr) }.is_some() {
+        count(Counter::UntrackedFrees);
+        release(addr, kind, u64::MAX);
+    }
+    let key = SiteKey {
+        stack_id,
+        kind: kind as u32,
+    };
+    let Some(site) = site_stats(&key) else {
+        if count(Counter::SiteMapFull) == 0 {
+            debug!(ctx, "site map full: allocations are being lost");
+        }
+        return;
+    };
+    let info = AllocInfo {
+        size,
+        stack_id,
+        kind: kind as u32,
+    };
+    // SAFETY: `site` points into a map value that lives as long as the map.
+    unsafe {
+        add(&raw mut (*site).allocs, 1);
+        add(&raw mut (*site).alloc_bytes, size);
+    }
+    if ALLOCS.insert(&addr, &info, 0).is_err() {
+        // Without the address its free could not be matched: counting it as
+        // outstanding would report a leak that is not there.
+        if count(Counter::AddrMapFull) == 0 {
+            debug!(ctx, "address map full: allocations are being lost");
+        }
+        return;
+    }
+    unsafe {
+        add(&raw mut (*site).outstanding_bytes, size as i64);
+        add(&raw mut (*site).outstanding_count, 1);
+    }
+}
+
+#[inline(always)]
+fn site_stats(key: &SiteKey) -> Option<*mut SiteStats> {
+    if let Some(p) = SITES.get_ptr_mut(key) {
+        return Some(p);
+    }
+    // Two CPUs may race to create the site; NOEXIST lets exactly one win and
+    // both then add to the same entry.
+    let _ = SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64);
+    SITES.get_ptr_mut(key)
+}
+
+/// Removes `len` bytes from the start of the tracked block at `addr`
+/// (`u64::MAX`: the whole block).
+#[inline(always)]
+fn release(addr: u64, kind: Kind, len: u64) {
+    let Some(info) = (unsafe { ALLOCS.get(&addr) }).copied() else {
+        count(Counter::UntrackedFrees);
+        return;
+    };
+    if info.kind != kind as u32 {
+        count(Counter::UntrackedFrees);
+        return;
+    }
+    let key = SiteKey {
+        stack_id: info.stack_id,
+        kind: info.kind,
+    };
+    if len < info.size {
+        // munmap of the head of a mapping: the tail stays, re-keyed at its start.
+        let rest = AllocInfo {
+            size: info.size - len,
+            ..info
+        };
+        if ALLOCS.insert(&(addr + len), &rest, 0).is_err() {
+            count(Counter::AddrMapFull);
+        }
+        let _ = ALLOCS.remove(&addr);
+        count(Counter::PartialUnmaps);
+        if let Some(site) = SITES.get_ptr_mut(&key) {
+            unsafe {
+                add(&raw mut (*site).outstanding_bytes, -(len as i64));
+                add(&raw mut (*site).free_bytes, len);
+            }
+        }
+        return;
+    }
+    let _ = ALLOCS.remove(&addr);
+    let Some(site) = SITES.get_ptr_mut(&key) else {
+        return;
+    };
+    unsafe {
+        add(&raw mut (*site).outstanding_bytes, -(info.size as i64));
+        add(&raw mut (*site).outstanding_count, -1);
+        add(&raw mut (*site).frees, 1);
+        add(&raw mut (*site).free_bytes, info.size);
+    }
+}
+
+// ---------------------------------------------------------------- frees
+
+/// free(ptr).
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    match try_free(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_free(ctx: &ProbeContext) -> Result<u32, u32> {
+    let id = bpf_get_current_pid_tgid();
+    if !is_target(id) {
+        return Ok(0);
+    }
+    let Some(ptr) = ctx.arg::<u64>(0) else {
+        return Err(1);
+    };
+    if ptr == 0 {
+        return Ok(0);
+    }
+    count(Counter::FreeCalls);
+    release(ptr, Kind::Heap, u64::MAX);
+    Ok(0)
+}
+
+/// munmap(addr, len).
+#[uprobe]
+pub fn munmap_enter(ctx: ProbeContext) -> u32 {
+    match try_munmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_munmap(ctx: &ProbeContext) -> Result<u32, u32> {
+    let id = bpf_get_current_pid_tgid();
+    if !is_target(id) {
+        return Ok(0);
+    }
+    let (Some(addr), Some(len)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return Err(1);
+    };
+    count(Counter::FreeCalls);
+    // glibc's free() unmaps large chunks itself; those addresses were never
+    // recorded as mappings (the mmap inside malloc was nested) and are ignored
+    // by the kind check in release().
+    release(addr, Kind::Mmap, round_up_page(len));
+    Ok(0)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

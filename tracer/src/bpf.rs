@@ -1,0 +1,249 @@
+//! Stages 3 and 4: load and attach the eBPF programs, then read the kernel maps.
+//!
+//! Configure → load → attach: globals and map sizes are set on the loader
+//! before the object reaches the kernel; probes attach last, so no event
+//! arrives before the maps are ready.
+
+use std::{collections::HashMap as StdHashMap, num::NonZeroU32};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
+};
+use tracer_common::{COUNTER_COUNT, Counter, SiteKey, SiteStats};
+
+use crate::{error::TracerError, probes::PlannedProbe};
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
+
+/// Sizes of the kernel maps.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Live blocks tracked at once.
+    pub allocs: u32,
+    /// Distinct (stack, kind) sites.
+    pub sites: u32,
+    /// Distinct stacks.
+    pub stacks: u32,
+    /// Threads inside an allocator call at once.
+    pub threads: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            allocs: tracer_common::DEFAULT_MAX_ALLOCS,
+            sites: tracer_common::DEFAULT_MAX_SITES,
+            stacks: tracer_common::DEFAULT_MAX_STACKS,
+            threads: tracer_common::DEFAULT_MAX_THREADS,
+        }
+    }
+}
+
+/// A probe that is live in the kernel.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttachedProbe {
+    pub function: &'static str,
+    pub path: String,
+    pub offset: u64,
+}
+
+/// Loaded programs, their links and maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    sites: HashMap<MapData, SiteKey, SiteStats>,
+    stacks: StackTraceMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    pub sizes: MapSizes,
+}
+
+/// Counter totals summed over CPUs, indexed by [`Counter`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; COUNTER_COUNT as usize]);
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+}
+
+fn load_err(e: impl std::fmt::Display) -> TracerError {
+    TracerError::Load(e.to_string())
+}
+
+impl Kernel {
+    /// Loads the programs for process `tgid` (0: any process) with map sizes `sizes`.
+    pub fn load(tgid: u32, sizes: MapSizes) -> Result<Self, TracerError> {
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TARGET_TGID", &tgid, true)
+            .override_global("PAGE_SIZE", &page_size, true)
+            .map_max_entries("ALLOCS", sizes.allocs)
+            .map_max_entries("SITES", sizes.sites)
+            .map_max_entries("STACKS", sizes.stacks)
+            .map_max_entries("PENDING", sizes.threads)
+            .load(EBPF_OBJECT)
+            .map_err(load_err)?;
+        // The logger must stay alive: dropping it closes the log map's fd.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("eBPF logging unavailable: {e}");
+                None
+            }
+        };
+        for name in [
+            "size_arg0",
+            "size_arg1",
+            "calloc_enter",
+            "realloc_enter",
+            "reallocarray_enter",
+            "posix_memalign_enter",
+            "mmap_enter",
+            "mremap_enter",
+            "alloc_return",
+            "free_enter",
+            "munmap_enter",
+        ] {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(load_err)?;
+            prog.load()
+                .map_err(|e| load_err(format!("{name}: {}", verifier_detail(&e))))?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| load_err(format!("map {name} missing from the object")))
+        };
+        let sites = HashMap::try_from(take(&mut ebpf, "SITES")?).map_err(load_err)?;
+        let stacks = StackTraceMap::try_from(take(&mut ebpf, "STACKS")?).map_err(load_err)?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
+        Ok(Self {
+            ebpf,
+            logger,
+            sites,
+            stacks,
+            counters,
+            sizes,
+        })
+    }
+
+    /// Attaches every planned probe to process `pid`. Returns what is live.
+    pub fn attach(
+        &mut self,
+        plan: &[PlannedProbe],
+        pid: u32,
+    ) -> Result<Vec<AttachedProbe>, TracerError> {
+        let scope = match NonZeroU32::new(pid) {
+            Some(p) => UProbeScope::OneProcess(p),
+            None => UProbeScope::AllProcesses,
+        };
+        let mut attached = Vec::new();
+        for probe in plan {
+            let wiring = probe.hook.wiring();
+            let attach_err = |reason: String| TracerError::Attach {
+                function: probe.hook.symbol().to_string(),
+                path: probe.object.path.clone(),
+                reason,
+            };
+            let mut programs = vec![(wiring.entry, wiring.cookie.map(|o| o as u64))];
+            if wiring.needs_return {
+                programs.push(("alloc_return", None));
+            }
+            for (name, cookie) in programs {
+                let prog: &mut UProbe = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| attach_err(format!("program {name} missing")))?
+                    .try_into()
+                    .map_err(|e| attach_err(format!("{e}")))?;
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(probe.offset),
+                    cookie,
+                };
+                prog.attach(point, &probe.object.open_path, scope)
+                    .map_err(|e| attach_err(error_chain(&e)))?;
+            }
+            attached.push(AttachedProbe {
+                function: probe.hook.symbol(),
+                path: probe.object.path.display().to_string(),
+                offset: probe.offset,
+            });
+        }
+        Ok(attached)
+    }
+
+    /// Current statistics of every site.
+    pub fn sites(&self) -> Result<Vec<(SiteKey, SiteStats)>, TracerError> {
+        self.sites
+            .iter()
+            .map(|r| {
+                r.map_err(|e| TracerError::MapRead {
+                    map: "SITES",
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Instruction pointers of a recorded stack, innermost first.
+    pub fn stack(&self, stack_id: u32) -> Option<Vec<u64>> {
+        let trace = self.stacks.get(&stack_id, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
+    }
+
+    /// Counters summed over all CPUs.
+    pub fn counters(&self) -> Result<Counters, TracerError> {
+        let mut out = Counters::default();
+        for i in 0..COUNTER_COUNT {
+            let per_cpu = self
+                .counters
+                .get(&i, 0)
+                .map_err(|e| TracerError::MapRead {
+                    map: "COUNTERS",
+                    reason: e.to_string(),
+                })?;
+            out.0[i as usize] = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Forwards the eBPF side's log records to the `log` facade.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// The verifier log is long; keep its last lines, which say what failed.
+fn verifier_detail(e: &aya::programs::ProgramError) -> String {
+    let full = error_chain(e);
+    let lines: Vec<&str> = full.lines().collect();
+    if lines.len() <= 12 {
+        return full;
+    }
+    lines[lines.len() - 12..].join("\n")
+}
+
+/// Per-site counters keyed for lookup by the collector.
+pub type SiteTable = StdHashMap<SiteKey, SiteStats>;

@@ -1,0 +1,92 @@
+//! Errors of the library, each a sentence a user can act on.
+
+use std::path::PathBuf;
+
+/// Everything that can stop the tracer before or while it attaches.
+///
+/// Display strings are complete sentences: what is wrong, then what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TracerError {
+    #[error("no process with pid {0} exists; check the pid (e.g. with `pgrep -a NAME`)")]
+    NoSuchProcess(u32),
+
+    #[error(
+        "pid {0} is a kernel thread, which has no user-space allocator to trace; pick a user process"
+    )]
+    KernelThread(u32),
+
+    #[error(
+        "pid {0} is a zombie (it exited and its parent has not reaped it); there is nothing left to trace"
+    )]
+    Zombie(u32),
+
+    #[error(
+        "not permitted to trace pid {pid} ({reason}); run the tracer as root (`sudo tracer ...`) \
+         or as the process's owner with CAP_SYS_PTRACE"
+    )]
+    NotPermitted { pid: u32, reason: String },
+
+    #[error(
+        "the tracer lacks the privileges to load eBPF programs (missing {missing}); run it as \
+         root (`sudo tracer ...`) or grant CAP_BPF and CAP_PERFMON"
+    )]
+    MissingCapabilities { missing: String },
+
+    #[error(
+        "this kernel does not expose BTF type information ({0} is missing); use a kernel built \
+         with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf(PathBuf),
+
+    #[error(
+        "this kernel does not support uprobes ({0} is missing); use a kernel built with \
+         CONFIG_UPROBE_EVENTS=y"
+    )]
+    NoUprobes(PathBuf),
+
+    #[error("cannot read the binary {path}: {reason}; check that the file exists and is a valid ELF object")]
+    UnreadableBinary { path: PathBuf, reason: String },
+
+    #[error(
+        "found no allocator in pid {0}: neither its executable nor any library it maps \
+         defines malloc; is it statically linked with a stripped symbol table?"
+    )]
+    NoAllocator(u32),
+
+    #[error("cannot start `{command}`: {reason}")]
+    Spawn { command: String, reason: String },
+
+    #[error("failed to load the eBPF programs into the kernel: {0}")]
+    Load(String),
+
+    #[error("failed to attach a uprobe to {function} in {path}: {reason}")]
+    Attach {
+        function: String,
+        path: PathBuf,
+        reason: String,
+    },
+
+    #[error("failed to read the kernel map {map}: {reason}")]
+    MapRead { map: &'static str, reason: String },
+}
+
+impl TracerError {
+    /// Process exit code for this error, documented in the README:
+    /// 3 for a bad target, 4 for a missing privilege or kernel feature,
+    /// 1 for everything else (2 is clap's usage error).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::NoSuchProcess(_)
+            | Self::KernelThread(_)
+            | Self::Zombie(_)
+            | Self::UnreadableBinary { .. }
+            | Self::NoAllocator(_)
+            | Self::Spawn { .. } => 3,
+            Self::NotPermitted { .. }
+            | Self::MissingCapabilities { .. }
+            | Self::NoBtf(_)
+            | Self::NoUprobes(_) => 4,
+            Self::Load(_) | Self::Attach { .. } | Self::MapRead { .. } => 1,
+        }
+    }
+}

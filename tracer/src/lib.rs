@@ -1,0 +1,18 @@
+//! `tracer`: live per-call-site allocation tracing of unmodified processes.
+//!
+//! The flow is the architecture, one module per stage:
+//! [`target`] (resolve the process) → [`probes`] (choose what to hook) →
+//! [`bpf`] (load, attach, read kernel maps) → [`collect`] and [`symbolize`]
+//! (snapshots with symbolized stacks and growth) → [`sink`] (terminal, JSON).
+//! [`session`] runs the flow for `tracer attach` and `tracer run`.
+
+pub mod bpf;
+pub mod collect;
+pub mod error;
+pub mod probes;
+pub mod session;
+pub mod sink;
+pub mod symbolize;
+pub mod target;
+
+pub use error::TracerError;

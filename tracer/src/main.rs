@@ -1,0 +1,179 @@
+//! Command-line glue: parse arguments, set up logging, run the session, map
+//! errors to exit codes.
+
+use std::{
+    fs::File,
+    io::{self, IsTerminal, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracer::{
+    TracerError,
+    bpf::MapSizes,
+    session::{self, Options},
+    sink::{Sink, json::JsonSink, table::TableSink},
+};
+
+/// Live allocation tracing of unmodified processes with eBPF uprobes: which
+/// call stacks hold memory, and how fast they grow.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// More diagnostics on stderr (-v: info and eBPF-side messages, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to a running process.
+    Attach {
+        /// Process id of the target.
+        pid: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Start a command and trace it from its first allocation.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, last = true)]
+        argv: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// A live table on a terminal, a final report at the end.
+    Table,
+    /// JSON Lines, one object per line (schema in the README).
+    Json,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Seconds between snapshots.
+    #[arg(short, long, default_value = "1", value_parser = parse_secs)]
+    interval: Duration,
+    /// Stop after this many seconds (default: until Ctrl-C or the target exits).
+    #[arg(short, long, value_parser = parse_secs)]
+    duration: Option<Duration>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    format: Format,
+    /// Write the output to this file instead of stdout.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Sites shown in the table and the report.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    top: u64,
+    /// Seconds of history over which growth rates are computed.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    trend_window: Duration,
+    /// Live blocks the kernel can track at once.
+    #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_ALLOCS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_allocs: u32,
+    /// Distinct call sites the kernel can track.
+    #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_SITES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_sites: u32,
+    /// Distinct stacks the kernel can record.
+    #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_stacks: u32,
+    /// Threads that can be inside an allocator call at once.
+    #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_THREADS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_threads: u32,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v < 1e9) {
+        return Err(format!("`{s}` must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl Common {
+    fn options(&self) -> Options {
+        Options {
+            interval: self.interval,
+            duration: self.duration,
+            trend_window: self.trend_window,
+            sizes: MapSizes {
+                allocs: self.max_allocs,
+                sites: self.max_sites,
+                stacks: self.max_stacks,
+                threads: self.max_threads,
+            },
+        }
+    }
+
+    fn sink(&self) -> anyhow::Result<Box<dyn Sink>> {
+        let (out, interactive): (Box<dyn Write>, bool) = match &self.output {
+            Some(path) => (
+                Box::new(io::BufWriter::new(File::create(path).with_context(|| {
+                    format!("cannot create the output file {}", path.display())
+                })?)),
+                false,
+            ),
+            None => (Box::new(io::stdout()), io::stdout().is_terminal()),
+        };
+        Ok(match self.format {
+            Format::Json => Box::new(JsonSink::new(out)),
+            Format::Table => Box::new(TableSink::new(out, interactive, self.top as usize)),
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("TRACER_LOG")
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tracer: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Attach { pid, common } => {
+                let mut sink = common.sink()?;
+                session::attach(*pid, &common.options(), sink.as_mut()).await
+            }
+            Command::Run { common, argv } => {
+                let mut sink = common.sink()?;
+                session::run(argv, &common.options(), sink.as_mut()).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<TracerError>()
+                .map_or(1, TracerError::exit_code);
+            eprintln!("tracer: {e:#}");
+            ExitCode::from(code as u8)
+        }
+    }
+}

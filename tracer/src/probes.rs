@@ -1,0 +1,367 @@
+//! Stage 2: choose probes — which functions of which mapped objects to hook.
+//!
+//! The allocator is found, not named: every object the target maps (its
+//! executable included, for static binaries and allocators linked in) is read
+//! for definitions of the malloc family and the mmap calls.
+
+use std::path::{Path, PathBuf};
+
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use tracer_common::Op;
+
+use crate::error::TracerError;
+
+/// A hookable allocator function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Malloc,
+    Calloc,
+    Realloc,
+    ReallocArray,
+    PosixMemalign,
+    AlignedAlloc,
+    Memalign,
+    Valloc,
+    Pvalloc,
+    Free,
+    Mmap,
+    Munmap,
+    Mremap,
+}
+
+/// How a hook is wired to the eBPF programs.
+pub struct Wiring {
+    /// Entry program name in the eBPF object.
+    pub entry: &'static str,
+    /// Cookie for programs shared by several functions.
+    pub cookie: Option<Op>,
+    /// Whether the shared return probe is needed (the result is the block).
+    pub needs_return: bool,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 13] = [
+        Hook::Malloc,
+        Hook::Calloc,
+        Hook::Realloc,
+        Hook::ReallocArray,
+        Hook::PosixMemalign,
+        Hook::AlignedAlloc,
+        Hook::Memalign,
+        Hook::Valloc,
+        Hook::Pvalloc,
+        Hook::Free,
+        Hook::Mmap,
+        Hook::Munmap,
+        Hook::Mremap,
+    ];
+
+    /// The exported symbol name.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Hook::Malloc => "malloc",
+            Hook::Calloc => "calloc",
+            Hook::Realloc => "realloc",
+            Hook::ReallocArray => "reallocarray",
+            Hook::PosixMemalign => "posix_memalign",
+            Hook::AlignedAlloc => "aligned_alloc",
+            Hook::Memalign => "memalign",
+            Hook::Valloc => "valloc",
+            Hook::Pvalloc => "pvalloc",
+            Hook::Free => "free",
+            Hook::Mmap => "mmap",
+            Hook::Munmap => "munmap",
+            Hook::Mremap => "mremap",
+        }
+    }
+
+    pub fn wiring(self) -> Wiring {
+        let (entry, cookie, needs_return) = match self {
+            Hook::Malloc => ("size_arg0", Some(Op::Malloc), true),
+            Hook::Valloc => ("size_arg0", Some(Op::Valloc), true),
+            Hook::Pvalloc => ("size_arg0", Some(Op::Pvalloc), true),
+            Hook::AlignedAlloc => ("size_arg1", Some(Op::AlignedAlloc), true),
+            Hook::Memalign => ("size_arg1", Some(Op::Memalign), true),
+            Hook::Calloc => ("calloc_enter", None, true),
+            Hook::Realloc => ("realloc_enter", None, true),
+            Hook::ReallocArray => ("reallocarray_enter", None, true),
+            Hook::PosixMemalign => ("posix_memalign_enter", None, true),
+            Hook::Mmap => ("mmap_enter", None, true),
+            Hook::Mremap => ("mremap_enter", None, true),
+            Hook::Free => ("free_enter", None, false),
+            Hook::Munmap => ("munmap_enter", None, false),
+        };
+        Wiring {
+            entry,
+            cookie,
+            needs_return,
+        }
+    }
+
+    fn from_symbol(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|h| h.symbol() == name)
+    }
+}
+
+/// An object file as the target sees it and as we can open it.
+#[derive(Clone, Debug)]
+pub struct ObjectRef {
+    /// Path in the target's mount namespace (what the user recognises).
+    pub path: PathBuf,
+    /// Path we open and attach to: through /proc/PID/root, or
+    /// /proc/PID/map_files for a deleted file.
+    pub open_path: PathBuf,
+}
+
+/// One uprobe to attach.
+#[derive(Clone, Debug)]
+pub struct PlannedProbe {
+    pub hook: Hook,
+    pub object: ObjectRef,
+    /// File offset of the function's first instruction.
+    pub offset: u64,
+}
+
+/// Defined function symbols of interest in one ELF file, with file offsets.
+pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64)>, TracerError> {
+    let unreadable = |reason: String| TracerError::UnreadableBinary {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| unreadable(e.to_string()))?;
+    let file = object::File::parse(&*data).map_err(|e| unreadable(e.to_string()))?;
+    let segments: Vec<(u64, u64, u64)> = file
+        .segments()
+        .filter_map(|s| {
+            let (off, size) = s.file_range();
+            (size > 0).then(|| (s.address(), size, off))
+        })
+        .collect();
+    let mut found: Vec<(Hook, u64)> = Vec::new();
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if !sym.is_definition() || sym.kind() != SymbolKind::Text {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        // Versioned names from .symtab look like "malloc@@GLIBC_2.2.5".
+        let name = name.split('@').next().unwrap_or(name);
+        let Some(hook) = Hook::from_symbol(name) else {
+            continue;
+        };
+        if found.iter().any(|(h, _)| *h == hook) {
+            continue;
+        }
+        let addr = sym.address();
+        let Some(offset) = segments
+            .iter()
+            .find(|(va, size, _)| *va <= addr && addr < va + size)
+            .map(|(va, _, off)| addr - va + off)
+        else {
+            continue;
+        };
+        found.push((hook, offset));
+    }
+    Ok(found)
+}
+
+/// True for the dynamic loader, whose private minimal malloc only serves
+/// itself before libc is up; probing it would add traps for nothing.
+fn is_dynamic_loader(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("ld-linux"))
+}
+
+/// Chooses the probes for the given objects: every function of the malloc
+/// family in every object that defines `malloc`, and the mmap calls wherever
+/// they are defined. Aliases (same offset in one file, e.g. memalign and
+/// aligned_alloc in some glibc versions) are hooked once, since two probes at
+/// one address would both fire for one call.
+pub fn plan(objects: &[ObjectRef]) -> Result<Vec<PlannedProbe>, TracerError> {
+    let mut probes = Vec::new();
+    for obj in objects {
+        if is_dynamic_loader(&obj.path) {
+            continue;
+        }
+        let symbols = match allocator_symbols(&obj.open_path) {
+            Ok(s) => s,
+            // A library we cannot parse (e.g. a mapped data file with +x) only
+            // matters if it is the allocator; the caller reports NoAllocator.
+            Err(e) => {
+                log::debug!("skipping {}: {e}", obj.path.display());
+                continue;
+            }
+        };
+        let defines_malloc = symbols.iter().any(|(h, _)| *h == Hook::Malloc);
+        let mut offsets = std::collections::HashSet::new();
+        for (hook, offset) in symbols {
+            let is_mmap_family = matches!(hook, Hook::Mmap | Hook::Munmap | Hook::Mremap);
+            if !defines_malloc && !is_mmap_family {
+                continue;
+            }
+            if !offsets.insert(offset) {
+                continue;
+            }
+            probes.push(PlannedProbe {
+                hook,
+                object: obj.clone(),
+                offset,
+            });
+        }
+    }
+    if !probes.iter().any(|p| p.hook == Hook::Malloc) {
+        return Err(TracerError::NoAllocator(0));
+    }
+    Ok(probes)
+}
+
+/// The objects a live process maps with code.
+pub fn objects_of(target: &crate::target::Target) -> Vec<ObjectRef> {
+    target
+        .maps
+        .executable_objects()
+        .into_iter()
+        .map(|m| ObjectRef {
+            path: m.path.clone(),
+            open_path: if m.deleted {
+                PathBuf::from(format!(
+                    "/proc/{}/map_files/{:x}-{:x}",
+                    target.pid, m.start, m.end
+                ))
+            } else {
+                target.host_path(&m.path)
+            },
+        })
+        .collect()
+}
+
+/// The objects a command will map once started, without running it: its
+/// executable and the libraries its dynamic loader resolves (`ld.so --list`
+/// loads nothing and runs no code of the program).
+pub fn objects_of_command(exe: &Path) -> Result<Vec<ObjectRef>, TracerError> {
+    let unreadable = |reason: String| TracerError::UnreadableBinary {
+        path: exe.to_path_buf(),
+        reason,
+    };
+    let data = std::fs::read(exe).map_err(|e| unreadable(e.to_string()))?;
+    let file = object::File::parse(&*data).map_err(|e| unreadable(e.to_string()))?;
+    let mut objects = vec![ObjectRef {
+        path: exe.to_path_buf(),
+        open_path: exe.to_path_buf(),
+    }];
+    let Some(interp) = interpreter(&file) else {
+        return Ok(objects); // static executable
+    };
+    let out = std::process::Command::new(&interp)
+        .arg("--list")
+        .arg(exe)
+        .output()
+        .map_err(|e| unreadable(format!("cannot run its loader {interp}: {e}")))?;
+    if !out.status.success() {
+        return Err(unreadable(format!(
+            "its loader {interp} could not resolve its libraries: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    for path in parse_ld_list(&String::from_utf8_lossy(&out.stdout)) {
+        objects.push(ObjectRef {
+            path: path.clone(),
+            open_path: path,
+        });
+    }
+    Ok(objects)
+}
+
+fn interpreter(file: &object::File) -> Option<String> {
+    use object::read::elf::ProgramHeader;
+    let object::File::Elf64(elf) = file else {
+        return None;
+    };
+    let endian = elf.endian();
+    let data = elf.data();
+    for ph in elf.elf_program_headers() {
+        if ph.p_type(endian) == object::elf::PT_INTERP {
+            let bytes = ph.data(endian, data).ok()?;
+            let s = std::str::from_utf8(bytes).ok()?;
+            return Some(s.trim_end_matches('\0').to_string());
+        }
+    }
+    None
+}
+
+/// Library paths from `ld.so --list` output
+/// (`libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`).
+pub fn parse_ld_list(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| {
+            let rhs = l.split("=>").nth(1).unwrap_or(l).trim();
+            let path = rhs.split(" (").next()?.trim();
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn libc_path() -> PathBuf {
+        let maps = crate::target::Maps::read(std::process::id()).unwrap();
+        maps.mappings
+            .iter()
+            .find(|m| {
+                m.path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libc.so"))
+            })
+            .map(|m| m.path.clone())
+            .expect("test binary links libc")
+    }
+
+    #[test]
+    fn finds_malloc_family_in_libc() {
+        let syms = allocator_symbols(&libc_path()).unwrap();
+        for hook in [Hook::Malloc, Hook::Free, Hook::Calloc, Hook::Realloc, Hook::Mmap] {
+            assert!(
+                syms.iter().any(|(h, off)| *h == hook && *off > 0),
+                "{hook:?} not found"
+            );
+        }
+    }
+
+    #[test]
+    fn plan_dedupes_aliases_and_needs_malloc() {
+        let libc = ObjectRef {
+            path: libc_path(),
+            open_path: libc_path(),
+        };
+        let plan = plan(std::slice::from_ref(&libc)).unwrap();
+        let mut offsets: Vec<_> = plan.iter().map(|p| p.offset).collect();
+        offsets.sort();
+        let n = offsets.len();
+        offsets.dedup();
+        assert_eq!(n, offsets.len(), "one probe per address");
+        let none = ObjectRef {
+            path: "/nonexistent".into(),
+            open_path: "/nonexistent".into(),
+        };
+        assert!(matches!(
+            super::plan(&[none]),
+            Err(TracerError::NoAllocator(_))
+        ));
+    }
+
+    #[test]
+    fn parses_loader_listing() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f55)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f66)\n";
+        assert_eq!(
+            parse_ld_list(text),
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+    }
+}

@@ -1,0 +1,359 @@
+//! The flow, end to end: resolve target → choose probes → load/attach →
+//! read maps each interval → symbolize → sinks, until the target exits, the
+//! duration elapses or the user interrupts.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+
+use crate::{
+    bpf::{Kernel, MapSizes},
+    collect::Collector,
+    error::TracerError,
+    probes::{self, ObjectRef},
+    sink::{Attached, EndReason, Exit, Sink},
+    symbolize::Symbolizer,
+    target::{self, Maps, Target},
+};
+
+/// Options common to `attach` and `run`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub sizes: MapSizes,
+    /// Window over which growth rates are computed.
+    pub trend_window: Duration,
+}
+
+/// Traces the running process `pid` until it exits, `duration` elapses or the
+/// user interrupts.
+pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Result<()> {
+    let target = Target::resolve(pid)?;
+    target::check_environment()?;
+    let objects = probes::objects_of(&target);
+    let plan = probes::plan(&objects).map_err(|e| match e {
+        TracerError::NoAllocator(_) => TracerError::NoAllocator(pid),
+        e => e,
+    })?;
+    let exit_fd = PidFd::open(pid)?;
+    let mut kernel = Kernel::load(pid, opts.sizes)?;
+    let probes = kernel.attach(&plan, pid)?;
+    let info = Attached {
+        pid,
+        comm: target.comm.clone(),
+        exe: target.exe.display().to_string(),
+        probes,
+    };
+    let symbols = Symbolizer::new(pid, target.same_root, target.maps.clone());
+    let mut collector = Collector::new(pid, symbols, opts.trend_window);
+    sink.attached(&info)?;
+    trace_loop(pid, opts, &mut kernel, &mut collector, sink, exit_fd, None).await
+}
+
+/// Starts `argv` and traces it from its first instruction: the child is held
+/// between fork and exec until every probe is attached.
+pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow::Result<()> {
+    let command = argv.first().cloned().unwrap_or_default();
+    let exe = find_executable(&command)?;
+    target::check_environment()?;
+    let objects: Vec<ObjectRef> = probes::objects_of_command(&exe)?;
+    let plan = probes::plan(&objects).map_err(|e| match e {
+        TracerError::NoAllocator(_) => TracerError::Spawn {
+            command: command.clone(),
+            reason: "neither it nor its libraries define malloc (a stripped static binary?)"
+                .into(),
+        },
+        e => e,
+    })?;
+    let child = HeldChild::fork(&exe, argv)?;
+    let pid = child.pid;
+    let result = async {
+        let exit_fd = PidFd::open(pid)?;
+        let mut kernel = Kernel::load(pid, opts.sizes)?;
+        let probes = kernel.attach(&plan, pid)?;
+        let info = Attached {
+            pid,
+            comm: exe
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            exe: exe.display().to_string(),
+            probes,
+        };
+        sink.attached(&info)?;
+        child.release()?;
+        // The maps are the child's after exec; read them once it has mapped
+        // its libraries (the symbolizer also refreshes every interval).
+        let symbols = Symbolizer::new(pid, true, Maps::default());
+        let mut collector = Collector::new(pid, symbols, opts.trend_window);
+        trace_loop(pid, opts, &mut kernel, &mut collector, sink, exit_fd, Some(pid)).await
+    }
+    .await;
+    if result.is_err() {
+        // Never leave a held child behind.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        reap(pid);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn trace_loop(
+    pid: u32,
+    opts: &Options,
+    kernel: &mut Kernel,
+    collector: &mut Collector,
+    sink: &mut dyn Sink,
+    exit_fd: PidFd,
+    own_child: Option<u32>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(opts.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let deadline = async {
+        match opts.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let exited = exit_fd.exited();
+    tokio::pin!(exited);
+    let reason = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                refresh_maps(pid, collector);
+                let snap = collector.collect(kernel)?;
+                kernel.flush_logs();
+                sink.snapshot(&snap)?;
+            }
+            _ = sigint.recv() => break EndReason::Interrupted,
+            _ = sigterm.recv() => break EndReason::Interrupted,
+            _ = &mut deadline => break EndReason::Duration,
+            _ = &mut exited => break EndReason::TargetExited,
+        }
+    };
+    if reason != EndReason::TargetExited {
+        refresh_maps(pid, collector);
+    }
+    // The maps outlive the target: the final snapshot still holds everything.
+    let snap = collector.collect(kernel)?;
+    kernel.flush_logs();
+    if reason == EndReason::TargetExited {
+        let (code, signal) = match own_child {
+            Some(child) => reap(child),
+            None => (None, None),
+        };
+        sink.target_exited(&Exit { pid, code, signal })?;
+    }
+    sink.finish(&snap, reason, started.elapsed().as_secs_f64())?;
+    if let Some(child) = own_child
+        && reason != EndReason::TargetExited
+    {
+        // Interrupted or timed out: the traced command keeps running, as with
+        // `strace -o`; detaching is all the tracer does to it.
+        log::info!("pid {child} keeps running after the tracer detached");
+    }
+    Ok(())
+}
+
+fn refresh_maps(pid: u32, collector: &mut Collector) {
+    // A failed read means the target is exiting; keep the last snapshot.
+    if let Ok(maps) = Maps::read(pid)
+        && !maps.mappings.is_empty()
+    {
+        collector.symbolizer_mut().update_maps(maps);
+    }
+}
+
+/// Waits for our child `pid` and returns (exit code, signal).
+fn reap(pid: u32) -> (Option<i32>, Option<i32>) {
+    let mut status = 0;
+    let r = unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+    if r != pid as i32 {
+        return (None, None);
+    }
+    if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, None)
+    }
+}
+
+/// A pidfd: becomes readable when the process exits (also when it is not our
+/// child, and before it is reaped).
+struct PidFd(OwnedFd);
+
+impl PidFd {
+    fn open(pid: u32) -> Result<Self, TracerError> {
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ESRCH) => TracerError::NoSuchProcess(pid),
+                _ => TracerError::NotPermitted {
+                    pid,
+                    reason: format!("pidfd_open: {e}"),
+                },
+            });
+        }
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    async fn exited(self) {
+        // SAFETY: the OwnedFd is a valid pidfd, moved into the AsyncFd, which
+        // closes it on drop; nothing else closes or replaces it.
+        match unsafe { AsyncFd::register_with_interest(self.0, tokio::io::Interest::READABLE) } {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            Err(e) => {
+                log::warn!("cannot watch the target for exit: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// Looks a command up like execvp does.
+fn find_executable(command: &str) -> Result<PathBuf, TracerError> {
+    let spawn_err = |reason: &str| TracerError::Spawn {
+        command: command.into(),
+        reason: reason.into(),
+    };
+    if command.is_empty() {
+        return Err(spawn_err("no command given after `--`"));
+    }
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if command.contains('/') {
+        let p = PathBuf::from(command);
+        return if is_exec(&p) {
+            Ok(std::fs::canonicalize(&p).unwrap_or(p))
+        } else {
+            Err(spawn_err("no such executable file"))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(command))
+        .find(|p| is_exec(p))
+        .ok_or_else(|| spawn_err("not found in PATH"))
+}
+
+/// A forked child that waits, before exec, until the tracer releases it.
+struct HeldChild {
+    pid: u32,
+    go: Option<OwnedFd>,
+    exec_err: OwnedFd,
+    command: String,
+}
+
+impl HeldChild {
+    fn fork(exe: &Path, argv: &[String]) -> Result<Self, TracerError> {
+        let command = argv.first().cloned().unwrap_or_default();
+        let spawn_err = |reason: String| TracerError::Spawn {
+            command: command.clone(),
+            reason,
+        };
+        // Everything the child needs is prepared before fork: after it, the
+        // child may only make async-signal-safe calls.
+        let path = CString::new(exe.as_os_str().as_encoded_bytes())
+            .map_err(|_| spawn_err("path contains a NUL byte".into()))?;
+        let args: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| spawn_err("an argument contains a NUL byte".into()))?;
+        let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        arg_ptrs.push(std::ptr::null());
+        let (go_r, go_w) = pipe().map_err(|e| spawn_err(e.to_string()))?;
+        let (err_r, err_w) = pipe().map_err(|e| spawn_err(e.to_string()))?;
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(spawn_err(std::io::Error::last_os_error().to_string()));
+        }
+        if pid == 0 {
+            // Child.
+            unsafe {
+                let mut b = 0u8;
+                let n = libc::read(go_r.as_raw_fd(), (&raw mut b).cast(), 1);
+                if n != 1 {
+                    libc::_exit(127);
+                }
+                libc::execv(path.as_ptr(), arg_ptrs.as_ptr());
+                let errno = *libc::__errno_location();
+                libc::write(err_w.as_raw_fd(), (&raw const errno).cast(), 4);
+                libc::_exit(127);
+            }
+        }
+        drop(go_r);
+        drop(err_w);
+        Ok(Self {
+            pid: pid as u32,
+            go: Some(go_w),
+            exec_err: err_r,
+            command,
+        })
+    }
+
+    /// Lets the child exec, and reports an exec failure.
+    fn release(mut self) -> Result<(), TracerError> {
+        let go = self.go.take().expect("released once");
+        let b = 1u8;
+        unsafe { libc::write(go.as_raw_fd(), (&raw const b).cast(), 1) };
+        drop(go);
+        // The error pipe is close-on-exec: EOF means exec succeeded.
+        let mut errno = 0i32;
+        let n = unsafe { libc::read(self.exec_err.as_raw_fd(), (&raw mut errno).cast(), 4) };
+        if n == 4 {
+            reap(self.pid);
+            return Err(TracerError::Spawn {
+                command: self.command.clone(),
+                reason: std::io::Error::from_raw_os_error(errno).to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_commands_like_execvp() {
+        assert!(find_executable("sh").unwrap().is_absolute());
+        assert!(matches!(
+            find_executable("no-such-command-xyz"),
+            Err(TracerError::Spawn { .. })
+        ));
+        assert!(matches!(
+            find_executable("/etc/passwd"),
+            Err(TracerError::Spawn { .. })
+        ));
+        assert!(matches!(find_executable(""), Err(TracerError::Spawn { .. })));
+    }
+}

@@ -1,0 +1,106 @@
+//! Stage 6: sinks — where snapshots go (the terminal table, the JSON stream).
+
+use std::{io, time::SystemTime};
+
+use serde::{Serialize, Serializer};
+
+use crate::{bpf::AttachedProbe, collect::Snapshot};
+
+pub mod json;
+pub mod table;
+
+/// What the user is told once every probe is live.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attached {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub probes: Vec<AttachedProbe>,
+}
+
+/// Why tracing ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// `--duration` elapsed.
+    Duration,
+    /// Ctrl-C / SIGTERM.
+    Interrupted,
+    /// The target process exited.
+    TargetExited,
+}
+
+impl EndReason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Duration => "duration elapsed",
+            Self::Interrupted => "interrupted",
+            Self::TargetExited => "target exited",
+        }
+    }
+}
+
+/// How the traced process ended, when it did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Exit {
+    pub pid: u32,
+    /// Exit code, when known (we are its parent in `tracer run`).
+    pub code: Option<i32>,
+    /// Terminating signal, when known.
+    pub signal: Option<i32>,
+}
+
+/// A destination for the tracer's output.
+pub trait Sink {
+    fn attached(&mut self, info: &Attached) -> io::Result<()>;
+    fn snapshot(&mut self, snap: &Snapshot) -> io::Result<()>;
+    fn target_exited(&mut self, exit: &Exit) -> io::Result<()>;
+    /// The final report; `elapsed_s` is the time traced.
+    fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()>;
+}
+
+/// RFC 3339 timestamps with millisecond precision, UTC.
+pub fn ser_ts<S: Serializer>(ts: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_millis(*ts).to_string())
+}
+
+/// `1.5 MiB`, `512 B`.
+pub fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let neg = n < 0.0;
+    let mut v = n.abs();
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    let sign = if neg { "-" } else { "" };
+    if u == 0 {
+        format!("{sign}{v:.0} {}", UNITS[u])
+    } else {
+        format!("{sign}{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(0.0), "0 B");
+        assert_eq!(human_bytes(1023.0), "1023 B");
+        assert_eq!(human_bytes(1536.0), "1.5 KiB");
+        assert_eq!(human_bytes(10.0 * 1024.0 * 1024.0), "10.0 MiB");
+        assert_eq!(human_bytes(-2048.0), "-2.0 KiB");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let v = serde_json::to_value(Stamp(SystemTime::UNIX_EPOCH)).unwrap();
+        assert_eq!(v, serde_json::json!("1970-01-01T00:00:00.000Z"));
+    }
+
+    #[derive(Serialize)]
+    struct Stamp(#[serde(serialize_with = "ser_ts")] SystemTime);
+}

@@ -1,0 +1,208 @@
+//! The live terminal view and the final report.
+
+use std::io::{self, Write};
+
+use super::{Attached, EndReason, Exit, Sink, human_bytes};
+use crate::collect::{Lost, SiteReport, Snapshot};
+
+pub struct TableSink<W: Write> {
+    out: W,
+    /// Redraw in place (an interactive terminal) instead of appending.
+    redraw: bool,
+    top: usize,
+    comm: String,
+}
+
+impl<W: Write> TableSink<W> {
+    pub fn new(out: W, redraw: bool, top: usize) -> Self {
+        Self {
+            out,
+            redraw,
+            top,
+            comm: String::new(),
+        }
+    }
+}
+
+/// The site's frames as `f (file:line) ← g (file:line) ← …`, at most `n`.
+fn chain(site: &SiteReport, n: usize) -> String {
+    let mut s = site
+        .frames
+        .iter()
+        .take(n)
+        .map(|f| f.short())
+        .collect::<Vec<_>>()
+        .join(" ← ");
+    if site.frames.len() > n {
+        s.push_str(" ← …");
+    }
+    if site.truncated {
+        s.push_str(" [truncated]");
+    }
+    s
+}
+
+fn growth(g: f64) -> String {
+    if g.abs() < 0.5 {
+        "0".into()
+    } else if g > 0.0 {
+        format!("+{}/s", human_bytes(g))
+    } else {
+        format!("{}/s", human_bytes(g))
+    }
+}
+
+/// One line naming every non-zero loss, or saying there is none.
+pub fn lost_line(lost: &Lost) -> String {
+    let parts: Vec<String> = [
+        (lost.addr_map_full, "blocks untracked (address map full, raise --max-allocs)"),
+        (lost.site_map_full, "allocations unaccounted (site map full, raise --max-sites)"),
+        (lost.stacks_lost, "stacks unrecorded (stack table full, raise --max-stacks)"),
+        (lost.pending_map_full, "calls lost (thread map full, raise --max-threads)"),
+        (lost.unmatched_returns, "returns unmatched"),
+        (lost.truncated_stacks, "sites with truncated stacks"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    if parts.is_empty() {
+        "lost: nothing".into()
+    } else {
+        format!("lost: {}", parts.join("; "))
+    }
+}
+
+impl<W: Write> TableSink<W> {
+    fn write_table(&mut self, snap: &Snapshot) -> io::Result<()> {
+        let ts = humantime::format_rfc3339_seconds(snap.ts);
+        writeln!(
+            self.out,
+            "tracer: pid {} ({}) at {ts}: {} outstanding in {} sites; {}",
+            snap.pid,
+            self.comm,
+            human_bytes(snap.total_outstanding_bytes as f64),
+            snap.sites.len(),
+            lost_line(&snap.lost)
+        )?;
+        writeln!(
+            self.out,
+            "{:>12} {:>9} {:>13} {:>10} {:>10}  {:<5} SITE",
+            "OUTSTANDING", "COUNT", "GROWTH", "ALLOCS", "FREES", "KIND"
+        )?;
+        for site in snap.sites.iter().take(self.top) {
+            writeln!(
+                self.out,
+                "{:>12} {:>9} {:>13} {:>10} {:>10}  {:<5} {}",
+                human_bytes(site.outstanding_bytes as f64),
+                site.outstanding_count,
+                growth(site.growth_bytes_per_s),
+                site.allocs,
+                site.frees,
+                site.kind,
+                chain(site, 3)
+            )?;
+        }
+        if snap.sites.len() > self.top {
+            writeln!(self.out, "  … {} more sites", snap.sites.len() - self.top)?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Sink for TableSink<W> {
+    fn attached(&mut self, info: &Attached) -> io::Result<()> {
+        self.comm = info.comm.clone();
+        let mut objects: Vec<&str> = info.probes.iter().map(|p| p.path.as_str()).collect();
+        objects.dedup();
+        writeln!(
+            self.out,
+            "tracer: attached to pid {} ({}): {} probes in {}",
+            info.pid,
+            info.comm,
+            info.probes.len(),
+            objects.join(", ")
+        )?;
+        self.out.flush()
+    }
+
+    fn snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
+        if self.redraw {
+            // Home + clear: redraw in place like top(1).
+            write!(self.out, "\x1b[H\x1b[2J")?;
+        }
+        self.write_table(snap)?;
+        if !self.redraw {
+            writeln!(self.out)?;
+        }
+        self.out.flush()
+    }
+
+    fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {
+        let how = match (exit.code, exit.signal) {
+            (Some(c), _) => format!(" with status {c}"),
+            (_, Some(s)) => format!(" killed by signal {s}"),
+            _ => String::new(),
+        };
+        writeln!(self.out, "tracer: pid {} exited{how}", exit.pid)?;
+        self.out.flush()
+    }
+
+    fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()> {
+        writeln!(
+            self.out,
+            "\n== tracer report: pid {} ({}), traced {elapsed_s:.1} s, ended: {}",
+            snap.pid,
+            self.comm,
+            reason.describe()
+        )?;
+        writeln!(
+            self.out,
+            "{} outstanding in {} sites; {}",
+            human_bytes(snap.total_outstanding_bytes as f64),
+            snap.sites.len(),
+            lost_line(&snap.lost)
+        )?;
+        let holders: Vec<&SiteReport> = snap
+            .sites
+            .iter()
+            .filter(|s| s.outstanding_bytes > 0)
+            .take(self.top)
+            .collect();
+        if holders.is_empty() {
+            writeln!(self.out, "No call site holds memory allocated since attach.")?;
+        }
+        for (i, site) in holders.iter().enumerate() {
+            writeln!(
+                self.out,
+                "\n#{} {} in {} blocks ({}), growth {}, {} allocs / {} frees{}",
+                i + 1,
+                human_bytes(site.outstanding_bytes as f64),
+                site.outstanding_count,
+                site.kind,
+                growth(site.growth_bytes_per_s),
+                site.allocs,
+                site.frees,
+                if site.truncated {
+                    " [stack truncated: build with -fno-omit-frame-pointer for full stacks]"
+                } else {
+                    ""
+                }
+            )?;
+            for f in &site.frames {
+                let inl = if f.inlined { " (inlined)" } else { "" };
+                writeln!(self.out, "      {}{inl}", f.short())?;
+            }
+        }
+        if let Some(top) = holders.first() {
+            let culprit = top.frames.first().map_or("[unknown]".into(), |f| f.short());
+            writeln!(
+                self.out,
+                "\nLargest holder: {culprit}, {} outstanding ({} blocks never freed)",
+                human_bytes(top.outstanding_bytes as f64),
+                top.outstanding_count
+            )?;
+        }
+        self.out.flush()
+    }
+}

@@ -1,0 +1,336 @@
+//! Stage 5b: turn recorded instruction pointers into functions, files and lines.
+//!
+//! Addresses are made file-relative with our own snapshot of the target's maps
+//! (so stacks seen in the last interval still resolve after the target exited),
+//! then symbolized by blazesym from the ELF symbol table and DWARF, inlined
+//! frames included. blazesym caches each parsed file.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::IsTerminal,
+    path::PathBuf,
+    time::Duration,
+};
+
+use blazesym::symbolize::{self, Input, Symbolized, source::Source};
+use serde::Serialize;
+
+use crate::target::{Maps, host_path};
+
+/// One frame of a symbolized stack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// Function name (demangled), or `[unknown]`.
+    pub function: String,
+    /// Source file, when debug information has it.
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Object file the address belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// The recorded address (a return address, except in the innermost frame
+    /// of entry-probe stacks).
+    pub addr: u64,
+    /// This frame was inlined into the next (outer) one.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+}
+
+impl Frame {
+    pub fn unknown(addr: u64, module: Option<String>) -> Self {
+        Self {
+            function: "[unknown]".into(),
+            file: None,
+            line: None,
+            module,
+            addr,
+            inlined: false,
+        }
+    }
+
+    /// `function (file:line)`, with the file's base name only.
+    pub fn short(&self) -> String {
+        match (&self.file, self.line) {
+            (Some(f), Some(l)) => {
+                let base = f.rsplit('/').next().unwrap_or(f);
+                format!("{} ({base}:{l})", self.function)
+            }
+            _ => match &self.module {
+                Some(m) if self.function == "[unknown]" => {
+                    format!("[unknown] ({})", m.rsplit('/').next().unwrap_or(m))
+                }
+                _ => self.function.clone(),
+            },
+        }
+    }
+}
+
+/// Functions in which a complete user stack ends.
+const STACK_ROOTS: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_call_main",
+    "start_thread",
+    "clone",
+    "clone3",
+    "__clone",
+    "__clone3",
+    "runtime.goexit",
+    "runtime.goexit.abi0",
+    "runtime.mstart",
+    "runtime.rt0_go",
+];
+
+/// Cuts a stack after its thread-root frame and says whether it is truncated.
+///
+/// Past the root, a frame-pointer walk reads whatever the C runtime left in
+/// %rbp (it is not built with frame pointers), so those frames are junk that
+/// would split one call site into several. A stack with no root frame, or one
+/// that hit the recording depth limit, obviously lacks its outer frames:
+/// binaries built without frame pointers give such stacks.
+pub fn trim_at_root(frames: &mut Vec<Frame>, recorded_depth: usize, depth_limit: usize) -> bool {
+    match frames
+        .iter()
+        .position(|f| STACK_ROOTS.contains(&f.function.as_str()))
+    {
+        Some(i) => {
+            frames.truncate(i + 1);
+            recorded_depth >= depth_limit
+        }
+        None => true,
+    }
+}
+
+/// Symbolizer for one target process.
+pub struct Symbolizer {
+    inner: symbolize::Symbolizer,
+    pid: u32,
+    same_root: bool,
+    maps: Maps,
+    loaded: HashSet<PathBuf>,
+}
+
+impl Symbolizer {
+    pub fn new(pid: u32, same_root: bool, maps: Maps) -> Self {
+        let inner = symbolize::Symbolizer::builder()
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            // Paths under /proc/PID/root vanish with the target; keep what we
+            // parsed instead of re-checking the file each time.
+            .enable_auto_reload(false)
+            .build();
+        Self {
+            inner,
+            pid,
+            same_root,
+            maps,
+            loaded: HashSet::new(),
+        }
+    }
+
+    /// Replaces the maps snapshot (the target may have loaded libraries).
+    pub fn update_maps(&mut self, maps: Maps) {
+        self.maps = maps;
+    }
+
+    /// Symbolizes a stack of return addresses, innermost first. Inlined
+    /// functions become frames of their own, innermost first.
+    pub fn symbolize_stack(&mut self, ips: &[u64]) -> Vec<Frame> {
+        // Group by object so each file is asked once per stack.
+        let mut by_module: HashMap<PathBuf, Vec<(usize, u64)>> = HashMap::new();
+        let mut module_of: Vec<Option<String>> = vec![None; ips.len()];
+        for (i, &ip) in ips.iter().enumerate() {
+            // A return address points after the call; ip-1 lies inside it,
+            // which gives the right line and the right inlining context.
+            let probe = ip.saturating_sub(1);
+            if let Some((m, off)) = self.maps.lookup(probe) {
+                module_of[i] = Some(m.path.display().to_string());
+                let path = if m.deleted {
+                    PathBuf::from(format!("/proc/{}/map_files/{:x}-{:x}", self.pid, m.start, m.end))
+                } else {
+                    host_path(self.pid, self.same_root, &m.path)
+                };
+                by_module.entry(path).or_default().push((i, off));
+            }
+        }
+        let mut per_ip: Vec<Vec<Frame>> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, &ip)| vec![Frame::unknown(ip, module_of[i].clone())])
+            .collect();
+        for (path, items) in by_module {
+            let offsets: Vec<u64> = items.iter().map(|(_, o)| *o).collect();
+            let progress = self.progress_for(&path);
+            let src = Source::Elf(symbolize::source::Elf::new(&path));
+            let results = match self.inner.symbolize(&src, Input::FileOffset(&offsets)) {
+                Ok(r) => r,
+                Err(e) => {
+                    log::debug!("cannot symbolize in {}: {e}", path.display());
+                    continue;
+                }
+            };
+            if let Some(p) = progress {
+                p.finish_and_clear();
+            }
+            for ((i, _), sym) in items.iter().zip(results) {
+                if let Symbolized::Sym(sym) = sym {
+                    per_ip[*i] = frames_of(&sym, ips[*i], module_of[*i].clone());
+                }
+            }
+        }
+        per_ip.into_iter().flatten().collect()
+    }
+
+    /// A spinner on an interactive terminal while a large binary's symbols
+    /// and debug information load for the first time.
+    fn progress_for(&mut self, path: &PathBuf) -> Option<indicatif::ProgressBar> {
+        if !self.loaded.insert(path.clone()) {
+            return None;
+        }
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if size < 32 << 20 || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner().with_message(format!(
+            "loading symbols of {} ({} MiB)",
+            path.display(),
+            size >> 20
+        ));
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Some(bar)
+    }
+}
+
+/// Frames for one address, innermost (deepest inlined) first.
+fn frames_of(sym: &symbolize::Sym<'_>, addr: u64, module: Option<String>) -> Vec<Frame> {
+    let loc = |ci: Option<&symbolize::CodeInfo<'_>>| -> (Option<String>, Option<u32>) {
+        match ci {
+            Some(ci) => (
+                Some(match &ci.dir {
+                    Some(d) => d.join(&ci.file).display().to_string(),
+                    None => ci.file.to_string_lossy().into_owned(),
+                }),
+                ci.line,
+            ),
+            None => (None, None),
+        }
+    };
+    // blazesym gives the outer function with `code_info` describing where the
+    // address is, and `inlined` outermost-first, each with the location inside
+    // that inlined function. The innermost function is where the address is;
+    // each outer function is at the call site of the one it inlines.
+    let n = sym.inlined.len();
+    let mut frames = Vec::with_capacity(n + 1);
+    if n == 0 {
+        let (file, line) = loc(sym.code_info.as_deref());
+        frames.push(Frame {
+            function: sym.name.to_string(),
+            file,
+            line,
+            module,
+            addr,
+            inlined: false,
+        });
+        return frames;
+    }
+    // Innermost inlined function: the location of the address itself.
+    let (file, line) = loc(sym.code_info.as_deref());
+    frames.push(Frame {
+        function: sym.inlined[n - 1].name.to_string(),
+        file,
+        line,
+        module: module.clone(),
+        addr,
+        inlined: true,
+    });
+    // Each enclosing function sits at the call site recorded on the function
+    // it inlined.
+    for k in (0..n).rev() {
+        let (file, line) = loc(sym.inlined[k].code_info.as_ref());
+        let (function, inlined) = if k == 0 {
+            (sym.name.to_string(), false)
+        } else {
+            (sym.inlined[k - 1].name.to_string(), true)
+        };
+        frames.push(Frame {
+            function,
+            file,
+            line,
+            module: module.clone(),
+            addr,
+            inlined,
+        });
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(name: &str) -> Frame {
+        Frame {
+            function: name.into(),
+            file: None,
+            line: None,
+            module: None,
+            addr: 0,
+            inlined: false,
+        }
+    }
+
+    #[test]
+    fn trims_junk_after_root_and_flags_truncation() {
+        let mut v = vec![f("leak"), f("main"), f("__libc_start_call_main"), f("[unknown]")];
+        assert!(!trim_at_root(&mut v, 4, 127));
+        assert_eq!(v.len(), 3, "junk after the root is cut");
+        let mut v = vec![f("worker"), f("start_thread"), f("clone3")];
+        assert!(!trim_at_root(&mut v, 3, 127));
+        assert_eq!(v.last().unwrap().function, "start_thread");
+        let mut v = vec![f("leak"), f("[unknown]")];
+        assert!(trim_at_root(&mut v, 2, 127), "no root: truncated");
+        assert_eq!(v.len(), 2, "nothing is cut without a root");
+        assert!(trim_at_root(&mut vec![], 0, 127));
+        let mut deep: Vec<Frame> = (0..126).map(|_| f("x")).collect();
+        deep.push(f("start_thread"));
+        assert!(trim_at_root(&mut deep, 127, 127), "depth limit reached");
+    }
+
+    #[test]
+    fn short_form() {
+        let mut fr = f("leak");
+        fr.file = Some("/src/a/leaky.c".into());
+        fr.line = Some(42);
+        assert_eq!(fr.short(), "leak (leaky.c:42)");
+        let u = Frame::unknown(1, Some("/usr/lib/libfoo.so".into()));
+        assert_eq!(u.short(), "[unknown] (libfoo.so)");
+    }
+
+    #[inline(never)]
+    fn here() -> u64 {
+        // The address of a call's return point inside this test binary.
+        let ip: u64;
+        unsafe { std::arch::asm!("lea {}, [rip]", out(reg) ip) };
+        ip
+    }
+
+    #[test]
+    fn symbolizes_own_code_with_lines() {
+        let pid = std::process::id();
+        let maps = Maps::read(pid).unwrap();
+        let mut s = Symbolizer::new(pid, true, maps);
+        let ip = here();
+        let frames = s.symbolize_stack(&[ip + 1]);
+        let top = frames.iter().find(|f| f.function.contains("here")).unwrap_or_else(|| {
+            panic!("no frame for `here` in {frames:?}")
+        });
+        assert!(top.file.as_deref().unwrap().ends_with("symbolize.rs"), "{top:?}");
+        assert!(top.line.is_some());
+        assert_eq!(
+            s.symbolize_stack(&[0x10])[0].function,
+            "[unknown]",
+            "unmapped address"
+        );
+    }
+}

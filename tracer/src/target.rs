@@ -1,0 +1,345 @@
+//! Stage 1: resolve the target process and check that this machine can trace it.
+//!
+//! Everything about the target is read through `/proc/PID/...`, and its files
+//! through `/proc/PID/root/...`, so processes in containers (other mount
+//! namespaces) are traced without the user translating paths.
+
+use std::{
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use procfs::{FromBufRead, FromRead, process::MMapPath};
+
+use crate::error::TracerError;
+
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// One file-backed mapping of the target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    pub inode: u64,
+    pub executable: bool,
+    /// Path as the target sees it (inside its mount namespace).
+    pub path: PathBuf,
+    /// The file was deleted or replaced after being mapped.
+    pub deleted: bool,
+}
+
+/// The file-backed mappings of a process at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Maps {
+    pub mappings: Vec<Mapping>,
+}
+
+impl Maps {
+    /// Parses the text of `/proc/PID/maps`. Anonymous and special mappings are
+    /// skipped: they hold no code to symbolize or probe.
+    pub fn parse(text: &[u8]) -> Result<Self, String> {
+        let maps = procfs::process::MemoryMaps::from_buf_read(text).map_err(|e| e.to_string())?;
+        let mut mappings = Vec::new();
+        for m in maps {
+            let MMapPath::Path(path) = &m.pathname else {
+                continue;
+            };
+            let (path, deleted) = match path.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+                Some(p) => (PathBuf::from(p), true),
+                None => (path.clone(), false),
+            };
+            mappings.push(Mapping {
+                start: m.address.0,
+                end: m.address.1,
+                offset: m.offset,
+                inode: m.inode,
+                executable: m.perms.contains(procfs::process::MMPermissions::EXECUTE),
+                path,
+                deleted,
+            });
+        }
+        Ok(Self { mappings })
+    }
+
+    /// Reads and parses `/proc/PID/maps`.
+    pub fn read(pid: u32) -> Result<Self, TracerError> {
+        let text = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| proc_error(pid, &e))?;
+        Self::parse(&text).map_err(|reason| TracerError::NotPermitted { pid, reason })
+    }
+
+    /// The mapping holding `addr` and the file offset of `addr` in it.
+    pub fn lookup(&self, addr: u64) -> Option<(&Mapping, u64)> {
+        let m = self
+            .mappings
+            .iter()
+            .find(|m| m.start <= addr && addr < m.end)?;
+        Some((m, addr - m.start + m.offset))
+    }
+
+    /// Distinct files mapped with execute permission, in mapping order.
+    pub fn executable_objects(&self) -> Vec<&Mapping> {
+        let mut seen = std::collections::HashSet::new();
+        self.mappings
+            .iter()
+            .filter(|m| m.executable && seen.insert((m.inode, m.path.clone())))
+            .collect()
+    }
+}
+
+fn proc_error(pid: u32, e: &io::Error) -> TracerError {
+    match e.kind() {
+        io::ErrorKind::NotFound => TracerError::NoSuchProcess(pid),
+        io::ErrorKind::PermissionDenied => TracerError::NotPermitted {
+            pid,
+            reason: "its /proc entries are not readable by this user".into(),
+        },
+        _ => TracerError::NotPermitted {
+            pid,
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// A live user process that the tracer can attach to.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub pid: u32,
+    /// Short command name, from `/proc/PID/comm`.
+    pub comm: String,
+    /// Path of the executable as the target sees it.
+    pub exe: PathBuf,
+    pub maps: Maps,
+    /// True when the target shares our root directory, so its paths can be
+    /// opened directly (still valid after it exits).
+    pub same_root: bool,
+}
+
+impl Target {
+    /// Checks that `pid` is a live user process we may trace and reads its maps.
+    pub fn resolve(pid: u32) -> Result<Self, TracerError> {
+        if pid == 0 {
+            return Err(TracerError::NoSuchProcess(pid));
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_err(|e| proc_error(pid, &e))?;
+        let stat = procfs::process::Stat::from_read(stat.as_bytes()).map_err(|e| {
+            TracerError::NotPermitted {
+                pid,
+                reason: e.to_string(),
+            }
+        })?;
+        // A thread id is also a /proc entry; tracing works per process.
+        if stat.pid as u32 != pid {
+            return Err(TracerError::NoSuchProcess(pid));
+        }
+        if stat.state == 'Z' || stat.state == 'X' {
+            return Err(TracerError::Zombie(pid));
+        }
+        if u64::from(stat.flags) & PF_KTHREAD != 0 {
+            return Err(TracerError::KernelThread(pid));
+        }
+        let maps = Maps::read(pid)?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| proc_error(pid, &e))?;
+        let exe = PathBuf::from(
+            exe.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string(),
+        );
+        let same_root = same_root(pid);
+        Ok(Self {
+            pid,
+            comm: stat.comm,
+            exe,
+            maps,
+            same_root,
+        })
+    }
+
+    /// A path through which this process's file `path` can be opened from here.
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        host_path(self.pid, self.same_root, path)
+    }
+
+    /// Whether the process is still running (not gone, not a zombie).
+    pub fn is_alive(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => procfs::process::Stat::from_read(s.as_bytes())
+                .map(|st| st.state != 'Z' && st.state != 'X')
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+}
+
+/// A path through which file `path` of process `pid` can be opened from here.
+pub fn host_path(pid: u32, same_root: bool, path: &Path) -> PathBuf {
+    if same_root {
+        path.to_path_buf()
+    } else {
+        Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path))
+    }
+}
+
+fn same_root(pid: u32) -> bool {
+    match (
+        std::fs::metadata(format!("/proc/{pid}/root/")),
+        std::fs::metadata("/"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Kernel interfaces the tracer relies on; overridable so tests can simulate a
+/// kernel without them.
+fn btf_path() -> PathBuf {
+    std::env::var_os("TRACER_BTF_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into())
+}
+
+fn uprobe_pmu_path() -> PathBuf {
+    std::env::var_os("TRACER_UPROBE_PMU_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/sys/bus/event_source/devices/uprobe/type".into())
+}
+
+/// Checks privileges and kernel features before anything is loaded, so the
+/// user gets one sentence instead of a verifier or perf_event_open errno.
+pub fn check_environment() -> Result<(), TracerError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing = missing_capabilities(cap_eff);
+    if !missing.is_empty() {
+        return Err(TracerError::MissingCapabilities {
+            missing: missing.join(", "),
+        });
+    }
+    let pmu = uprobe_pmu_path();
+    if !pmu.exists() {
+        return Err(TracerError::NoUprobes(pmu));
+    }
+    let btf = btf_path();
+    if !btf.exists() {
+        return Err(TracerError::NoBtf(btf));
+    }
+    Ok(())
+}
+
+/// Names of the capabilities missing from the effective set `cap_eff` for
+/// loading tracing programs: CAP_SYS_ADMIN alone, or CAP_BPF with CAP_PERFMON.
+pub fn missing_capabilities(cap_eff: u64) -> Vec<&'static str> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let has = |c: u32| cap_eff & (1 << c) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return vec![];
+    }
+    let mut missing = vec![];
+    if !has(CAP_BPF) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) {
+        missing.push("CAP_PERFMON");
+    }
+    missing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234 /usr/bin/demo
+55d0c0a01000-55d0c0a02000 r-xp 00001000 fe:01 1234 /usr/bin/demo
+55d0c1c4e000-55d0c1c6f000 rw-p 00000000 00:00 0 [heap]
+7f1e2a000000-7f1e2a026000 r--p 00000000 fe:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f1e2a026000-7f1e2a17b000 r-xp 00026000 fe:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f1e2a200000-7f1e2a201000 r-xp 00000000 fe:01 77 /tmp/gone.so (deleted)
+7fff5e7c0000-7fff5e7e1000 rw-p 00000000 00:00 0 [stack]
+";
+
+    #[test]
+    fn parses_file_mappings_only() {
+        let maps = Maps::parse(MAPS.as_bytes()).unwrap();
+        assert_eq!(maps.mappings.len(), 5);
+        assert!(maps.mappings.iter().all(|m| m.path.is_absolute()));
+        let gone = maps.mappings.last().unwrap();
+        assert!(gone.deleted);
+        assert_eq!(gone.path, PathBuf::from("/tmp/gone.so"));
+    }
+
+    #[test]
+    fn lookup_gives_file_offsets() {
+        let maps = Maps::parse(MAPS.as_bytes()).unwrap();
+        let (m, off) = maps.lookup(0x7f1e2a026000 + 0x10).unwrap();
+        assert_eq!(m.path, PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert_eq!(off, 0x26010);
+        let (m, off) = maps.lookup(0x55d0c0a01abc).unwrap();
+        assert_eq!(m.path, PathBuf::from("/usr/bin/demo"));
+        assert_eq!(off, 0x1abc);
+        assert!(maps.lookup(0x55d0c1c4e100).is_none(), "heap is anonymous");
+        assert!(maps.lookup(0x10).is_none());
+    }
+
+    #[test]
+    fn executable_objects_are_distinct() {
+        let maps = Maps::parse(MAPS.as_bytes()).unwrap();
+        let objs: Vec<_> = maps
+            .executable_objects()
+            .iter()
+            .map(|m| m.path.clone())
+            .collect();
+        assert_eq!(
+            objs,
+            vec![
+                PathBuf::from("/usr/bin/demo"),
+                PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/tmp/gone.so"),
+            ]
+        );
+    }
+
+    #[test]
+    fn capability_rules() {
+        assert!(missing_capabilities(1 << 21).is_empty());
+        assert!(missing_capabilities((1 << 38) | (1 << 39)).is_empty());
+        assert_eq!(missing_capabilities(1 << 39), vec!["CAP_PERFMON"]);
+        assert_eq!(missing_capabilities(0), vec!["CAP_BPF", "CAP_PERFMON"]);
+    }
+
+    #[test]
+    fn container_paths_go_through_proc_root() {
+        assert_eq!(
+            host_path(7, false, Path::new("/usr/lib/libc.so.6")),
+            PathBuf::from("/proc/7/root/usr/lib/libc.so.6")
+        );
+        assert_eq!(
+            host_path(7, true, Path::new("/usr/lib/libc.so.6")),
+            PathBuf::from("/usr/lib/libc.so.6")
+        );
+    }
+
+    #[test]
+    fn resolves_self_and_rejects_bad_pids() {
+        let me = Target::resolve(std::process::id()).unwrap();
+        assert!(me.same_root);
+        assert!(!me.maps.executable_objects().is_empty());
+        assert!(matches!(
+            Target::resolve(0),
+            Err(TracerError::NoSuchProcess(0))
+        ));
+        assert!(matches!(
+            Target::resolve(u32::MAX - 1),
+            Err(TracerError::NoSuchProcess(_))
+        ));
+    }
+}
