@@ -7,7 +7,10 @@ use std::{env, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest.parent().expect("crate lives in the workspace").to_path_buf();
+    let root = manifest
+        .parent()
+        .expect("crate lives in the workspace")
+        .to_path_buf();
     let obj = match env::var_os("TRACER_EBPF_OBJECT") {
         Some(p) => PathBuf::from(p),
         None => root.join("target/ebpf/bpfel-unknown-none/release/tracer"),

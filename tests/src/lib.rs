@@ -1,1 +1,299 @@
-//! Helpers for the privileged integration tests.
+//! Helpers for the privileged integration tests: locating the tracer and the
+//! target programs, owning processes (killed on drop), reading the JSON stream.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The tracer binary under test (set by `cargo xtask test`).
+pub fn tracer_bin() -> PathBuf {
+    let p = std::env::var_os("TRACER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/release/tracer"));
+    assert!(
+        p.exists(),
+        "{} does not exist: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// A built target program (see `cargo xtask fixtures`).
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = std::env::var_os("TRACER_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("tests/fixtures/build"));
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} does not exist: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// A fixture's source file.
+pub fn source(rel: &str) -> PathBuf {
+    workspace().join("tests/fixtures").join(rel)
+}
+
+/// The line carrying `SITE:<name>` in a fixture source: where the tracer must
+/// report that allocation site.
+pub fn marker_line(src: &Path, name: &str) -> u32 {
+    let text = std::fs::read_to_string(src).unwrap();
+    let tag = format!("SITE:{name}");
+    let hits: Vec<u32> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            l.split("SITE:")
+                .nth(1)
+                .is_some_and(|rest| rest.split_whitespace().next() == Some(name))
+        })
+        .map(|(i, _)| i as u32 + 1)
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "marker {tag} must appear once in {}",
+        src.display()
+    );
+    hits[0]
+}
+
+/// Whether privileged tests can run here. Not being root is a setup error
+/// (CI is root); a kernel without uprobes is a real reason to skip, printed.
+pub fn privileged(test: &str) -> bool {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "{test} loads eBPF programs and needs root: run `sudo cargo xtask test`"
+    );
+    if !Path::new("/sys/bus/event_source/devices/uprobe/type").exists() {
+        eprintln!("SKIP {test}: this kernel has no uprobe PMU (CONFIG_UPROBE_EVENTS)");
+        return false;
+    }
+    true
+}
+
+/// A process owned by a test: killed and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: Option<mpsc::Receiver<String>>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts `cmd` with piped stdin/stdout; stdout lines arrive on a channel.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stdout: Some(rx),
+        }
+    }
+
+    /// The next stdout line, within `timeout`.
+    pub fn line(&self, timeout: Duration) -> String {
+        self.stdout
+            .as_ref()
+            .unwrap()
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("no output line within {timeout:?}: {e}"))
+    }
+
+    /// Waits for a stdout line equal to or starting with `prefix`.
+    pub fn expect_line(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self.line(left);
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    }
+
+    pub fn stdin(&mut self) -> &mut ChildStdin {
+        self.child.stdin.as_mut().unwrap()
+    }
+
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin(), "{line}").unwrap();
+        self.stdin().flush().unwrap();
+    }
+
+    /// Closes stdin (the allocs target exits on EOF).
+    pub fn close_stdin(&mut self) {
+        drop(self.child.stdin.take());
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for exit within `timeout`; returns the exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} did not exit within {timeout:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The JSON stream of a tracer writing to stdout.
+pub struct Stream {
+    rx: mpsc::Receiver<String>,
+    pub seen: Vec<Value>,
+}
+
+impl Stream {
+    /// Takes over the stdout lines of `proc`.
+    pub fn new(proc: &mut Proc) -> Self {
+        Self {
+            rx: proc.stdout.take().expect("stdout not taken yet"),
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next object of `type`, within `timeout`; every line read is kept.
+    pub fn next_of(&mut self, kind: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "no `{kind}` object within {timeout:?}; saw types {:?}",
+                    self.seen
+                        .iter()
+                        .map(|v| v["type"].clone())
+                        .collect::<Vec<_>>()
+                )
+            });
+            let v: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            self.seen.push(v.clone());
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+}
+
+/// Parses JSON Lines text.
+pub fn parse_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line ({e}): {l}")))
+        .collect()
+}
+
+/// Sites of a snapshot whose innermost frame is `function` at `line`.
+pub fn sites_at<'v>(snap: &'v Value, kind: &str, function: &str, line: u32) -> Vec<&'v Value> {
+    snap["sites"]
+        .as_array()
+        .expect("sites is an array")
+        .iter()
+        .filter(|s| {
+            s["kind"] == kind
+                && s["frames"][0]["function"] == function
+                && s["frames"][0]["line"] == line
+        })
+        .collect()
+}
+
+/// The one site at `function:line`, with a readable failure listing all sites.
+pub fn site_at<'v>(snap: &'v Value, kind: &str, function: &str, line: u32) -> &'v Value {
+    let found = sites_at(snap, kind, function, line);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} site at {function}:{line}, sites are:\n{}",
+        describe_sites(snap)
+    );
+    found[0]
+}
+
+pub fn describe_sites(snap: &Value) -> String {
+    snap["sites"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    let frames: Vec<String> = s["frames"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|f| format!("{}:{}", f["function"], f["line"]))
+                        .collect();
+                    format!(
+                        "  {} {} B {} blocks: {}",
+                        s["kind"],
+                        s["outstanding_bytes"],
+                        s["outstanding_count"],
+                        frames.join(" <- ")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+/// True when `s` is an RFC 3339 UTC timestamp as the tracer writes them.
+pub fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    s.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && s.ends_with('Z')
+        && s[..4].chars().all(|c| c.is_ascii_digit())
+}

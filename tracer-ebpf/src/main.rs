@@ -129,7 +129,10 @@ fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32
         // An entry below our frame never returned (longjmp out of the
         // allocator, or its return probe was lost): replace it.
         if count(Counter::StalePending) == 0 {
-            debug!(ctx, "replacing an allocator entry whose return was never seen");
+            debug!(
+                ctx,
+                "replacing an allocator entry whose return was never seen"
+            );
         }
     }
     let pending = Pending {
@@ -141,7 +144,10 @@ fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32
     };
     if PENDING.insert(&id, &pending, 0).is_err() {
         if count(Counter::PendingMapFull) == 0 {
-            debug!(ctx, "per-thread pending map full: allocations are being lost");
+            debug!(
+                ctx,
+                "per-thread pending map full: allocations are being lost"
+            );
         }
         return Err(1);
     }
@@ -249,12 +255,7 @@ fn try_reallocarray(ctx: &ProbeContext) -> Result<u32, u32> {
     else {
         return Err(1);
     };
-    remember(
-        ctx,
-        Op::ReallocArray,
-        mul_or_max(n, size),
-        ptr,
-    )
+    remember(ctx, Op::ReallocArray, mul_or_max(n, size), ptr)
 }
 
 /// posix_memalign(memptr, align, size).
@@ -411,7 +412,10 @@ fn record(ctx: &RetProbeContext, addr: u64, size: u64, kind: Kind) {
         Ok(id) => id as u32,
         Err(_) => {
             if count(Counter::StackLost) == 0 {
-                debug!(ctx, "stack table full or hash collision: stacks are being lost");
+                debug!(
+                    ctx,
+                    "stack table full or hash collision: stacks are being lost"
+                );
             }
             STACK_ID_NONE
         }

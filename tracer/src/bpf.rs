@@ -204,13 +204,10 @@ impl Kernel {
     pub fn counters(&self) -> Result<Counters, TracerError> {
         let mut out = Counters::default();
         for i in 0..COUNTER_COUNT {
-            let per_cpu = self
-                .counters
-                .get(&i, 0)
-                .map_err(|e| TracerError::MapRead {
-                    map: "COUNTERS",
-                    reason: e.to_string(),
-                })?;
+            let per_cpu = self.counters.get(&i, 0).map_err(|e| TracerError::MapRead {
+                map: "COUNTERS",
+                reason: e.to_string(),
+            })?;
             out.0[i as usize] = per_cpu.iter().sum();
         }
         Ok(out)

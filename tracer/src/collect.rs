@@ -228,9 +228,12 @@ impl Collector {
 
     /// Least-squares slope of outstanding bytes over the trend window.
     fn growth(&mut self, site: &str, bytes: i64, now: Instant) -> f64 {
-        let h = self.history.entry(site.to_string()).or_insert_with(|| SiteHistory {
-            samples: VecDeque::new(),
-        });
+        let h = self
+            .history
+            .entry(site.to_string())
+            .or_insert_with(|| SiteHistory {
+                samples: VecDeque::new(),
+            });
         h.samples.push_back((now, bytes));
         while h
             .samples
@@ -298,7 +301,9 @@ mod tests {
 
     #[test]
     fn slope_of_lines() {
-        let pts: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 100.0 + 5.0 * i as f64)).collect();
+        let pts: Vec<(f64, f64)> = (0..10)
+            .map(|i| (i as f64, 100.0 + 5.0 * i as f64))
+            .collect();
         assert!((slope(&pts) - 5.0).abs() < 1e-9);
         assert_eq!(slope(&[(1.0, 3.0)]), 0.0);
         assert_eq!(slope(&[(1.0, 3.0), (1.0, 9.0)]), 0.0);

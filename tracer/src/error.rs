@@ -44,7 +44,9 @@ pub enum TracerError {
     )]
     NoUprobes(PathBuf),
 
-    #[error("cannot read the binary {path}: {reason}; check that the file exists and is a valid ELF object")]
+    #[error(
+        "cannot read the binary {path}: {reason}; check that the file exists and is a valid ELF object"
+    )]
     UnreadableBinary { path: PathBuf, reason: String },
 
     #[error(

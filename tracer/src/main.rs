@@ -119,9 +119,9 @@ impl Common {
     fn sink(&self) -> anyhow::Result<Box<dyn Sink>> {
         let (out, interactive): (Box<dyn Write>, bool) = match &self.output {
             Some(path) => (
-                Box::new(io::BufWriter::new(File::create(path).with_context(|| {
-                    format!("cannot create the output file {}", path.display())
-                })?)),
+                Box::new(io::BufWriter::new(File::create(path).with_context(
+                    || format!("cannot create the output file {}", path.display()),
+                )?)),
                 false,
             ),
             None => (Box::new(io::stdout()), io::stdout().is_terminal()),

@@ -321,7 +321,13 @@ mod tests {
     #[test]
     fn finds_malloc_family_in_libc() {
         let syms = allocator_symbols(&libc_path()).unwrap();
-        for hook in [Hook::Malloc, Hook::Free, Hook::Calloc, Hook::Realloc, Hook::Mmap] {
+        for hook in [
+            Hook::Malloc,
+            Hook::Free,
+            Hook::Calloc,
+            Hook::Realloc,
+            Hook::Mmap,
+        ] {
             assert!(
                 syms.iter().any(|(h, off)| *h == hook && *off > 0),
                 "{hook:?} not found"

@@ -66,8 +66,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
     let plan = probes::plan(&objects).map_err(|e| match e {
         TracerError::NoAllocator(_) => TracerError::Spawn {
             command: command.clone(),
-            reason: "neither it nor its libraries define malloc (a stripped static binary?)"
-                .into(),
+            reason: "neither it nor its libraries define malloc (a stripped static binary?)".into(),
         },
         e => e,
     })?;
@@ -75,6 +74,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
     let pid = child.pid;
     let result = async {
         let exit_fd = PidFd::open(pid)?;
+        let watcher = ExitWatcher::start(pid);
         let mut kernel = Kernel::load(pid, opts.sizes)?;
         let probes = kernel.attach(&plan, pid)?;
         let info = Attached {
@@ -92,7 +92,16 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
         // its libraries (the symbolizer also refreshes every interval).
         let symbols = Symbolizer::new(pid, true, Maps::default());
         let mut collector = Collector::new(pid, symbols, opts.trend_window);
-        trace_loop(pid, opts, &mut kernel, &mut collector, sink, exit_fd, Some(pid)).await
+        trace_loop(
+            pid,
+            opts,
+            &mut kernel,
+            &mut collector,
+            sink,
+            exit_fd,
+            Some(watcher),
+        )
+        .await
     }
     .await;
     if result.is_err() {
@@ -111,7 +120,7 @@ async fn trace_loop(
     collector: &mut Collector,
     sink: &mut dyn Sink,
     exit_fd: PidFd,
-    own_child: Option<u32>,
+    own_child: Option<ExitWatcher>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut ticker = tokio::time::interval(opts.interval);
@@ -144,24 +153,24 @@ async fn trace_loop(
     };
     if reason != EndReason::TargetExited {
         refresh_maps(pid, collector);
+    } else if let Some(maps) = own_child.as_ref().and_then(ExitWatcher::maps_at_exit) {
+        collector.symbolizer_mut().update_maps(maps);
     }
     // The maps outlive the target: the final snapshot still holds everything.
     let snap = collector.collect(kernel)?;
     kernel.flush_logs();
     if reason == EndReason::TargetExited {
-        let (code, signal) = match own_child {
-            Some(child) => reap(child),
+        let (code, signal) = match &own_child {
+            Some(w) => w.status(),
             None => (None, None),
         };
         sink.target_exited(&Exit { pid, code, signal })?;
     }
     sink.finish(&snap, reason, started.elapsed().as_secs_f64())?;
-    if let Some(child) = own_child
-        && reason != EndReason::TargetExited
-    {
+    if own_child.is_some() && reason != EndReason::TargetExited {
         // Interrupted or timed out: the traced command keeps running, as with
         // `strace -o`; detaching is all the tracer does to it.
-        log::info!("pid {child} keeps running after the tracer detached");
+        log::info!("pid {pid} keeps running after the tracer detached");
     }
     Ok(())
 }
@@ -188,6 +197,108 @@ fn reap(pid: u32) -> (Option<i32>, Option<i32>) {
         (None, Some(libc::WTERMSIG(status)))
     } else {
         (None, None)
+    }
+}
+
+/// Watches a child we started with ptrace(PTRACE_SEIZE, PTRACE_O_TRACEEXIT).
+///
+/// At the exit stop the child's address space still exists, so its maps can
+/// be read: a short-lived command's stacks are then symbolized in the final
+/// report although it exited before the first interval. Signals are passed
+/// through unchanged; nothing else is traced. ptrace requests must come from
+/// the thread that seized, hence the dedicated thread.
+struct ExitWatcher {
+    maps: std::sync::mpsc::Receiver<Maps>,
+    status: std::sync::mpsc::Receiver<(Option<i32>, Option<i32>)>,
+    pid: u32,
+    seized: bool,
+}
+
+impl ExitWatcher {
+    fn start(pid: u32) -> Self {
+        let (maps_tx, maps) = std::sync::mpsc::channel();
+        let (status_tx, status) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let p = pid as libc::pid_t;
+            let opts = libc::PTRACE_O_TRACEEXIT as usize;
+            let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, p, 0usize, opts) };
+            let _ = ready_tx.send(r == 0);
+            if r != 0 {
+                log::warn!(
+                    "cannot watch pid {pid} for its exit ({}); stacks first seen after the last \
+                     interval may stay unsymbolized",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            loop {
+                let mut st = 0;
+                let w = unsafe { libc::waitpid(p, &mut st, libc::__WALL) };
+                if w < 0 {
+                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    break;
+                }
+                if libc::WIFEXITED(st) {
+                    let _ = status_tx.send((Some(libc::WEXITSTATUS(st)), None));
+                    break;
+                }
+                if libc::WIFSIGNALED(st) {
+                    let _ = status_tx.send((None, Some(libc::WTERMSIG(st))));
+                    break;
+                }
+                if !libc::WIFSTOPPED(st) {
+                    continue;
+                }
+                let sig = libc::WSTOPSIG(st);
+                let event = (st >> 16) & 0xff;
+                let (req, deliver) = if event == libc::PTRACE_EVENT_EXIT {
+                    if let Ok(m) = Maps::read(pid) {
+                        let _ = maps_tx.send(m);
+                    }
+                    (libc::PTRACE_CONT, 0)
+                } else if event == libc::PTRACE_EVENT_STOP {
+                    // Group-stop (SIGSTOP, SIGTSTP…): stay stopped like an
+                    // untraced process would, without blocking SIGCONT.
+                    if matches!(
+                        sig,
+                        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+                    ) {
+                        (libc::PTRACE_LISTEN, 0)
+                    } else {
+                        (libc::PTRACE_CONT, 0)
+                    }
+                } else {
+                    // Signal-delivery stop: deliver the signal unchanged.
+                    (libc::PTRACE_CONT, sig as usize)
+                };
+                unsafe { libc::ptrace(req, p, 0usize, deliver) };
+            }
+        });
+        let seized = ready.recv().unwrap_or(false);
+        Self {
+            maps,
+            status,
+            pid,
+            seized,
+        }
+    }
+
+    /// The child's maps read at its exit stop, if any.
+    fn maps_at_exit(&self) -> Option<Maps> {
+        self.maps.try_iter().last()
+    }
+
+    /// Exit code or signal of the child (reaped by the watcher).
+    fn status(&self) -> (Option<i32>, Option<i32>) {
+        if !self.seized {
+            return reap(self.pid);
+        }
+        self.status
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or((None, None))
     }
 }
 
@@ -354,6 +465,9 @@ mod tests {
             find_executable("/etc/passwd"),
             Err(TracerError::Spawn { .. })
         ));
-        assert!(matches!(find_executable(""), Err(TracerError::Spawn { .. })));
+        assert!(matches!(
+            find_executable(""),
+            Err(TracerError::Spawn { .. })
+        ));
     }
 }

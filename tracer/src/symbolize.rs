@@ -147,7 +147,10 @@ impl Symbolizer {
             if let Some((m, off)) = self.maps.lookup(probe) {
                 module_of[i] = Some(m.path.display().to_string());
                 let path = if m.deleted {
-                    PathBuf::from(format!("/proc/{}/map_files/{:x}-{:x}", self.pid, m.start, m.end))
+                    PathBuf::from(format!(
+                        "/proc/{}/map_files/{:x}-{:x}",
+                        self.pid, m.start, m.end
+                    ))
                 } else {
                     host_path(self.pid, self.same_root, &m.path)
                 };
@@ -216,52 +219,31 @@ fn frames_of(sym: &symbolize::Sym<'_>, addr: u64, module: Option<String>) -> Vec
             None => (None, None),
         }
     };
-    // blazesym gives the outer function with `code_info` describing where the
-    // address is, and `inlined` outermost-first, each with the location inside
-    // that inlined function. The innermost function is where the address is;
-    // each outer function is at the call site of the one it inlines.
-    let n = sym.inlined.len();
-    let mut frames = Vec::with_capacity(n + 1);
-    if n == 0 {
-        let (file, line) = loc(sym.code_info.as_deref());
+    // blazesym reports the outer (real) function with `code_info` at the
+    // line where it calls the first inlined function, and `inlined`
+    // outermost-first, each with its location inside that inlined function;
+    // the innermost one's location is where the address itself is.
+    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+    for inl in sym.inlined.iter().rev() {
+        let (file, line) = loc(inl.code_info.as_ref());
         frames.push(Frame {
-            function: sym.name.to_string(),
-            file,
-            line,
-            module,
-            addr,
-            inlined: false,
-        });
-        return frames;
-    }
-    // Innermost inlined function: the location of the address itself.
-    let (file, line) = loc(sym.code_info.as_deref());
-    frames.push(Frame {
-        function: sym.inlined[n - 1].name.to_string(),
-        file,
-        line,
-        module: module.clone(),
-        addr,
-        inlined: true,
-    });
-    // Each enclosing function sits at the call site recorded on the function
-    // it inlined.
-    for k in (0..n).rev() {
-        let (file, line) = loc(sym.inlined[k].code_info.as_ref());
-        let (function, inlined) = if k == 0 {
-            (sym.name.to_string(), false)
-        } else {
-            (sym.inlined[k - 1].name.to_string(), true)
-        };
-        frames.push(Frame {
-            function,
+            function: inl.name.to_string(),
             file,
             line,
             module: module.clone(),
             addr,
-            inlined,
+            inlined: true,
         });
     }
+    let (file, line) = loc(sym.code_info.as_deref());
+    frames.push(Frame {
+        function: sym.name.to_string(),
+        file,
+        line,
+        module,
+        addr,
+        inlined: false,
+    });
     frames
 }
 
@@ -282,7 +264,12 @@ mod tests {
 
     #[test]
     fn trims_junk_after_root_and_flags_truncation() {
-        let mut v = vec![f("leak"), f("main"), f("__libc_start_call_main"), f("[unknown]")];
+        let mut v = vec![
+            f("leak"),
+            f("main"),
+            f("__libc_start_call_main"),
+            f("[unknown]"),
+        ];
         assert!(!trim_at_root(&mut v, 4, 127));
         assert_eq!(v.len(), 3, "junk after the root is cut");
         let mut v = vec![f("worker"), f("start_thread"), f("clone3")];
@@ -322,10 +309,14 @@ mod tests {
         let mut s = Symbolizer::new(pid, true, maps);
         let ip = here();
         let frames = s.symbolize_stack(&[ip + 1]);
-        let top = frames.iter().find(|f| f.function.contains("here")).unwrap_or_else(|| {
-            panic!("no frame for `here` in {frames:?}")
-        });
-        assert!(top.file.as_deref().unwrap().ends_with("symbolize.rs"), "{top:?}");
+        let top = frames
+            .iter()
+            .find(|f| f.function.contains("here"))
+            .unwrap_or_else(|| panic!("no frame for `here` in {frames:?}"));
+        assert!(
+            top.file.as_deref().unwrap().ends_with("symbolize.rs"),
+            "{top:?}"
+        );
         assert!(top.line.is_some());
         assert_eq!(
             s.symbolize_stack(&[0x10])[0].function,

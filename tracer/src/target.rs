@@ -142,7 +142,8 @@ impl Target {
             return Err(TracerError::KernelThread(pid));
         }
         let maps = Maps::read(pid)?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| proc_error(pid, &e))?;
+        let exe =
+            std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| proc_error(pid, &e))?;
         let exe = PathBuf::from(
             exe.to_string_lossy()
                 .trim_end_matches(" (deleted)")

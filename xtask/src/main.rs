@@ -1,1 +1,198 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|fixtures|test|demo>`.
+
+mod toolchain;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use toolchain::run;
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo tasks for tracer")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building needs (Debian packages, bpf-linker); idempotent.
+    Setup,
+    /// Build the eBPF object (target/ebpf/bpfel-unknown-none/release/tracer).
+    BuildEbpf,
+    /// Build the eBPF object and the release `tracer` binary that embeds it.
+    Build,
+    /// Build the test and demo target programs (tests/fixtures/build).
+    Fixtures,
+    /// Set up, build, and run every test: unit and privileged integration.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and trace the bundled leaky demo service live.
+    Demo {
+        /// Seconds to trace before the final report.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn ebpf_object() -> PathBuf {
+    root().join("target/ebpf/bpfel-unknown-none/release/tracer")
+}
+
+fn tracer_bin() -> PathBuf {
+    root().join("target/release/tracer")
+}
+
+fn fixtures_dir() -> PathBuf {
+    root().join("tests/fixtures/build")
+}
+
+fn build_ebpf(route: &toolchain::Route) -> Result<()> {
+    if toolchain::bpf_linker().is_none() {
+        bail!("bpf-linker is not installed: run `cargo xtask setup`");
+    }
+    println!("build-ebpf: using {}", route.describe());
+    let mut cmd = route.cargo();
+    cmd.current_dir(root().join("tracer-ebpf"))
+        .args(["build", "--release"])
+        .env("CARGO_TARGET_DIR", root().join("target/ebpf"));
+    // bpf-linker may only be in ~/.cargo/bin.
+    if let Some(linker) = toolchain::bpf_linker()
+        && let Some(dir) = linker.parent().filter(|d| !d.as_os_str().is_empty())
+    {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        dirs.insert(0, dir.to_path_buf());
+        cmd.env("PATH", std::env::join_paths(dirs)?);
+    }
+    run(&mut cmd)?;
+    println!("build-ebpf: {}", ebpf_object().display());
+    Ok(())
+}
+
+fn route_or_explain() -> Result<toolchain::Route> {
+    toolchain::find_route().map_err(|missing| {
+        anyhow::anyhow!(
+            "no toolchain can build the eBPF crate:\n  {}\nrun `cargo xtask setup` to install one",
+            missing.join("\n  ")
+        )
+    })
+}
+
+fn build(route: &toolchain::Route) -> Result<()> {
+    build_ebpf(route)?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--release", "-p", "tracer"]))
+}
+
+fn modified(p: &Path) -> Option<SystemTime> {
+    p.metadata().and_then(|m| m.modified()).ok()
+}
+
+/// C targets: (source, output, extra flags).
+fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
+    vec![
+        ("allocs.c", "allocs-fp", &["-fno-omit-frame-pointer"]),
+        ("allocs.c", "allocs-nofp", &["-fomit-frame-pointer"]),
+        ("demo.c", "demo", &["-fno-omit-frame-pointer"]),
+    ]
+}
+
+fn fixtures() -> Result<()> {
+    let out = fixtures_dir();
+    std::fs::create_dir_all(&out)?;
+    let src_dir = root().join("tests/fixtures/c");
+    for (src, bin, flags) in c_fixtures() {
+        let src = src_dir.join(src);
+        let bin = out.join(bin);
+        if modified(&bin).is_some_and(|b| modified(&src).is_some_and(|s| s <= b)) {
+            continue;
+        }
+        println!("fixtures: compiling {}", bin.display());
+        run(Command::new("gcc")
+            .args(["-O2", "-g", "-pthread", "-Wall"])
+            .args(flags)
+            .arg("-o")
+            .arg(&bin)
+            .arg(&src))?;
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let route = toolchain::setup()?;
+    build(&route)?;
+    fixtures()?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["test", "--workspace", "--release"])
+        .args(args)
+        .env("TRACER_BIN", tracer_bin())
+        .env("TRACER_FIXTURES", fixtures_dir())
+        .env("TRACER_SOURCES", root().join("tests/fixtures")))
+}
+
+fn demo(seconds: u32) -> Result<()> {
+    let route = toolchain::setup()?;
+    build(&route)?;
+    fixtures()?;
+    println!("demo: starting the bundled leaky service (tests/fixtures/c/demo.c)");
+    let mut service = Command::new(fixtures_dir().join("demo"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start the demo service")?;
+    let mut first = String::new();
+    BufReader::new(service.stdout.take().expect("piped"))
+        .read_line(&mut first)
+        .context("the demo service did not start")?;
+    let pid = service.id();
+    println!("demo: {}", first.trim());
+    println!("demo: running `tracer attach {pid} --duration {seconds}`\n");
+    let status = Command::new(tracer_bin())
+        .args([
+            "attach",
+            &pid.to_string(),
+            "--duration",
+            &seconds.to_string(),
+        ])
+        .status();
+    let _ = service.kill();
+    let _ = service.wait();
+    let status = status.context("cannot run the tracer")?;
+    if !status.success() {
+        bail!("the tracer failed: {status}");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => {
+            let route = toolchain::setup()?;
+            println!("setup: ready ({}; bpf-linker present)", route.describe());
+            Ok(())
+        }
+        Task::BuildEbpf => build_ebpf(&route_or_explain()?),
+        Task::Build => build(&route_or_explain()?),
+        Task::Fixtures => fixtures(),
+        Task::Test { args } => test(&args),
+        Task::Demo { seconds } => demo(seconds),
+    }
+}

@@ -29,11 +29,7 @@ impl<W: Write> JsonSink<W> {
             #[serde(flatten)]
             body: &'a T,
         }
-        let line = serde_json::to_string(&Envelope {
-            kind,
-            ts,
-            body,
-        })?;
+        let line = serde_json::to_string(&Envelope { kind, ts, body })?;
         writeln!(self.out, "{line}")?;
         // Consumers react to lines as they come (e.g. start a workload on
         // "attached"): never leave one in a buffer.

@@ -55,10 +55,22 @@ fn growth(g: f64) -> String {
 /// One line naming every non-zero loss, or saying there is none.
 pub fn lost_line(lost: &Lost) -> String {
     let parts: Vec<String> = [
-        (lost.addr_map_full, "blocks untracked (address map full, raise --max-allocs)"),
-        (lost.site_map_full, "allocations unaccounted (site map full, raise --max-sites)"),
-        (lost.stacks_lost, "stacks unrecorded (stack table full, raise --max-stacks)"),
-        (lost.pending_map_full, "calls lost (thread map full, raise --max-threads)"),
+        (
+            lost.addr_map_full,
+            "blocks untracked (address map full, raise --max-allocs)",
+        ),
+        (
+            lost.site_map_full,
+            "allocations unaccounted (site map full, raise --max-sites)",
+        ),
+        (
+            lost.stacks_lost,
+            "stacks unrecorded (stack table full, raise --max-stacks)",
+        ),
+        (
+            lost.pending_map_full,
+            "calls lost (thread map full, raise --max-threads)",
+        ),
         (lost.unmatched_returns, "returns unmatched"),
         (lost.truncated_stacks, "sites with truncated stacks"),
     ]
@@ -170,7 +182,10 @@ impl<W: Write> Sink for TableSink<W> {
             .take(self.top)
             .collect();
         if holders.is_empty() {
-            writeln!(self.out, "No call site holds memory allocated since attach.")?;
+            writeln!(
+                self.out,
+                "No call site holds memory allocated since attach."
+            )?;
         }
         for (i, site) in holders.iter().enumerate() {
             writeln!(

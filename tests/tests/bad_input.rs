@@ -1,0 +1,162 @@
+//! Bad input: each case gets one clear sentence, the documented exit code,
+//! and never a panic.
+
+use std::{
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use tracer_tests::*;
+
+fn tracer(args: &[&str]) -> Output {
+    Command::new(tracer_bin()).args(args).output().unwrap()
+}
+
+/// Asserts exit code and message, and that nothing panicked.
+fn assert_fails(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn no_such_pid() {
+    assert_fails(
+        &tracer(&["attach", "4194300"]),
+        3,
+        "no process with pid 4194300",
+    );
+}
+
+#[test]
+fn kernel_thread() {
+    // pid 2 is kthreadd on every Linux system.
+    assert_fails(&tracer(&["attach", "2"]), 3, "is a kernel thread");
+}
+
+#[test]
+fn zombie() {
+    // `sleep 0` exits at once; its parent execs into a long sleep that never
+    // reaps it, so it stays a zombie.
+    let parent = Proc::spawn(Command::new("sh").args(["-c", "sleep 0 & echo $!; exec sleep 30"]));
+    let pid: u32 = parent.line(Duration::from_secs(10)).trim().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .contains(") Z ")
+    {
+        assert!(Instant::now() < deadline, "pid {pid} never became a zombie");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_fails(&tracer(&["attach", &pid.to_string()]), 3, "is a zombie");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["attach", "abc"][..],
+        &["attach", "1", "--interval", "0"],
+        &["attach", "1", "--format", "xml"],
+        &["attach", "1", "--max-allocs", "0"],
+        &["run"],
+        &["frobnicate"],
+    ] {
+        let out = tracer(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
+}
+
+#[test]
+fn run_unknown_command() {
+    assert_fails(
+        &tracer(&["run", "--", "no-such-command-xyz"]),
+        3,
+        "cannot start `no-such-command-xyz`: not found in PATH",
+    );
+}
+
+#[test]
+fn unwritable_output() {
+    let target = Proc::spawn(Command::new("sleep").arg("30"));
+    assert_fails(
+        &tracer(&[
+            "attach",
+            &target.pid().to_string(),
+            "-o",
+            "/nonexistent/dir/out",
+        ]),
+        1,
+        "cannot create the output file /nonexistent/dir/out",
+    );
+}
+
+/// Runs the tracer as user nobody without capabilities.
+fn as_nobody(args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(tracer_bin())
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux) runs")
+}
+
+#[test]
+fn not_root_is_told_to_use_sudo() {
+    if !privileged("not_root_is_told_to_use_sudo") {
+        return;
+    }
+    // A process of nobody's own, so only the missing capabilities stop it.
+    let target = Proc::spawn(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "sleep",
+        "30",
+    ]));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_fails(
+        &as_nobody(&["attach", &target.pid().to_string()]),
+        4,
+        "lacks the privileges to load eBPF programs (missing CAP_BPF, CAP_PERFMON); run it as root (`sudo tracer",
+    );
+}
+
+#[test]
+fn pid_of_another_user_is_not_permitted() {
+    if !privileged("pid_of_another_user_is_not_permitted") {
+        return;
+    }
+    assert_fails(
+        &as_nobody(&["attach", "1"]),
+        4,
+        "not permitted to trace pid 1",
+    );
+}
+
+#[test]
+fn kernel_without_btf_or_uprobes() {
+    if !privileged("kernel_without_btf_or_uprobes") {
+        return;
+    }
+    let target = Proc::spawn(Command::new("sleep").arg("30"));
+    let pid = target.pid().to_string();
+    let out = Command::new(tracer_bin())
+        .args(["attach", &pid])
+        .env("TRACER_BTF_PATH", "/nonexistent/vmlinux")
+        .output()
+        .unwrap();
+    assert_fails(&out, 4, "does not expose BTF");
+    let out = Command::new(tracer_bin())
+        .args(["attach", &pid])
+        .env("TRACER_UPROBE_PMU_PATH", "/nonexistent/uprobe")
+        .output()
+        .unwrap();
+    assert_fails(&out, 4, "does not support uprobes");
+}

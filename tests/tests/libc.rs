@@ -1,0 +1,395 @@
+//! Privileged: the real tracer attached to real C processes whose allocations
+//! are known, asserting call sites (function, file, line) and exact totals.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use serde_json::Value;
+use tracer_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// What tests/fixtures/c/allocs.c leaves behind, per site:
+/// (kind, innermost function, SITE marker, outstanding bytes, outstanding
+/// blocks, allocs, frees).
+const EXPECTED: &[(&str, &str, &str, u64, u64, u64, u64)] = &[
+    ("heap", "leak_malloc", "leak_malloc", 10_000, 10, 10, 0),
+    ("heap", "leak_calloc", "leak_calloc", 5_120, 5, 5, 0),
+    ("heap", "grow_realloc", "realloc_grow", 15_000, 3, 3, 0),
+    // realloc moved these blocks to the realloc site.
+    ("heap", "grow_realloc", "realloc_seed", 0, 0, 3, 3),
+    (
+        "heap",
+        "leak_posix_memalign",
+        "posix_memalign",
+        8_192,
+        4,
+        4,
+        0,
+    ),
+    (
+        "heap",
+        "leak_aligned_alloc",
+        "aligned_alloc",
+        8_192,
+        2,
+        2,
+        0,
+    ),
+    ("heap", "leak_memalign", "memalign", 1_000, 2, 2, 0),
+    ("heap", "leak_reallocarray", "reallocarray", 1_000, 1, 1, 0),
+    ("mmap", "leak_mmap", "mmap", 131_072, 2, 3, 1),
+    // Served by mmap inside malloc: a heap site, never also an mmap site.
+    ("heap", "leak_big", "big_malloc", 2 << 20, 2, 2, 0),
+    ("heap", "inline_alloc", "inline_inner", 2_100, 3, 3, 0),
+    ("heap", "churn", "churn", 0, 0, 10_000, 10_000),
+    ("heap", "thread_main", "thread_malloc", 12_000, 4, 4, 0),
+];
+
+fn allocs_src() -> std::path::PathBuf {
+    source("c/allocs.c")
+}
+
+fn assert_exact_sites(report: &Value, full_stacks: bool) {
+    let src = allocs_src();
+    for &(kind, function, marker, bytes, count, allocs, frees) in EXPECTED {
+        let line = marker_line(&src, marker);
+        let site = site_at(report, kind, function, line);
+        let what = format!("{kind} site {function}:{line} ({marker})");
+        assert_eq!(site["outstanding_bytes"], bytes, "{what}");
+        assert_eq!(site["outstanding_count"], count, "{what}");
+        assert_eq!(site["allocs"], allocs, "{what}");
+        assert_eq!(site["frees"], frees, "{what}");
+        let file = site["frames"][0]["file"].as_str().unwrap_or_default();
+        assert!(file.ends_with("allocs.c"), "{what}: file {file}");
+        let functions: Vec<&str> = site["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["function"].as_str().unwrap())
+            .collect();
+        let has_root = functions
+            .iter()
+            .any(|f| ["__libc_start_call_main", "start_thread"].contains(f));
+        assert_eq!(
+            site["truncated"], !has_root,
+            "{what}: truncated must be set exactly when the stack lacks its root: {functions:?}"
+        );
+        if full_stacks {
+            assert!(
+                !site["truncated"].as_bool().unwrap(),
+                "{what}: {functions:?}"
+            );
+            if function == "thread_main" {
+                assert_eq!(functions.last(), Some(&"start_thread"), "{what}");
+            } else {
+                let caller = if function == "inline_alloc" {
+                    "leak_inlined"
+                } else {
+                    function
+                };
+                let expect_prefix = [caller, "run_all", "main"];
+                let tail: Vec<&str> = functions
+                    .iter()
+                    .copied()
+                    .skip_while(|f| *f != caller)
+                    .take(3)
+                    .collect();
+                assert_eq!(tail, expect_prefix, "{what}: {functions:?}");
+            }
+        }
+    }
+    // The inlined helper is its own frame, at the call inside it, and its
+    // caller is at the line where it was inlined.
+    let inner = site_at(
+        report,
+        "heap",
+        "inline_alloc",
+        marker_line(&src, "inline_inner"),
+    );
+    assert_eq!(inner["frames"][0]["inlined"], true);
+    assert_eq!(inner["frames"][1]["function"], "leak_inlined");
+    assert_eq!(
+        inner["frames"][1]["line"],
+        marker_line(&src, "inline_outer")
+    );
+    // malloc's own mmap for the 1 MiB blocks is not counted a second time.
+    assert!(
+        report["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| !(s["kind"] == "mmap" && s["frames"][0]["function"] == "leak_big")),
+        "large malloc blocks double-counted as mappings:\n{}",
+        describe_sites(report)
+    );
+    // The failing calloc leaves no site, and is counted as failed.
+    assert!(sites_at(report, "heap", "failures", marker_line(&src, "calloc_fail")).is_empty());
+    assert!(report["activity"]["failed_allocs"].as_u64().unwrap() >= 1);
+    // Nothing was lost on this small target.
+    let lost = &report["lost"];
+    for key in [
+        "addr_map_full",
+        "site_map_full",
+        "stacks_lost",
+        "pending_map_full",
+        "unmatched_returns",
+    ] {
+        assert_eq!(lost[key], 0, "lost.{key}");
+    }
+}
+
+/// The documented JSON Lines schema, on every object of a stream.
+fn assert_schema(stream: &[Value], pid: u32) {
+    assert_eq!(
+        stream[0]["type"], "attached",
+        "the stream starts with `attached`"
+    );
+    let probes: Vec<&str> = stream[0]["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["function"].as_str().unwrap())
+        .collect();
+    for f in ["malloc", "free", "calloc", "realloc", "mmap", "munmap"] {
+        assert!(probes.contains(&f), "no probe on {f}: {probes:?}");
+    }
+    for v in stream {
+        let kind = v["type"]
+            .as_str()
+            .expect("every object has a string `type`");
+        let ts = v["ts"].as_str().expect("every object has a string `ts`");
+        assert!(is_rfc3339(ts), "ts {ts} is not RFC 3339");
+        assert_eq!(v["pid"], pid, "{kind} pid");
+        if kind == "snapshot" || kind == "report" {
+            let sites = v["sites"].as_array().expect("sites");
+            let bytes: Vec<u64> = sites
+                .iter()
+                .map(|s| s["outstanding_bytes"].as_u64().unwrap())
+                .collect();
+            assert!(
+                bytes.windows(2).all(|w| w[0] >= w[1]),
+                "sites sorted by outstanding bytes"
+            );
+            for s in sites {
+                assert!(["heap", "mmap"].contains(&s["kind"].as_str().unwrap()));
+                for key in ["outstanding_bytes", "outstanding_count", "allocs", "frees"] {
+                    assert!(s[key].is_u64(), "site.{key} is a count: {s}");
+                }
+                assert!(s["growth_bytes_per_s"].is_number());
+                for f in s["frames"].as_array().expect("frames") {
+                    assert!(f["function"].is_string());
+                    assert!(f["file"].is_string() || f["file"].is_null());
+                    assert!(f["line"].is_u64() || f["line"].is_null());
+                }
+            }
+            assert!(v["lost"].is_object());
+        }
+    }
+    let first_snapshot = stream.iter().position(|v| v["type"] == "snapshot");
+    if let Some(i) = first_snapshot {
+        assert!(i > 0, "`attached` comes before any snapshot");
+    }
+}
+
+/// Attach to a running target, let it allocate, let it exit: the tracer
+/// reports the exit and a final report with every site exact, and exits 0.
+fn attach_case(binary: &str, full_stacks: bool) {
+    let mut target = Proc::spawn(Command::new(fixture(binary)).arg("wait"));
+    target.expect_line("ready", T);
+    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+        "attach",
+        &target.pid().to_string(),
+        "--format",
+        "json",
+        "--interval",
+        "0.2",
+    ]));
+    let mut stream = Stream::new(&mut tracer);
+    stream.next_of("attached", T);
+    target.send("go");
+    target.expect_line("done", T);
+    target.close_stdin();
+    assert_eq!(
+        target.wait(T),
+        Some(0),
+        "the target must run normally while traced"
+    );
+    let exited = stream.next_of("target_exited", T);
+    assert_eq!(exited["pid"], target.pid());
+    let report = stream.next_of("report", T);
+    assert_eq!(report["reason"], "target_exited");
+    assert_eq!(
+        tracer.wait(T),
+        Some(0),
+        "the tracer exits 0 when the target exits"
+    );
+    assert_schema(&stream.seen, target.pid());
+    assert_exact_sites(&report, full_stacks);
+}
+
+#[test]
+fn attach_reports_exact_sites_with_full_stacks() {
+    if !privileged("attach_reports_exact_sites_with_full_stacks") {
+        return;
+    }
+    attach_case("allocs-fp", true);
+}
+
+#[test]
+fn attach_without_frame_pointers_keeps_call_sites_and_flags_truncation() {
+    if !privileged("attach_without_frame_pointers_keeps_call_sites_and_flags_truncation") {
+        return;
+    }
+    attach_case("allocs-nofp", false);
+}
+
+#[test]
+fn run_traces_from_the_first_allocation() {
+    if !privileged("run_traces_from_the_first_allocation") {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("tracer-run-{}.jsonl", std::process::id()));
+    // `now`: the target allocates as soon as main starts, so any window
+    // between exec and attach would lose sites.
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args(["run", "--format", "json", "--interval", "0.2", "-o"])
+            .arg(&out)
+            .arg("--")
+            .arg(fixture("allocs-fp"))
+            .arg("now"),
+    );
+    assert_eq!(tracer.wait(T), Some(0));
+    let stream = parse_lines(&std::fs::read_to_string(&out).unwrap());
+    let _ = std::fs::remove_file(&out);
+    let pid = stream[0]["pid"].as_u64().unwrap() as u32;
+    assert_schema(&stream, pid);
+    let exited = stream
+        .iter()
+        .find(|v| v["type"] == "target_exited")
+        .unwrap();
+    assert_eq!(exited["code"], 0, "run reports the command's exit status");
+    let report = stream.last().unwrap();
+    assert_eq!(report["type"], "report");
+    assert_exact_sites(report, true);
+}
+
+/// The table view, Ctrl-C, and the final report naming the leaking function.
+#[test]
+fn interrupt_prints_a_report_naming_the_leak() {
+    if !privileged("interrupt_prints_a_report_naming_the_leak") {
+        return;
+    }
+    let service = Proc::spawn(&mut Command::new(fixture("demo")));
+    service.expect_line("demo service pid", T);
+    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+        "attach",
+        &service.pid().to_string(),
+        "--interval",
+        "0.3",
+    ]));
+    tracer.expect_line("tracer: attached to pid", T);
+    // Two table refreshes, then Ctrl-C.
+    tracer.expect_line("tracer: pid", T);
+    tracer.expect_line("tracer: pid", T);
+    tracer.signal(libc::SIGINT);
+    let mut lines = Vec::new();
+    while let Ok(l) = tracer
+        .stdout
+        .as_ref()
+        .unwrap()
+        .recv_timeout(Duration::from_secs(20))
+    {
+        lines.push(l);
+    }
+    assert_eq!(tracer.wait(T), Some(0));
+    let text = lines.join("\n");
+    assert!(text.contains("ended: interrupted"), "{text}");
+    let line = marker_line(&source("c/demo.c"), "session_cache_put");
+    assert!(
+        text.contains(&format!(
+            "Largest holder: session_cache_put (demo.c:{line})"
+        )),
+        "the report must name the leak:\n{text}"
+    );
+    assert!(
+        Path::new(&format!("/proc/{}", service.pid())).exists(),
+        "the target survives"
+    );
+}
+
+/// `--duration` stops by itself; the growth rate agrees with the snapshots.
+#[test]
+fn duration_stops_and_growth_matches_the_series() {
+    if !privileged("duration_stops_and_growth_matches_the_series") {
+        return;
+    }
+    let service = Proc::spawn(&mut Command::new(fixture("demo")));
+    service.expect_line("demo service pid", T);
+    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+        "attach",
+        &service.pid().to_string(),
+        "--format",
+        "json",
+        "--interval",
+        "0.25",
+        "--duration",
+        "3",
+        "--trend-window",
+        "30",
+    ]));
+    let mut stream = Stream::new(&mut tracer);
+    let report = stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    assert_eq!(report["reason"], "duration");
+    let line = marker_line(&source("c/demo.c"), "session_cache_put");
+    let leak = site_at(&report, "heap", "session_cache_put", line);
+    assert_eq!(
+        report["sites"][0]["site_id"], leak["site_id"],
+        "the leak is on top"
+    );
+    // Every leaked block is one `struct session` (8 + 8 + 4000 bytes).
+    let count = leak["outstanding_count"].as_u64().unwrap();
+    assert!(count > 10, "the demo leaks ~25 sessions/s");
+    assert_eq!(leak["outstanding_bytes"].as_u64().unwrap(), count * 4016);
+    // Growth: the tracer's slope against one computed here from its snapshots.
+    let series: Vec<(f64, f64)> = stream
+        .seen
+        .iter()
+        .filter(|v| v["type"] == "snapshot")
+        .filter_map(|v| {
+            let s = sites_at(v, "heap", "session_cache_put", line).pop()?;
+            let ts = humantime_secs(v["ts"].as_str()?);
+            Some((ts, s["outstanding_bytes"].as_f64()?))
+        })
+        .collect();
+    assert!(series.len() >= 5, "snapshots every 0.25 s for 3 s");
+    let (t0, b0) = series[0];
+    let (t1, b1) = *series.last().unwrap();
+    let expected = (b1 - b0) / (t1 - t0);
+    let got = leak["growth_bytes_per_s"].as_f64().unwrap();
+    assert!(
+        (got - expected).abs() <= 0.2 * expected,
+        "growth {got} B/s vs {expected} B/s from the snapshots"
+    );
+    for churn in ["parse_request", "render_response"] {
+        let s = report["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["frames"][0]["function"] == churn)
+            .unwrap_or_else(|| panic!("no {churn} site"));
+        assert_eq!(s["outstanding_bytes"], 0, "{churn} frees everything");
+        assert_eq!(s["growth_bytes_per_s"], 0.0, "{churn} does not grow");
+    }
+}
+
+/// Seconds of an RFC 3339 timestamp `YYYY-MM-DDTHH:MM:SS.mmmZ` since the
+/// start of its month (enough for differences within a test).
+fn humantime_secs(ts: &str) -> f64 {
+    let d: f64 = ts[8..10].parse().unwrap();
+    let h: f64 = ts[11..13].parse().unwrap();
+    let m: f64 = ts[14..16].parse().unwrap();
+    let s: f64 = ts[17..ts.len() - 1].parse().unwrap();
+    d * 86400.0 + h * 3600.0 + m * 60.0 + s
+}
