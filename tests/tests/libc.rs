@@ -69,7 +69,7 @@ fn assert_exact_sites(report: &Value, full_stacks: bool) {
             .collect();
         let has_root = functions
             .iter()
-            .any(|f| ["__libc_start_call_main", "start_thread"].contains(f));
+            .any(|f| ["main", "start_thread"].contains(f));
         assert_eq!(
             site["truncated"], !has_root,
             "{what}: truncated must be set exactly when the stack lacks its root: {functions:?}"
@@ -194,7 +194,11 @@ fn assert_schema(stream: &[Value], pid: u32) {
 /// Attach to a running target, let it allocate, let it exit: the tracer
 /// reports the exit and a final report with every site exact, and exits 0.
 fn attach_case(binary: &str, full_stacks: bool) {
-    let mut target = Proc::spawn(Command::new(fixture(binary)).arg("wait"));
+    attach_cmd(Command::new(fixture(binary)).arg("wait"), full_stacks);
+}
+
+fn attach_cmd(cmd: &mut Command, full_stacks: bool) {
+    let mut target = Proc::spawn(cmd);
     target.expect_line("ready", T);
     let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
         "attach",
@@ -241,6 +245,82 @@ fn attach_without_frame_pointers_keeps_call_sites_and_flags_truncation() {
         return;
     }
     attach_case("allocs-nofp", false);
+}
+
+#[test]
+fn attach_finds_the_allocator_in_a_static_executable() {
+    if !privileged("attach_finds_the_allocator_in_a_static_executable") {
+        return;
+    }
+    attach_case("allocs-static", true);
+}
+
+/// A process with another root directory, as in a container: its libc is a
+/// different file (inode) than the host's at the same path, so probes must go
+/// through /proc/PID/root or they would never fire.
+#[test]
+fn attach_to_a_process_in_another_root() {
+    if !privileged("attach_to_a_process_in_another_root") {
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("tracer-root-{}", std::process::id()));
+    let _cleanup = RemoveDir(root.clone());
+    let exe = fixture("allocs-fp");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(&exe, root.join("allocs")).unwrap();
+    let listing = Command::new("/lib64/ld-linux-x86-64.so.2")
+        .arg("--list")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        let path = line.split("=>").last().unwrap().trim();
+        let path = path.split(" (").next().unwrap();
+        if !path.starts_with('/') {
+            continue;
+        }
+        let dest = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(path, &dest).unwrap();
+    }
+    attach_cmd(
+        Command::new("chroot").arg(&root).args(["/allocs", "wait"]),
+        true,
+    );
+}
+
+/// A process in its own mount namespace where libc's path is bind-mounted
+/// over by a copy: the path in its maps names a different file on the host, so
+/// the tracer must go through /proc/PID/root to reach the inode it uses.
+#[test]
+fn attach_to_a_process_in_another_mount_namespace() {
+    if !privileged("attach_to_a_process_in_another_mount_namespace") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tracer-ns-{}", std::process::id()));
+    let _cleanup = RemoveDir(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    let libc = std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    let copy = dir.join("libc.so.6");
+    std::fs::copy(&libc, &copy).unwrap();
+    let script = format!(
+        "mount --bind {} {} && exec {} wait",
+        copy.display(),
+        libc.display(),
+        fixture("allocs-fp").display()
+    );
+    attach_cmd(
+        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]),
+        true,
+    );
+}
+
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]

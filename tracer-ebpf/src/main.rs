@@ -23,7 +23,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, StackTrace},
     programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::{info, warn};
 use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS,
     DEFAULT_MAX_THREADS, Kind, Op, Pending, STACK_ID_NONE, SiteKey, SiteStats,
@@ -129,7 +129,7 @@ fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32
         // An entry below our frame never returned (longjmp out of the
         // allocator, or its return probe was lost): replace it.
         if count(Counter::StalePending) == 0 {
-            debug!(
+            info!(
                 ctx,
                 "replacing an allocator entry whose return was never seen"
             );
@@ -144,7 +144,7 @@ fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32
     };
     if PENDING.insert(&id, &pending, 0).is_err() {
         if count(Counter::PendingMapFull) == 0 {
-            debug!(
+            warn!(
                 ctx,
                 "per-thread pending map full: allocations are being lost"
             );
@@ -412,7 +412,7 @@ fn record(ctx: &RetProbeContext, addr: u64, size: u64, kind: Kind) {
         Ok(id) => id as u32,
         Err(_) => {
             if count(Counter::StackLost) == 0 {
-                debug!(
+                warn!(
                     ctx,
                     "stack table full or hash collision: stacks are being lost"
                 );
@@ -432,7 +432,7 @@ fn record(ctx: &RetProbeContext, addr: u64, size: u64, kind: Kind) {
     };
     let Some(site) = site_stats(&key) else {
         if count(Counter::SiteMapFull) == 0 {
-            debug!(ctx, "site map full: allocations are being lost");
+            warn!(ctx, "site map full: allocations are being lost");
         }
         return;
     };
@@ -450,7 +450,7 @@ fn record(ctx: &RetProbeContext, addr: u64, size: u64, kind: Kind) {
         // Without the address its free could not be matched: counting it as
         // outstanding would report a leak that is not there.
         if count(Counter::AddrMapFull) == 0 {
-            debug!(ctx, "address map full: allocations are being lost");
+            warn!(ctx, "address map full: allocations are being lost");
         }
         return;
     }

@@ -154,10 +154,13 @@ impl Kernel {
                 path: probe.object.path.clone(),
                 reason,
             };
-            let mut programs = vec![(wiring.entry, wiring.cookie.map(|o| o as u64))];
+            // The return probe goes live first: an entry seen without its
+            // return would linger as a stale per-thread entry.
+            let mut programs = Vec::with_capacity(2);
             if wiring.needs_return {
                 programs.push(("alloc_return", None));
             }
+            programs.push((wiring.entry, wiring.cookie.map(|o| o as u64)));
             for (name, cookie) in programs {
                 let prog: &mut UProbe = self
                     .ebpf

@@ -108,8 +108,8 @@ impl Hook {
 pub struct ObjectRef {
     /// Path in the target's mount namespace (what the user recognises).
     pub path: PathBuf,
-    /// Path we open and attach to: through /proc/PID/root, or
-    /// /proc/PID/map_files for a deleted file.
+    /// Path we open and attach to, leading to the inode the target maps
+    /// (see [`crate::target::Mapping::open_path`]).
     pub open_path: PathBuf,
 }
 
@@ -212,6 +212,9 @@ pub fn plan(objects: &[ObjectRef]) -> Result<Vec<PlannedProbe>, TracerError> {
     if !probes.iter().any(|p| p.hook == Hook::Malloc) {
         return Err(TracerError::NoAllocator(0));
     }
+    // Frees go live before allocations: a block allocated by a live probe and
+    // freed through a not-yet-live one would be reported as leaked forever.
+    probes.sort_by_key(|p| !matches!(p.hook, Hook::Free | Hook::Munmap));
     Ok(probes)
 }
 
@@ -223,14 +226,7 @@ pub fn objects_of(target: &crate::target::Target) -> Vec<ObjectRef> {
         .into_iter()
         .map(|m| ObjectRef {
             path: m.path.clone(),
-            open_path: if m.deleted {
-                PathBuf::from(format!(
-                    "/proc/{}/map_files/{:x}-{:x}",
-                    target.pid, m.start, m.end
-                ))
-            } else {
-                target.host_path(&m.path)
-            },
+            open_path: m.open_path.clone(),
         })
         .collect()
 }
@@ -342,6 +338,16 @@ mod tests {
             open_path: libc_path(),
         };
         let plan = plan(std::slice::from_ref(&libc)).unwrap();
+        let first_alloc = plan
+            .iter()
+            .position(|p| !matches!(p.hook, Hook::Free | Hook::Munmap))
+            .unwrap();
+        assert!(
+            plan[first_alloc..]
+                .iter()
+                .all(|p| !matches!(p.hook, Hook::Free | Hook::Munmap)),
+            "frees are attached first"
+        );
         let mut offsets: Vec<_> = plan.iter().map(|p| p.offset).collect();
         offsets.sort();
         let n = offsets.len();

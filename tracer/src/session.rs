@@ -50,7 +50,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
         exe: target.exe.display().to_string(),
         probes,
     };
-    let symbols = Symbolizer::new(pid, target.same_root, target.maps.clone());
+    let symbols = Symbolizer::new(target.maps.clone());
     let mut collector = Collector::new(pid, symbols, opts.trend_window);
     sink.attached(&info)?;
     trace_loop(pid, opts, &mut kernel, &mut collector, sink, exit_fd, None).await
@@ -90,7 +90,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
         child.release()?;
         // The maps are the child's after exec; read them once it has mapped
         // its libraries (the symbolizer also refreshes every interval).
-        let symbols = Symbolizer::new(pid, true, Maps::default());
+        let symbols = Symbolizer::new(Maps::default());
         let mut collector = Collector::new(pid, symbols, opts.trend_window);
         trace_loop(
             pid,

@@ -15,7 +15,7 @@ use std::{
 use blazesym::symbolize::{self, Input, Symbolized, source::Source};
 use serde::Serialize;
 
-use crate::target::{Maps, host_path};
+use crate::target::Maps;
 
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -67,6 +67,8 @@ impl Frame {
 
 /// Functions in which a complete user stack ends.
 const STACK_ROOTS: &[&str] = &[
+    // Frames past C's main are the C runtime's start code: noise.
+    "main",
     "_start",
     "__libc_start_main",
     "__libc_start_call_main",
@@ -97,21 +99,83 @@ pub fn trim_at_root(frames: &mut Vec<Frame>, recorded_depth: usize, depth_limit:
             frames.truncate(i + 1);
             recorded_depth >= depth_limit
         }
-        None => true,
+        // Without libc's debug symbols its thread entry (start_thread, a
+        // local symbol) has no name; a walk that ends inside libc reached it.
+        None => !frames.last().is_some_and(is_in_libc),
     }
+}
+
+fn is_in_libc(f: &Frame) -> bool {
+    f.module.as_deref().is_some_and(|m| {
+        let name = m.rsplit('/').next().unwrap_or(m);
+        name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl")
+    })
 }
 
 /// Symbolizer for one target process.
 pub struct Symbolizer {
     inner: symbolize::Symbolizer,
-    pid: u32,
-    same_root: bool,
     maps: Maps,
     loaded: HashSet<PathBuf>,
+    /// Every mapped file, held open: its `/proc/self/fd/N` path still reaches
+    /// the inode after the target exits, whichever namespace it lives in.
+    held: HashMap<((u32, u32), u64), Held>,
+}
+
+/// A separate debug file and the binary's loadable segments as
+/// (file offset, size, virtual address), to translate offsets for it.
+type DebugFile = (PathBuf, Vec<(u64, u64, u64)>);
+
+/// A mapped file kept open for symbolization.
+struct Held {
+    _file: std::fs::File,
+    /// `/proc/self/fd/N`.
+    via: PathBuf,
+    /// Separate debug file found by build id, with the binary's segments
+    /// (file offset, size, virtual address) to translate offsets for it.
+    debug: Option<DebugFile>,
+}
+
+/// Directory of separate debug files named by build id (Debian's -dbg packages).
+const BUILD_ID_DIR: &str = "/usr/lib/debug/.build-id";
+
+/// The separate debug file of `file`, looked up by its build id.
+///
+/// blazesym finds these itself from a binary's canonical path, but a file of
+/// a container (or of an exited process) has no path valid here.
+fn debug_file_for(file: &std::fs::File) -> Option<DebugFile> {
+    use object::{Object, ObjectSegment};
+    let cache = object::ReadCache::new(file.try_clone().ok()?);
+    let obj = object::File::parse(&cache).ok()?;
+    let id = obj.build_id().ok()??;
+    if id.len() < 2 {
+        return None;
+    }
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let path = PathBuf::from(format!("{BUILD_ID_DIR}/{}/{}.debug", &hex[..2], &hex[2..]));
+    if !path.exists() {
+        return None;
+    }
+    let segments = obj
+        .segments()
+        .map(|seg| {
+            let (off, size) = seg.file_range();
+            (off, size, seg.address())
+        })
+        .collect();
+    Some((path, segments))
+}
+
+/// Virtual address of file offset `off` through the loadable segments.
+fn file_offset_to_vaddr(segments: &[(u64, u64, u64)], off: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|(o, size, _)| *o <= off && off < o + size)
+        .map(|(o, _, va)| off - o + va)
 }
 
 impl Symbolizer {
-    pub fn new(pid: u32, same_root: bool, maps: Maps) -> Self {
+    pub fn new(maps: Maps) -> Self {
         let inner = symbolize::Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
@@ -120,25 +184,50 @@ impl Symbolizer {
             // parsed instead of re-checking the file each time.
             .enable_auto_reload(false)
             .build();
-        Self {
+        let mut s = Self {
             inner,
-            pid,
-            same_root,
-            maps,
+            maps: Maps::default(),
             loaded: HashSet::new(),
-        }
+            held: HashMap::new(),
+        };
+        s.update_maps(maps);
+        s
     }
 
-    /// Replaces the maps snapshot (the target may have loaded libraries).
+    /// Replaces the maps snapshot (the target may have loaded libraries) and
+    /// opens the files not held yet.
     pub fn update_maps(&mut self, maps: Maps) {
+        for m in maps.mappings.iter().filter(|m| m.executable) {
+            let key = (m.dev, m.inode);
+            if self.held.contains_key(&key) {
+                continue;
+            }
+            match std::fs::File::open(&m.open_path) {
+                Ok(f) => {
+                    use std::os::fd::AsRawFd;
+                    let via = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+                    let debug = debug_file_for(&f);
+                    self.held.insert(
+                        key,
+                        Held {
+                            _file: f,
+                            via,
+                            debug,
+                        },
+                    );
+                }
+                Err(e) => log::debug!("cannot open {}: {e}", m.open_path.display()),
+            }
+        }
         self.maps = maps;
     }
 
     /// Symbolizes a stack of return addresses, innermost first. Inlined
     /// functions become frames of their own, innermost first.
     pub fn symbolize_stack(&mut self, ips: &[u64]) -> Vec<Frame> {
-        // Group by object so each file is asked once per stack.
-        let mut by_module: HashMap<PathBuf, Vec<(usize, u64)>> = HashMap::new();
+        // Group by object so each file is asked once per stack; the key says
+        // whether the addresses are file offsets or (for debug files) virtual.
+        let mut by_module: HashMap<(PathBuf, bool), Vec<(usize, u64)>> = HashMap::new();
         let mut module_of: Vec<Option<String>> = vec![None; ips.len()];
         for (i, &ip) in ips.iter().enumerate() {
             // A return address points after the call; ip-1 lies inside it,
@@ -146,15 +235,17 @@ impl Symbolizer {
             let probe = ip.saturating_sub(1);
             if let Some((m, off)) = self.maps.lookup(probe) {
                 module_of[i] = Some(m.path.display().to_string());
-                let path = if m.deleted {
-                    PathBuf::from(format!(
-                        "/proc/{}/map_files/{:x}-{:x}",
-                        self.pid, m.start, m.end
-                    ))
-                } else {
-                    host_path(self.pid, self.same_root, &m.path)
+                let held = self.held.get(&(m.dev, m.inode));
+                let debug = held.and_then(|h| {
+                    let (path, segs) = h.debug.as_ref()?;
+                    Some((path.clone(), file_offset_to_vaddr(segs, off)?))
+                });
+                let (key, addr) = match (debug, held) {
+                    (Some((path, vaddr)), _) => ((path, true), vaddr),
+                    (None, Some(h)) => ((h.via.clone(), false), off),
+                    (None, None) => ((m.open_path.clone(), false), off),
                 };
-                by_module.entry(path).or_default().push((i, off));
+                by_module.entry(key).or_default().push((i, addr));
             }
         }
         let mut per_ip: Vec<Vec<Frame>> = ips
@@ -162,11 +253,16 @@ impl Symbolizer {
             .enumerate()
             .map(|(i, &ip)| vec![Frame::unknown(ip, module_of[i].clone())])
             .collect();
-        for (path, items) in by_module {
-            let offsets: Vec<u64> = items.iter().map(|(_, o)| *o).collect();
+        for ((path, virt), items) in by_module {
+            let addrs: Vec<u64> = items.iter().map(|(_, o)| *o).collect();
             let progress = self.progress_for(&path);
             let src = Source::Elf(symbolize::source::Elf::new(&path));
-            let results = match self.inner.symbolize(&src, Input::FileOffset(&offsets)) {
+            let input = if virt {
+                Input::VirtOffset(&addrs[..])
+            } else {
+                Input::FileOffset(&addrs[..])
+            };
+            let results = match self.inner.symbolize(&src, input) {
                 Ok(r) => r,
                 Err(e) => {
                     log::debug!("cannot symbolize in {}: {e}", path.display());
@@ -271,7 +367,15 @@ mod tests {
             f("[unknown]"),
         ];
         assert!(!trim_at_root(&mut v, 4, 127));
-        assert_eq!(v.len(), 3, "junk after the root is cut");
+        assert_eq!(v.len(), 2, "the C runtime and junk after main are cut");
+        let mut v = vec![
+            f("worker"),
+            Frame::unknown(9, Some("/lib/libc.so.6".into())),
+        ];
+        assert!(
+            !trim_at_root(&mut v, 2, 127),
+            "a walk ending in libc is complete"
+        );
         let mut v = vec![f("worker"), f("start_thread"), f("clone3")];
         assert!(!trim_at_root(&mut v, 3, 127));
         assert_eq!(v.last().unwrap().function, "start_thread");
@@ -282,6 +386,18 @@ mod tests {
         let mut deep: Vec<Frame> = (0..126).map(|_| f("x")).collect();
         deep.push(f("start_thread"));
         assert!(trim_at_root(&mut deep, 127, 127), "depth limit reached");
+    }
+
+    #[test]
+    fn offsets_translate_through_segments() {
+        let segs = [
+            (0, 0x1000, 0),
+            (0x1000, 0x5000, 0x1000),
+            (0x6000, 0x800, 0x7000),
+        ];
+        assert_eq!(file_offset_to_vaddr(&segs, 0x1234), Some(0x1234));
+        assert_eq!(file_offset_to_vaddr(&segs, 0x6010), Some(0x7010));
+        assert_eq!(file_offset_to_vaddr(&segs, 0x9000), None);
     }
 
     #[test]
@@ -306,7 +422,7 @@ mod tests {
     fn symbolizes_own_code_with_lines() {
         let pid = std::process::id();
         let maps = Maps::read(pid).unwrap();
-        let mut s = Symbolizer::new(pid, true, maps);
+        let mut s = Symbolizer::new(maps);
         let ip = here();
         let frames = s.symbolize_stack(&[ip + 1]);
         let top = frames

@@ -1,8 +1,10 @@
 //! Stage 1: resolve the target process and check that this machine can trace it.
 //!
-//! Everything about the target is read through `/proc/PID/...`, and its files
-//! through `/proc/PID/root/...`, so processes in containers (other mount
-//! namespaces) are traced without the user translating paths.
+//! Everything about the target is read through `/proc/PID/...`. Its files are
+//! opened through whichever path leads to the very inode it maps: the path in
+//! its maps (which the kernel prints relative to *our* root, right for chroots
+//! and the host), the same path under `/proc/PID/root` (containers in another
+//! mount namespace), or `/proc/PID/map_files/…` (deleted or replaced files).
 
 use std::{
     io,
@@ -24,11 +26,16 @@ pub struct Mapping {
     /// File offset of `start`.
     pub offset: u64,
     pub inode: u64,
+    /// Device (major, minor) of the file.
+    pub dev: (u32, u32),
     pub executable: bool,
     /// Path as the target sees it (inside its mount namespace).
     pub path: PathBuf,
     /// The file was deleted or replaced after being mapped.
     pub deleted: bool,
+    /// A path from which we can open this very file (see the module docs).
+    /// Equal to `path` until [`Maps::resolve_open_paths`] runs.
+    pub open_path: PathBuf,
 }
 
 /// The file-backed mappings of a process at one moment.
@@ -56,7 +63,9 @@ impl Maps {
                 end: m.address.1,
                 offset: m.offset,
                 inode: m.inode,
+                dev: (m.dev.0 as u32, m.dev.1 as u32),
                 executable: m.perms.contains(procfs::process::MMPermissions::EXECUTE),
+                open_path: path.clone(),
                 path,
                 deleted,
             });
@@ -64,10 +73,27 @@ impl Maps {
         Ok(Self { mappings })
     }
 
-    /// Reads and parses `/proc/PID/maps`.
+    /// Reads and parses `/proc/PID/maps`, resolving the paths to open.
     pub fn read(pid: u32) -> Result<Self, TracerError> {
         let text = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| proc_error(pid, &e))?;
-        Self::parse(&text).map_err(|reason| TracerError::NotPermitted { pid, reason })
+        let mut maps =
+            Self::parse(&text).map_err(|reason| TracerError::NotPermitted { pid, reason })?;
+        maps.resolve_open_paths(pid);
+        Ok(maps)
+    }
+
+    /// Finds for every mapped file a path that opens that very inode. One
+    /// path per file, so a file's segments share one parsed copy.
+    pub fn resolve_open_paths(&mut self, pid: u32) {
+        let mut by_file: std::collections::HashMap<((u32, u32), u64), PathBuf> =
+            std::collections::HashMap::new();
+        for m in &mut self.mappings {
+            let path = by_file
+                .entry((m.dev, m.inode))
+                .or_insert_with(|| open_path(pid, m))
+                .clone();
+            m.open_path = path;
+        }
     }
 
     /// The mapping holding `addr` and the file offset of `addr` in it.
@@ -87,6 +113,27 @@ impl Maps {
             .filter(|m| m.executable && seen.insert((m.inode, m.path.clone())))
             .collect()
     }
+}
+
+/// Whether `path` is the file `(dev, inode)`.
+fn is_file(path: &Path, dev: (u32, u32), inode: u64) -> bool {
+    std::fs::metadata(path).is_ok_and(|md| {
+        let d = md.dev();
+        md.ino() == inode && (libc::major(d), libc::minor(d)) == dev
+    })
+}
+
+fn open_path(pid: u32, m: &Mapping) -> PathBuf {
+    if !m.deleted {
+        if is_file(&m.path, m.dev, m.inode) {
+            return m.path.clone();
+        }
+        let rooted = host_path(pid, false, &m.path);
+        if is_file(&rooted, m.dev, m.inode) {
+            return rooted;
+        }
+    }
+    PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
 }
 
 fn proc_error(pid: u32, e: &io::Error) -> TracerError {
@@ -112,9 +159,6 @@ pub struct Target {
     /// Path of the executable as the target sees it.
     pub exe: PathBuf,
     pub maps: Maps,
-    /// True when the target shares our root directory, so its paths can be
-    /// opened directly (still valid after it exits).
-    pub same_root: bool,
 }
 
 impl Target {
@@ -149,19 +193,12 @@ impl Target {
                 .trim_end_matches(" (deleted)")
                 .to_string(),
         );
-        let same_root = same_root(pid);
         Ok(Self {
             pid,
             comm: stat.comm,
             exe,
             maps,
-            same_root,
         })
-    }
-
-    /// A path through which this process's file `path` can be opened from here.
-    pub fn host_path(&self, path: &Path) -> PathBuf {
-        host_path(self.pid, self.same_root, path)
     }
 
     /// Whether the process is still running (not gone, not a zombie).
@@ -175,22 +212,13 @@ impl Target {
     }
 }
 
-/// A path through which file `path` of process `pid` can be opened from here.
+/// `path` of process `pid` seen from here: through `/proc/PID/root` unless
+/// `same_root`.
 pub fn host_path(pid: u32, same_root: bool, path: &Path) -> PathBuf {
     if same_root {
         path.to_path_buf()
     } else {
         Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path))
-    }
-}
-
-fn same_root(pid: u32) -> bool {
-    match (
-        std::fs::metadata(format!("/proc/{pid}/root/")),
-        std::fs::metadata("/"),
-    ) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
     }
 }
 
@@ -310,6 +338,40 @@ mod tests {
     }
 
     #[test]
+    fn deleted_files_open_through_map_files() {
+        use std::os::fd::AsRawFd;
+        let path = std::env::temp_dir().join(format!("tracer-unit-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        std::fs::remove_file(&path).unwrap();
+        let maps = Maps::read(std::process::id()).unwrap();
+        let (m, off) = maps.lookup(addr as u64 + 100).unwrap();
+        assert!(m.deleted);
+        assert_eq!(off, 100);
+        assert_eq!(
+            m.open_path,
+            PathBuf::from(format!(
+                "/proc/{}/map_files/{:x}-{:x}",
+                std::process::id(),
+                m.start,
+                m.end
+            ))
+        );
+        unsafe { libc::munmap(addr, 8192) };
+    }
+
+    #[test]
     fn capability_rules() {
         assert!(missing_capabilities(1 << 21).is_empty());
         assert!(missing_capabilities((1 << 38) | (1 << 39)).is_empty());
@@ -332,8 +394,13 @@ mod tests {
     #[test]
     fn resolves_self_and_rejects_bad_pids() {
         let me = Target::resolve(std::process::id()).unwrap();
-        assert!(me.same_root);
         assert!(!me.maps.executable_objects().is_empty());
+        // Our own files open directly by their own path.
+        for m in &me.maps.mappings {
+            if !m.deleted && m.path.exists() {
+                assert_eq!(m.open_path, m.path);
+            }
+        }
         assert!(matches!(
             Target::resolve(0),
             Err(TracerError::NoSuchProcess(0))

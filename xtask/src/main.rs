@@ -111,6 +111,12 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     vec![
         ("allocs.c", "allocs-fp", &["-fno-omit-frame-pointer"]),
         ("allocs.c", "allocs-nofp", &["-fomit-frame-pointer"]),
+        // The allocator lives in the executable itself.
+        (
+            "allocs.c",
+            "allocs-static",
+            &["-fno-omit-frame-pointer", "-static"],
+        ),
         ("demo.c", "demo", &["-fno-omit-frame-pointer"]),
     ]
 }

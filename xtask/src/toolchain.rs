@@ -172,6 +172,10 @@ pub fn setup() -> Result<Route> {
     apt_install(&[
         ("gcc", "compiles the C test targets and demo"),
         ("libc6-dev", "C headers for the test targets"),
+        (
+            "libc6-dbg",
+            "libc's debug symbols, so stacks through libc resolve fully",
+        ),
     ])?;
     let route = match find_route() {
         Ok(r) => r,
