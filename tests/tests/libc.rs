@@ -473,3 +473,60 @@ fn humantime_secs(ts: &str) -> f64 {
     let s: f64 = ts[17..ts.len() - 1].parse().unwrap();
     d * 86400.0 + h * 3600.0 + m * 60.0 + s
 }
+
+/// Tiny kernel maps: what does not fit is counted in `lost`, the eBPF side's
+/// warning reaches the tracer's log, and the totals that are reported only
+/// cover what was tracked (no phantom leaks).
+#[test]
+fn full_maps_are_counted_and_shown() {
+    if !privileged("full_maps_are_counted_and_shown") {
+        return;
+    }
+    let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
+    target.expect_line("ready", T);
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args(["attach", &target.pid().to_string(), "--format", "json"])
+            .args([
+                "--interval",
+                "0.2",
+                "--max-allocs",
+                "8",
+                "--max-stacks",
+                "4",
+            ])
+            .stderr(std::process::Stdio::piped()),
+    );
+    let mut stderr = tracer.child.stderr.take().unwrap();
+    let mut stream = Stream::new(&mut tracer);
+    stream.next_of("attached", T);
+    target.send("go");
+    target.expect_line("done", T);
+    target.close_stdin();
+    let report = stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    let lost = &report["lost"];
+    assert!(lost["addr_map_full"].as_u64().unwrap() > 0, "{lost}");
+    assert!(lost["stacks_lost"].as_u64().unwrap() > 0, "{lost}");
+    let live: u64 = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outstanding_count"].as_u64().unwrap())
+        .sum();
+    assert!(live <= 8, "only tracked blocks are outstanding: {live}");
+    assert!(
+        report["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["frames"][0]["function"] == "[unknown stack]"),
+        "allocations without a stack are still accounted"
+    );
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+    assert!(
+        log.contains("address map full: allocations are being lost"),
+        "the eBPF side's warning reaches the log: {log}"
+    );
+}
