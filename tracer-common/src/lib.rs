@@ -17,6 +17,10 @@ pub enum Kind {
     Heap = 0,
     /// Mappings from mmap/mremap.
     Mmap = 1,
+    /// Go heap, from the runtime's sampled memory profile.
+    GoHeap = 2,
+    /// Live goroutines, by creation site.
+    Goroutine = 3,
 }
 
 impl Kind {
@@ -25,6 +29,8 @@ impl Kind {
         match v {
             0 => Some(Self::Heap),
             1 => Some(Self::Mmap),
+            2 => Some(Self::GoHeap),
+            3 => Some(Self::Goroutine),
             _ => None,
         }
     }
@@ -34,6 +40,8 @@ impl Kind {
         match self {
             Self::Heap => "heap",
             Self::Mmap => "mmap",
+            Self::GoHeap => "heap",
+            Self::Goroutine => "goroutine",
         }
     }
 }
@@ -143,6 +151,27 @@ pub struct SiteStats {
     pub free_bytes: u64,
 }
 
+/// A goroutine creation site: the `go` statement's return address (`gopc`)
+/// and the goroutine's start function (`startpc`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GoSiteKey {
+    pub gopc: u64,
+    pub startpc: u64,
+}
+
+/// Struct offsets in the target's Go runtime, set as globals before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoOffsets {
+    /// `runtime.g.goid`.
+    pub g_goid: u64,
+    /// `runtime.g.gopc`.
+    pub g_gopc: u64,
+    /// `runtime.g.startpc`.
+    pub g_startpc: u64,
+}
+
 /// Indexes of the per-CPU counter array. Every path on which the kernel side
 /// drops or cannot attribute something has a counter, so the user is told.
 #[repr(u32)]
@@ -181,16 +210,28 @@ pub enum Counter {
     PartialUnmaps = 11,
     /// Events dropped by the kernel because the target's tgid did not match.
     OtherProcess = 12,
+    /// Goroutines created since attach.
+    GoroutinesCreated = 13,
+    /// Goroutines that exited since attach (including ones created before).
+    GoroutinesExited = 14,
+    /// Go goroutine/bucket map full (lost).
+    GoMapFull = 15,
+    /// Sampled Go heap objects recorded / freed.
+    GoSamples = 16,
+    GoSampleFrees = 17,
+    /// Failed reads of Go runtime structures (lost).
+    GoReadErrors = 18,
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 19;
 
 /// Default sizes of the kernel maps; all configurable from the command line.
 pub const DEFAULT_MAX_ALLOCS: u32 = 1 << 20;
 pub const DEFAULT_MAX_SITES: u32 = 1 << 15;
 pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
 pub const DEFAULT_MAX_THREADS: u32 = 1 << 14;
+pub const DEFAULT_MAX_GOROUTINES: u32 = 1 << 20;
 
 /// Depth of the stacks the kernel records (the kernel's own maximum).
 pub const MAX_STACK_DEPTH: usize = 127;
@@ -202,6 +243,8 @@ mod user {
     unsafe impl aya::Pod for super::AllocInfo {}
     unsafe impl aya::Pod for super::SiteKey {}
     unsafe impl aya::Pod for super::SiteStats {}
+    unsafe impl aya::Pod for super::GoSiteKey {}
+    unsafe impl aya::Pod for super::GoOffsets {}
 }
 
 #[cfg(test)]
@@ -217,11 +260,13 @@ mod tests {
         assert_eq!(size_of::<AllocInfo>(), 8 + 4 + 4);
         assert_eq!(size_of::<SiteKey>(), 4 + 4);
         assert_eq!(size_of::<SiteStats>(), 8 * 6);
+        assert_eq!(size_of::<GoSiteKey>(), 16);
+        assert_eq!(size_of::<GoOffsets>(), 24);
     }
 
     #[test]
     fn kinds_and_ops_round_trip() {
-        for k in [Kind::Heap, Kind::Mmap] {
+        for k in [Kind::Heap, Kind::Mmap, Kind::GoHeap, Kind::Goroutine] {
             assert_eq!(Kind::from_u32(k as u32), Some(k));
         }
         assert_eq!(Kind::from_u32(99), None);
@@ -229,6 +274,6 @@ mod tests {
             assert_eq!(Op::from_u64(v).map(|o| o as u64), Some(v));
         }
         assert_eq!(Op::from_u64(0), None);
-        assert_eq!(Counter::OtherProcess as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::GoReadErrors as u32 + 1, COUNTER_COUNT);
     }
 }

@@ -25,8 +25,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use tracer_common::{
-    AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS,
-    DEFAULT_MAX_THREADS, Kind, Op, Pending, STACK_ID_NONE, SiteKey, SiteStats,
+    AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
+    DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, Kind, Op,
+    Pending, STACK_ID_NONE, SiteKey, SiteStats,
 };
 
 /// Process (tgid) whose events count; 0 accepts every process. Set before load.
@@ -38,6 +39,31 @@ static TARGET_TGID: u32 = 0;
 /// Page size of the target, for rounding mapping lengths. Set before load.
 #[unsafe(no_mangle)]
 static PAGE_SIZE: u64 = 4096;
+
+/// Struct offsets of the target's Go runtime. Set before load.
+#[unsafe(no_mangle)]
+static GO_OFFSETS: GoOffsets = GoOffsets {
+    g_goid: 0,
+    g_gopc: 0,
+    g_startpc: 0,
+};
+
+/// Live goroutines created since attach: goid → creation site. Keyed by goid:
+/// g structs are reused, goids are not.
+#[map]
+static GO_GOROUTINES: HashMap<u64, GoSiteKey> =
+    HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, 0);
+
+/// Goroutines per creation site: outstanding_count = alive, allocs = created,
+/// frees = exited.
+#[map]
+static GO_SITES: HashMap<GoSiteKey, SiteStats> = HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
+
+/// The Go runtime's memory-profile buckets seen since attach: allocs and
+/// frees of sampled objects. The bucket (never freed by the runtime) holds the
+/// allocation stack and the object size, read by the collector.
+#[map]
+static GO_BUCKETS: HashMap<u64, SiteStats> = HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
 
 #[map]
 static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(DEFAULT_MAX_THREADS, 0);
@@ -565,6 +591,160 @@ fn try_munmap(ctx: &ProbeContext) -> Result<u32, u32> {
     // recorded as mappings (the mmap inside malloc was nested) and are ignored
     // by the kind check in release().
     release(addr, Kind::Mmap, round_up_page(len));
+    Ok(0)
+}
+
+// ---------------------------------------------------------------- Go
+//
+// Only entry uprobes and uprobes on RET instructions: a uretprobe rewrites the
+// return address, which Go's stack moves turn into a crash.
+
+#[inline(always)]
+fn go_offsets() -> GoOffsets {
+    unsafe { core::ptr::read_volatile(&GO_OFFSETS) }
+}
+
+#[inline(always)]
+fn read_u64(addr: u64) -> Option<u64> {
+    match unsafe { bpf_probe_read_user(addr as *const u64) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count(Counter::GoReadErrors);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn stats_entry<K>(map: &HashMap<K, SiteStats>, key: &K) -> Option<*mut SiteStats> {
+    if let Some(p) = map.get_ptr_mut(key) {
+        return Some(p);
+    }
+    let _ = map.insert(key, &SiteStats::default(), BPF_NOEXIST as u64);
+    map.get_ptr_mut(key)
+}
+
+/// On every RET of runtime.newproc1: the new g is in RAX.
+#[uprobe]
+pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
+    match try_go_newproc1_ret(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_go_newproc1_ret(ctx: &ProbeContext) -> Result<u32, u32> {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return Ok(0);
+    }
+    let newg = unsafe { (*ctx.regs).rax };
+    if newg == 0 {
+        return Ok(0);
+    }
+    let off = go_offsets();
+    let (Some(goid), Some(gopc), Some(startpc)) = (
+        read_u64(newg + off.g_goid),
+        read_u64(newg + off.g_gopc),
+        read_u64(newg + off.g_startpc),
+    ) else {
+        return Err(1);
+    };
+    count(Counter::GoroutinesCreated);
+    let key = GoSiteKey { gopc, startpc };
+    let Some(site) = stats_entry(&GO_SITES, &key) else {
+        count(Counter::GoMapFull);
+        return Err(1);
+    };
+    add(unsafe { &raw mut (*site).allocs }, 1);
+    if GO_GOROUTINES.insert(&goid, &key, 0).is_err() {
+        if count(Counter::GoMapFull) == 0 {
+            warn!(ctx, "goroutine map full: goroutines are being lost");
+        }
+        return Err(1);
+    }
+    add(unsafe { &raw mut (*site).outstanding_count }, 1);
+    Ok(0)
+}
+
+/// runtime.gdestroy(gp) (Go ≥ 1.22) or runtime.goexit0(gp) (1.21), after the
+/// prologue: gp in RAX.
+#[uprobe]
+pub fn go_goexit(ctx: ProbeContext) -> u32 {
+    match try_go_goexit(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_go_goexit(ctx: &ProbeContext) -> Result<u32, u32> {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return Ok(0);
+    }
+    let gp = unsafe { (*ctx.regs).rax };
+    let Some(goid) = read_u64(gp + go_offsets().g_goid) else {
+        return Err(1);
+    };
+    count(Counter::GoroutinesExited);
+    // Created before attach: not tracked.
+    let Some(key) = (unsafe { GO_GOROUTINES.get(&goid) }).copied() else {
+        return Ok(0);
+    };
+    let _ = GO_GOROUTINES.remove(&goid);
+    if let Some(site) = GO_SITES.get_ptr_mut(&key) {
+        add(unsafe { &raw mut (*site).outstanding_count }, -1);
+        add(unsafe { &raw mut (*site).frees }, 1);
+    }
+    Ok(0)
+}
+
+/// runtime.setprofilebucket(p, b): a sampled object p was allocated from
+/// bucket b (in RBX).
+#[uprobe]
+pub fn go_profile_bucket(ctx: ProbeContext) -> u32 {
+    match try_go_profile_bucket(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_go_profile_bucket(ctx: &ProbeContext) -> Result<u32, u32> {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return Ok(0);
+    }
+    let bucket = unsafe { (*ctx.regs).rbx };
+    let Some(stats) = stats_entry(&GO_BUCKETS, &bucket) else {
+        if count(Counter::GoMapFull) == 0 {
+            warn!(ctx, "Go bucket map full: heap samples are being lost");
+        }
+        return Err(1);
+    };
+    count(Counter::GoSamples);
+    add(unsafe { &raw mut (*stats).allocs }, 1);
+    add(unsafe { &raw mut (*stats).outstanding_count }, 1);
+    Ok(0)
+}
+
+/// runtime.mProf_Free(b, ...): a sampled object of bucket b (in RAX) was swept.
+#[uprobe]
+pub fn go_profile_free(ctx: ProbeContext) -> u32 {
+    match try_go_profile_free(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_go_profile_free(ctx: &ProbeContext) -> Result<u32, u32> {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return Ok(0);
+    }
+    let bucket = unsafe { (*ctx.regs).rax };
+    count(Counter::GoSampleFrees);
+    // A bucket first seen now only holds objects sampled before attach.
+    let Some(stats) = GO_BUCKETS.get_ptr_mut(&bucket) else {
+        return Ok(0);
+    };
+    // Objects sampled before attach may be freed now: never go below zero.
+    let live = unsafe { core::ptr::read_volatile(&raw const (*stats).outstanding_count) };
+    if live > 0 {
+        add(unsafe { &raw mut (*stats).outstanding_count }, -1);
+        add(unsafe { &raw mut (*stats).frees }, 1);
+    }
     Ok(0)
 }
 

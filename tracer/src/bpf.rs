@@ -14,7 +14,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
-use tracer_common::{COUNTER_COUNT, Counter, SiteKey, SiteStats};
+use tracer_common::{COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, SiteKey, SiteStats};
 
 use crate::{error::TracerError, probes::PlannedProbe};
 
@@ -32,6 +32,8 @@ pub struct MapSizes {
     pub stacks: u32,
     /// Threads inside an allocator call at once.
     pub threads: u32,
+    /// Live goroutines tracked at once.
+    pub goroutines: u32,
 }
 
 impl Default for MapSizes {
@@ -41,6 +43,7 @@ impl Default for MapSizes {
             sites: tracer_common::DEFAULT_MAX_SITES,
             stacks: tracer_common::DEFAULT_MAX_STACKS,
             threads: tracer_common::DEFAULT_MAX_THREADS,
+            goroutines: tracer_common::DEFAULT_MAX_GOROUTINES,
         }
     }
 }
@@ -48,9 +51,10 @@ impl Default for MapSizes {
 /// A probe that is live in the kernel.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct AttachedProbe {
-    pub function: &'static str,
+    pub function: String,
     pub path: String,
     pub offset: u64,
+    pub program: &'static str,
 }
 
 /// Loaded programs, their links and maps.
@@ -60,6 +64,8 @@ pub struct Kernel {
     sites: HashMap<MapData, SiteKey, SiteStats>,
     stacks: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    go_sites: HashMap<MapData, GoSiteKey, SiteStats>,
+    go_buckets: HashMap<MapData, u64, SiteStats>,
     pub sizes: MapSizes,
 }
 
@@ -78,12 +84,17 @@ fn load_err(e: impl std::fmt::Display) -> TracerError {
 }
 
 impl Kernel {
-    /// Loads the programs for process `tgid` (0: any process) with map sizes `sizes`.
-    pub fn load(tgid: u32, sizes: MapSizes) -> Result<Self, TracerError> {
+    /// Loads the programs for process `tgid` (0: any process) with map sizes
+    /// `sizes` and, for a Go target, its runtime's struct offsets.
+    pub fn load(tgid: u32, sizes: MapSizes, go: GoOffsets) -> Result<Self, TracerError> {
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("PAGE_SIZE", &page_size, true)
+            .override_global("GO_OFFSETS", &go, true)
+            .map_max_entries("GO_GOROUTINES", sizes.goroutines)
+            .map_max_entries("GO_SITES", sizes.sites)
+            .map_max_entries("GO_BUCKETS", sizes.sites)
             .map_max_entries("ALLOCS", sizes.allocs)
             .map_max_entries("SITES", sizes.sites)
             .map_max_entries("STACKS", sizes.stacks)
@@ -110,6 +121,10 @@ impl Kernel {
             "alloc_return",
             "free_enter",
             "munmap_enter",
+            "go_newproc1_ret",
+            "go_goexit",
+            "go_profile_bucket",
+            "go_profile_free",
         ] {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
@@ -126,12 +141,16 @@ impl Kernel {
         let sites = HashMap::try_from(take(&mut ebpf, "SITES")?).map_err(load_err)?;
         let stacks = StackTraceMap::try_from(take(&mut ebpf, "STACKS")?).map_err(load_err)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
+        let go_sites = HashMap::try_from(take(&mut ebpf, "GO_SITES")?).map_err(load_err)?;
+        let go_buckets = HashMap::try_from(take(&mut ebpf, "GO_BUCKETS")?).map_err(load_err)?;
         Ok(Self {
             ebpf,
             logger,
             sites,
             stacks,
             counters,
+            go_sites,
+            go_buckets,
             sizes,
         })
     }
@@ -148,37 +167,28 @@ impl Kernel {
         };
         let mut attached = Vec::new();
         for probe in plan {
-            let wiring = probe.hook.wiring();
             let attach_err = |reason: String| TracerError::Attach {
-                function: probe.hook.symbol().to_string(),
+                function: probe.function.clone(),
                 path: probe.object.path.clone(),
                 reason,
             };
-            // The return probe goes live first: an entry seen without its
-            // return would linger as a stale per-thread entry.
-            let mut programs = Vec::with_capacity(2);
-            if wiring.needs_return {
-                programs.push(("alloc_return", None));
-            }
-            programs.push((wiring.entry, wiring.cookie.map(|o| o as u64)));
-            for (name, cookie) in programs {
-                let prog: &mut UProbe = self
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| attach_err(format!("program {name} missing")))?
-                    .try_into()
-                    .map_err(|e| attach_err(format!("{e}")))?;
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(probe.offset),
-                    cookie,
-                };
-                prog.attach(point, &probe.object.open_path, scope)
-                    .map_err(|e| attach_err(error_chain(&e)))?;
-            }
+            let prog: &mut UProbe = self
+                .ebpf
+                .program_mut(probe.program)
+                .ok_or_else(|| attach_err(format!("program {} missing", probe.program)))?
+                .try_into()
+                .map_err(|e| attach_err(format!("{e}")))?;
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(probe.offset),
+                cookie: probe.cookie,
+            };
+            prog.attach(point, &probe.object.open_path, scope)
+                .map_err(|e| attach_err(error_chain(&e)))?;
             attached.push(AttachedProbe {
-                function: probe.hook.symbol(),
+                function: probe.function.clone(),
                 path: probe.object.path.display().to_string(),
                 offset: probe.offset,
+                program: probe.program,
             });
         }
         Ok(attached)
@@ -195,6 +205,16 @@ impl Kernel {
                 })
             })
             .collect()
+    }
+
+    /// Goroutines per creation site.
+    pub fn go_sites(&self) -> Result<Vec<(GoSiteKey, SiteStats)>, TracerError> {
+        read_all(&self.go_sites, "GO_SITES")
+    }
+
+    /// Sampled objects per Go memory-profile bucket.
+    pub fn go_buckets(&self) -> Result<Vec<(u64, SiteStats)>, TracerError> {
+        read_all(&self.go_buckets, "GO_BUCKETS")
     }
 
     /// Instruction pointers of a recorded stack, innermost first.
@@ -222,6 +242,20 @@ impl Kernel {
             l.flush();
         }
     }
+}
+
+fn read_all<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, TracerError> {
+    map.iter()
+        .map(|r| {
+            r.map_err(|e| TracerError::MapRead {
+                map: name,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use serde::Serialize;
-use tracer_common::{Counter, Kind, MAX_STACK_DEPTH, STACK_ID_NONE, SiteKey, SiteStats};
+use tracer_common::{Counter, Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
 
 use crate::{
     bpf::{Counters, Kernel},
@@ -28,6 +28,15 @@ pub struct SiteReport {
     pub alloc_bytes: u64,
     /// Growth of outstanding bytes over the trend window, bytes per second.
     pub growth_bytes_per_s: f64,
+    /// Growth of the outstanding count over the trend window, per second
+    /// (goroutines and timers grow in count).
+    pub growth_count_per_s: f64,
+    /// For goroutine sites: the goroutine's start function.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_function: Option<Frame>,
+    /// Figures are estimates scaled up from the Go runtime's heap samples.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sampled: bool,
     /// The recorded stack lacks its outer frames (see README).
     pub truncated: bool,
     /// Innermost first.
@@ -82,7 +91,29 @@ pub struct Snapshot {
 }
 
 struct SiteHistory {
-    samples: VecDeque<(Instant, i64)>,
+    samples: VecDeque<(Instant, i64, i64)>,
+}
+
+/// One site as read from a kernel map, before merging.
+struct Raw {
+    kind: &'static str,
+    frames: Vec<Frame>,
+    truncated: bool,
+    start_function: Option<Frame>,
+    sampled: bool,
+    bytes: i64,
+    count: i64,
+    allocs: u64,
+    frees: u64,
+    alloc_bytes: u64,
+}
+
+/// The Go side of a target: its runtime's memory and heap sampling rate.
+pub struct GoState {
+    pub mem: crate::golang::RuntimeMem,
+    /// Sampling rate last read from the target (for scaling).
+    pub rate: u64,
+    pub plan: crate::probes::GoPlan,
 }
 
 /// Reads the kernel maps and keeps what is needed across intervals.
@@ -92,6 +123,9 @@ pub struct Collector {
     symbols: Symbolizer,
     stacks: HashMap<u32, (Vec<Frame>, bool)>,
     history: HashMap<String, SiteHistory>,
+    go: Option<GoState>,
+    /// Resolved goroutine start functions by startpc.
+    starts: HashMap<u64, Frame>,
 }
 
 impl Collector {
@@ -102,7 +136,19 @@ impl Collector {
             symbols,
             stacks: HashMap::new(),
             history: HashMap::new(),
+            go: None,
+            starts: HashMap::new(),
         }
+    }
+
+    /// Enables the Go sites (goroutines, sampled heap) for a Go target.
+    pub fn with_go(mut self, go: GoState) -> Self {
+        self.go = Some(go);
+        self
+    }
+
+    pub fn go_mut(&mut self) -> Option<&mut GoState> {
+        self.go.as_mut()
     }
 
     pub fn symbolizer_mut(&mut self) -> &mut Symbolizer {
@@ -112,15 +158,136 @@ impl Collector {
     /// Takes a snapshot now.
     pub fn collect(&mut self, kernel: &Kernel) -> Result<Snapshot, TracerError> {
         let now = Instant::now();
-        let sites = kernel.sites()?;
+        let mut raw = Vec::new();
+        for (key, stats) in kernel.sites()? {
+            let (frames, truncated) = self.frames_for(kernel, key.stack_id);
+            raw.push(Raw {
+                kind: Kind::from_u32(key.kind).map_or("unknown", Kind::as_str),
+                frames,
+                truncated,
+                start_function: None,
+                sampled: false,
+                bytes: stats.outstanding_bytes,
+                count: stats.outstanding_count,
+                allocs: stats.allocs,
+                frees: stats.frees,
+                alloc_bytes: stats.alloc_bytes,
+            });
+        }
+        if self.go.is_some() {
+            self.go_sites(kernel, &mut raw)?;
+        }
         let counters = kernel.counters()?;
-        Ok(self.build(kernel, sites, counters, now))
+        Ok(self.build(kernel, raw, counters, now))
+    }
+
+    /// Goroutine sites (exact counts) and sampled heap sites (scaled like
+    /// pprof's inuse_space).
+    fn go_sites(&mut self, kernel: &Kernel, raw: &mut Vec<Raw>) -> Result<(), TracerError> {
+        for (key, stats) in kernel.go_sites()? {
+            // gopc is the return address of the `go` statement's call to
+            // newproc; startpc is a function entry (+1 undoes the -1 applied
+            // to return addresses).
+            let frames = self.symbols.symbolize_stack(&[key.gopc]);
+            let start = self.start_function(key.startpc);
+            raw.push(Raw {
+                kind: Kind::Goroutine.as_str(),
+                frames,
+                truncated: false,
+                start_function: start,
+                sampled: false,
+                bytes: 0,
+                count: stats.outstanding_count,
+                allocs: stats.allocs,
+                frees: stats.frees,
+                alloc_bytes: 0,
+            });
+        }
+        let buckets = kernel.go_buckets()?;
+        let Some(go) = self.go.as_mut() else {
+            return Ok(());
+        };
+        if let Some(rate) = go.mem.rate() {
+            go.rate = rate;
+        }
+        let rate = go.rate;
+        for (addr, stats) in buckets {
+            let Some(bucket) = go.mem.bucket(addr).cloned() else {
+                continue;
+            };
+            let live = stats.outstanding_count.max(0) as u64;
+            let (objs, bytes) = crate::golang::scale_sample(live, bucket.size, rate);
+            let (allocs, alloc_bytes) =
+                crate::golang::scale_sample(stats.allocs, bucket.size, rate);
+            let (frees, _) = crate::golang::scale_sample(stats.frees, bucket.size, rate);
+            let mut frames = self.symbols.symbolize_stack(&bucket.stack);
+            // The allocator's own frames say nothing about the call site.
+            let internal = frames
+                .iter()
+                .take_while(|f| {
+                    f.function.starts_with("runtime.malloc")
+                        || f.function.starts_with("runtime.mProf")
+                        || f.function == "runtime.profilealloc"
+                })
+                .count();
+            if internal < frames.len() {
+                frames.drain(..internal);
+            }
+            // The runtime already expanded inlined calls into PCs of their
+            // own, which DWARF expands again: drop the repeats.
+            frames
+                .dedup_by(|b, a| a.function == b.function && a.file == b.file && a.line == b.line);
+            let truncated = trim_at_root(&mut frames, bucket.stack.len(), 128);
+            raw.push(Raw {
+                kind: Kind::GoHeap.as_str(),
+                frames,
+                truncated,
+                start_function: None,
+                sampled: true,
+                bytes: bytes.round() as i64,
+                count: objs.round() as i64,
+                allocs: allocs.round() as u64,
+                frees: frees.round() as u64,
+                alloc_bytes: alloc_bytes.round() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// The function a goroutine runs. For `go f(x)` Go ≥ 1.22 starts a
+    /// generated `gowrapN` closure that calls f: report f, found by decoding
+    /// the wrapper's first call outside the runtime.
+    fn start_function(&mut self, startpc: u64) -> Option<Frame> {
+        if let Some(f) = self.starts.get(&startpc) {
+            return Some(f.clone());
+        }
+        // startpc is an entry, not a return address: +1 undoes the -1.
+        let start = self.symbols.symbolize_stack(&[startpc + 1]).pop()?;
+        let mut resolved = start.clone();
+        if crate::golang::is_go_wrapper(&start.function)
+            && let Some(code) = self
+                .go
+                .as_ref()
+                .and_then(|g| g.mem.read_bytes(startpc, 256))
+        {
+            for target in crate::golang::call_targets(&code, startpc) {
+                if let Some(f) = self.symbols.symbolize_stack(&[target + 1]).pop()
+                    && !f.function.starts_with("runtime.")
+                    && f.function != "[unknown]"
+                {
+                    resolved = f;
+                    break;
+                }
+            }
+        }
+        self.starts.insert(startpc, resolved.clone());
+        Some(resolved)
     }
 
     fn build(
         &mut self,
         kernel: &Kernel,
-        sites: Vec<(SiteKey, SiteStats)>,
+        sites: Vec<Raw>,
         counters: Counters,
         now: Instant,
     ) -> Snapshot {
@@ -128,37 +295,41 @@ impl Collector {
         // only in frames cut as junk): merge them, summing their statistics.
         let mut merged: HashMap<String, (SiteReport, i64, i64)> = HashMap::new();
         let mut live = 0u64;
-        for (key, stats) in sites {
-            let (frames, truncated) = self.frames_for(kernel, key.stack_id);
-            let kind = Kind::from_u32(key.kind).map_or("unknown", Kind::as_str);
-            let id = site_id(kind, &frames);
+        for site in sites {
+            let mut id_frames = site.frames.clone();
+            id_frames.extend(site.start_function.clone());
+            let id = site_id(site.kind, &id_frames);
             let entry = merged.entry(id.clone()).or_insert_with(|| {
                 (
                     SiteReport {
                         site_id: id,
-                        kind,
+                        kind: site.kind,
                         outstanding_bytes: 0,
                         outstanding_count: 0,
                         allocs: 0,
                         frees: 0,
                         alloc_bytes: 0,
                         growth_bytes_per_s: 0.0,
-                        truncated,
-                        frames,
+                        growth_count_per_s: 0.0,
+                        start_function: site.start_function.clone(),
+                        sampled: site.sampled,
+                        truncated: site.truncated,
+                        frames: site.frames.clone(),
                     },
                     0,
                     0,
                 )
             });
-            entry.1 += stats.outstanding_bytes;
-            entry.2 += stats.outstanding_count;
-            entry.0.allocs += stats.allocs;
-            entry.0.frees += stats.frees;
-            entry.0.alloc_bytes += stats.alloc_bytes;
+            entry.1 += site.bytes;
+            entry.2 += site.count;
+            entry.0.allocs += site.allocs;
+            entry.0.frees += site.frees;
+            entry.0.alloc_bytes += site.alloc_bytes;
         }
         let mut reports = Vec::with_capacity(merged.len());
         for (_, (mut report, bytes, count)) in merged {
-            report.growth_bytes_per_s = self.growth(&report.site_id, bytes, now);
+            (report.growth_bytes_per_s, report.growth_count_per_s) =
+                self.growth(&report.site_id, bytes, count, now);
             // A free may land an instant before its alloc's increment on
             // another CPU: clamp the transient negative.
             report.outstanding_bytes = bytes.max(0) as u64;
@@ -169,7 +340,7 @@ impl Collector {
         self.history.retain(|_, h| {
             h.samples
                 .back()
-                .is_some_and(|(t, _)| now.duration_since(*t) < Duration::from_secs(600))
+                .is_some_and(|(t, _, _)| now.duration_since(*t) < Duration::from_secs(600))
         });
         reports.sort_by(|a, b| {
             b.outstanding_bytes
@@ -226,31 +397,32 @@ impl Collector {
         (frames, truncated)
     }
 
-    /// Least-squares slope of outstanding bytes over the trend window.
-    fn growth(&mut self, site: &str, bytes: i64, now: Instant) -> f64 {
+    /// Least-squares slopes of outstanding bytes and count over the trend window.
+    fn growth(&mut self, site: &str, bytes: i64, count: i64, now: Instant) -> (f64, f64) {
         let h = self
             .history
             .entry(site.to_string())
             .or_insert_with(|| SiteHistory {
                 samples: VecDeque::new(),
             });
-        h.samples.push_back((now, bytes));
+        h.samples.push_back((now, bytes, count));
         while h
             .samples
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > self.window)
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > self.window)
         {
             h.samples.pop_front();
         }
-        let Some(&(t0, _)) = h.samples.front() else {
-            return 0.0;
+        let Some(&(t0, _, _)) = h.samples.front() else {
+            return (0.0, 0.0);
         };
-        let pts: Vec<(f64, f64)> = h
-            .samples
-            .iter()
-            .map(|(t, b)| (t.duration_since(t0).as_secs_f64(), *b as f64))
-            .collect();
-        slope(&pts)
+        let series = |pick: fn(&(Instant, i64, i64)) -> i64| -> Vec<(f64, f64)> {
+            h.samples
+                .iter()
+                .map(|s| (s.0.duration_since(t0).as_secs_f64(), pick(s) as f64))
+                .collect()
+        };
+        (slope(&series(|s| s.1)), slope(&series(|s| s.2)))
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod bpf;
 pub mod collect;
 pub mod error;
+pub mod golang;
 pub mod probes;
 pub mod session;
 pub mod sink;

@@ -86,6 +86,13 @@ struct Common {
     /// Distinct stacks the kernel can record.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
     max_stacks: u32,
+    /// Go heap sampling rate to set in the target, in bytes (default: turn
+    /// sampling on at 512 KiB only where the binary has it off).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    go_sample_rate: Option<u64>,
+    /// Never write to the target's memory (Go heap sampling stays as it is).
+    #[arg(long)]
+    no_write: bool,
     /// Threads that can be inside an allocator call at once.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_THREADS, value_parser = clap::value_parser!(u32).range(1..))]
     max_threads: u32,
@@ -107,11 +114,14 @@ impl Common {
             interval: self.interval,
             duration: self.duration,
             trend_window: self.trend_window,
+            go_sample_rate: self.go_sample_rate,
+            no_write: self.no_write,
             sizes: MapSizes {
                 allocs: self.max_allocs,
                 sites: self.max_sites,
                 stacks: self.max_stacks,
                 threads: self.max_threads,
+                ..MapSizes::default()
             },
         }
     }

@@ -116,10 +116,39 @@ pub struct ObjectRef {
 /// One uprobe to attach.
 #[derive(Clone, Debug)]
 pub struct PlannedProbe {
-    pub hook: Hook,
+    /// The probed function, for the user (`malloc`, `runtime.newproc1+0x1a3`).
+    pub function: String,
     pub object: ObjectRef,
-    /// File offset of the function's first instruction.
+    /// File offset of the probed instruction.
     pub offset: u64,
+    /// eBPF program to attach.
+    pub program: &'static str,
+    /// Attach cookie for programs shared by several functions.
+    pub cookie: Option<u64>,
+    /// Whether this probe frees (attached before anything that allocates).
+    pub frees: bool,
+}
+
+impl PlannedProbe {
+    /// The probes for one allocator function: the shared return probe first
+    /// (an entry without its return would linger), then the entry.
+    fn for_hook(hook: Hook, object: &ObjectRef, offset: u64) -> Vec<Self> {
+        let w = hook.wiring();
+        let mut out = Vec::with_capacity(2);
+        let probe = |program, cookie| Self {
+            function: hook.symbol().to_string(),
+            object: object.clone(),
+            offset,
+            program,
+            cookie,
+            frees: matches!(hook, Hook::Free | Hook::Munmap),
+        };
+        if w.needs_return {
+            out.push(probe("alloc_return", None));
+        }
+        out.push(probe(w.entry, w.cookie.map(|o| o as u64)));
+        out
+    }
 }
 
 /// Defined function symbols of interest in one ELF file, with file offsets.
@@ -172,12 +201,13 @@ fn is_dynamic_loader(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with("ld-linux"))
 }
 
-/// Chooses the probes for the given objects: every function of the malloc
-/// family in every object that defines `malloc`, and the mmap calls wherever
-/// they are defined. Aliases (same offset in one file, e.g. memalign and
-/// aligned_alloc in some glibc versions) are hooked once, since two probes at
-/// one address would both fire for one call.
-pub fn plan(objects: &[ObjectRef]) -> Result<Vec<PlannedProbe>, TracerError> {
+/// Chooses the allocator probes for the given objects: every function of the
+/// malloc family in every object that defines `malloc`, and the mmap calls
+/// wherever they are defined. Aliases (same offset in one file, e.g. memalign
+/// and aligned_alloc in some glibc versions) are hooked once, since two probes
+/// at one address would both fire for one call. Empty when no object defines
+/// malloc (a pure Go binary).
+pub fn plan_libc(objects: &[ObjectRef]) -> Result<Vec<PlannedProbe>, TracerError> {
     let mut probes = Vec::new();
     for obj in objects {
         if is_dynamic_loader(&obj.path) {
@@ -202,20 +232,130 @@ pub fn plan(objects: &[ObjectRef]) -> Result<Vec<PlannedProbe>, TracerError> {
             if !offsets.insert(offset) {
                 continue;
             }
-            probes.push(PlannedProbe {
-                hook,
-                object: obj.clone(),
-                offset,
-            });
+            probes.extend(PlannedProbe::for_hook(hook, obj, offset));
         }
     }
-    if !probes.iter().any(|p| p.hook == Hook::Malloc) {
-        return Err(TracerError::NoAllocator(0));
+    if !probes.iter().any(|p| p.function == "malloc") {
+        return Ok(Vec::new());
     }
     // Frees go live before allocations: a block allocated by a live probe and
     // freed through a not-yet-live one would be reported as leaked forever.
-    probes.sort_by_key(|p| !matches!(p.hook, Hook::Free | Hook::Munmap));
+    probes.sort_by_key(|p| !p.frees);
     Ok(probes)
+}
+
+/// What a Go executable gets hooked with, and what the collector needs to
+/// know about its runtime.
+#[derive(Clone, Debug)]
+pub struct GoPlan {
+    pub version: crate::golang::GoVersion,
+    pub offsets: tracer_common::GoOffsets,
+    /// False when the version is newer than the offset table (warned about).
+    pub known_version: bool,
+    pub probes: Vec<PlannedProbe>,
+    /// Virtual address of `runtime.MemProfileRate`, when the symbol table has it.
+    pub mem_profile_rate: Option<u64>,
+    /// The executable, to translate its virtual addresses.
+    pub object: ObjectRef,
+    /// (virtual address, file offset) of its first loadable segment.
+    pub first_segment: (u64, u64),
+}
+
+/// Plans the Go runtime probes for `obj` if it is a Go executable.
+pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
+    use crate::golang;
+    let unreadable = |reason: String| TracerError::UnreadableBinary {
+        path: obj.path.clone(),
+        reason,
+    };
+    let data = std::fs::read(&obj.open_path).map_err(|e| unreadable(e.to_string()))?;
+    let file = object::File::parse(&*data).map_err(|e| unreadable(e.to_string()))?;
+    let Some(version) = golang::go_version(&file) else {
+        return Ok(None);
+    };
+    let (offsets, known_version) = golang::offsets_for(&version);
+    let mut probes = Vec::new();
+    let mut missing = Vec::new();
+    let probe = |function: String, offset: u64, program: &'static str, frees: bool| PlannedProbe {
+        function,
+        object: obj.clone(),
+        offset,
+        program,
+        cookie: None,
+        frees,
+    };
+    let file_off = |f: &golang::Function, va: u64| f.file_offset + (va - f.addr);
+    // Exits before creations, frees before allocations.
+    let exit = golang::function(&file, "runtime.gdestroy")
+        .or_else(|| golang::function(&file, "runtime.goexit0"));
+    match exit
+        .as_ref()
+        .and_then(|f| Some((f, golang::code(&data, f)?)))
+    {
+        Some((f, code)) => {
+            let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
+            probes.push(probe(f.name.clone(), file_off(f, at), "go_goexit", true));
+        }
+        None => missing.push("runtime.gdestroy/goexit0"),
+    }
+    if let Some(f) = golang::function(&file, "runtime.mProf_Free")
+        && let Some(code) = golang::code(&data, &f)
+    {
+        let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
+        probes.push(probe(
+            f.name.clone(),
+            file_off(&f, at),
+            "go_profile_free",
+            true,
+        ));
+    } else {
+        missing.push("runtime.mProf_Free");
+    }
+    if let Some(f) = golang::function(&file, "runtime.setprofilebucket")
+        && let Some(code) = golang::code(&data, &f)
+    {
+        let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
+        probes.push(probe(
+            f.name.clone(),
+            file_off(&f, at),
+            "go_profile_bucket",
+            false,
+        ));
+    } else {
+        missing.push("runtime.setprofilebucket");
+    }
+    if let Some(f) = golang::function(&file, "runtime.newproc1")
+        && let Some(code) = golang::code(&data, &f)
+    {
+        for ret in golang::ret_sites(code, f.addr) {
+            let name = format!("{}+{:#x}", f.name, ret - f.addr);
+            probes.push(probe(name, file_off(&f, ret), "go_newproc1_ret", false));
+        }
+    } else {
+        missing.push("runtime.newproc1");
+    }
+    if !missing.is_empty() {
+        log::warn!(
+            "{}: Go runtime functions not found ({}): is the binary stripped? \
+             Those sites will not be traced.",
+            obj.path.display(),
+            missing.join(", ")
+        );
+    }
+    let first_segment = file
+        .segments()
+        .map(|s| (s.address(), s.file_range().0))
+        .find(|(_, off)| *off == 0)
+        .unwrap_or((0, 0));
+    Ok(Some(GoPlan {
+        version,
+        offsets,
+        known_version,
+        probes,
+        mem_profile_rate: golang::data_symbol(&file, "runtime.MemProfileRate").map(|s| s.0),
+        object: obj.clone(),
+        first_segment,
+    }))
 }
 
 /// The objects a live process maps with code.
@@ -337,30 +477,34 @@ mod tests {
             path: libc_path(),
             open_path: libc_path(),
         };
-        let plan = plan(std::slice::from_ref(&libc)).unwrap();
-        let first_alloc = plan
-            .iter()
-            .position(|p| !matches!(p.hook, Hook::Free | Hook::Munmap))
-            .unwrap();
+        let plan = plan_libc(std::slice::from_ref(&libc)).unwrap();
+        let first_alloc = plan.iter().position(|p| !p.frees).unwrap();
         assert!(
-            plan[first_alloc..]
-                .iter()
-                .all(|p| !matches!(p.hook, Hook::Free | Hook::Munmap)),
+            plan[first_alloc..].iter().all(|p| !p.frees),
             "frees are attached first"
         );
-        let mut offsets: Vec<_> = plan.iter().map(|p| p.offset).collect();
-        offsets.sort();
-        let n = offsets.len();
-        offsets.dedup();
-        assert_eq!(n, offsets.len(), "one probe per address");
+        let mut entries: Vec<_> = plan
+            .iter()
+            .filter(|p| p.program != "alloc_return")
+            .map(|p| p.offset)
+            .collect();
+        entries.sort();
+        let n = entries.len();
+        entries.dedup();
+        assert_eq!(n, entries.len(), "one entry probe per address");
+        // Every return probe precedes its entry probe.
+        for (i, p) in plan
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.program == "alloc_return")
+        {
+            assert_eq!(plan[i + 1].offset, p.offset);
+        }
         let none = ObjectRef {
             path: "/nonexistent".into(),
             open_path: "/nonexistent".into(),
         };
-        assert!(matches!(
-            super::plan(&[none]),
-            Err(TracerError::NoAllocator(_))
-        ));
+        assert!(plan_libc(&[none]).unwrap().is_empty());
     }
 
     #[test]

@@ -13,8 +13,9 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     bpf::{Kernel, MapSizes},
-    collect::Collector,
+    collect::{Collector, GoState},
     error::TracerError,
+    golang::RuntimeMem,
     probes::{self, ObjectRef},
     sink::{Attached, EndReason, Exit, Sink},
     symbolize::Symbolizer,
@@ -29,6 +30,117 @@ pub struct Options {
     pub sizes: MapSizes,
     /// Window over which growth rates are computed.
     pub trend_window: Duration,
+    /// Go heap sampling rate to set in the target (bytes); None: only turn
+    /// sampling on (at 512 KiB) when the binary has it off.
+    pub go_sample_rate: Option<u64>,
+    /// Never write to the target's memory.
+    pub no_write: bool,
+}
+
+/// Default Go heap sampling rate, the runtime's own default.
+pub const DEFAULT_GO_SAMPLE_RATE: u64 = 512 * 1024;
+
+/// Everything to hook in one target.
+struct Plan {
+    probes: Vec<probes::PlannedProbe>,
+    go: Option<probes::GoPlan>,
+}
+
+/// Allocator probes in every object, Go runtime probes for a Go executable.
+fn make_plan(objects: &[ObjectRef], exe: &Path) -> Result<Option<Plan>, TracerError> {
+    let libc = probes::plan_libc(objects)?;
+    let go = match objects.iter().find(|o| o.path == exe) {
+        Some(obj) => probes::plan_go(obj)?,
+        None => None,
+    };
+    if libc.is_empty() && go.is_none() {
+        return Ok(None);
+    }
+    if let Some(g) = &go
+        && !g.known_version
+    {
+        log::warn!(
+            "{} is newer than the Go releases whose runtime layout this tracer knows; \
+             using the newest known one (goroutine sites may be wrong)",
+            g.version
+        );
+    }
+    let mut all: Vec<probes::PlannedProbe> = go.iter().flat_map(|g| g.probes.clone()).collect();
+    all.extend(libc);
+    // Frees and exits go live first (stable sort keeps the rest in order).
+    all.sort_by_key(|p| !p.frees);
+    Ok(Some(Plan { probes: all, go }))
+}
+
+/// Address of `vaddr` of the executable `go.object` in the running target.
+fn runtime_address(go: &probes::GoPlan, maps: &Maps, vaddr: u64) -> Option<u64> {
+    let (seg_va, seg_off) = go.first_segment;
+    let m = maps
+        .mappings
+        .iter()
+        .find(|m| m.path == go.object.path && m.offset == seg_off)?;
+    Some(vaddr - seg_va + m.start)
+}
+
+/// Turns Go heap sampling on when the binary has it off, or sets the rate the
+/// user asked for, telling the user either way. Returns whether the target's
+/// rate is settled (nothing more to do).
+fn go_sampling_policy(
+    collector: &mut Collector,
+    opts: &Options,
+    sink: &mut dyn Sink,
+    pid: u32,
+) -> anyhow::Result<bool> {
+    let Some(go) = collector.go_mut() else {
+        return Ok(true);
+    };
+    if go.plan.mem_profile_rate.is_some() && go.mem.rate_addr().is_none() {
+        // `run`: the executable is not mapped yet.
+        return Ok(false);
+    }
+    let Some(current) = go.mem.rate() else {
+        sink.notice(
+            pid,
+            "cannot read runtime.MemProfileRate (stripped binary?): Go heap sites use the \
+             runtime's default rate for scaling",
+        )?;
+        return Ok(true);
+    };
+    let wanted = match opts.go_sample_rate {
+        Some(r) if r != current => r,
+        None if current == 0 => DEFAULT_GO_SAMPLE_RATE,
+        _ => {
+            go.rate = current;
+            return Ok(true);
+        }
+    };
+    if opts.no_write {
+        if current == 0 {
+            sink.notice(
+                pid,
+                "Go heap sampling is off in this binary (runtime.MemProfileRate = 0) and \
+                 --no-write forbids turning it on: no Go heap sites will be shown",
+            )?;
+        }
+        return Ok(true);
+    }
+    match go.mem.set_rate(wanted) {
+        Ok(()) => {
+            go.rate = wanted;
+            sink.notice(
+                pid,
+                &format!(
+                    "set the target's Go heap sampling rate (runtime.MemProfileRate) to {wanted} \
+                     bytes (it was {current}); --no-write forbids this"
+                ),
+            )?;
+            Ok(true)
+        }
+        Err(e) => {
+            sink.notice(pid, &format!("cannot set runtime.MemProfileRate: {e}"))?;
+            Ok(true)
+        }
+    }
 }
 
 /// Traces the running process `pid` until it exits, `duration` elapses or the
@@ -37,23 +149,34 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
     let target = Target::resolve(pid)?;
     target::check_environment()?;
     let objects = probes::objects_of(&target);
-    let plan = probes::plan(&objects).map_err(|e| match e {
-        TracerError::NoAllocator(_) => TracerError::NoAllocator(pid),
-        e => e,
-    })?;
+    let plan = make_plan(&objects, &target.exe)?.ok_or(TracerError::NoAllocator(pid))?;
     let exit_fd = PidFd::open(pid)?;
-    let mut kernel = Kernel::load(pid, opts.sizes)?;
-    let probes = kernel.attach(&plan, pid)?;
+    let offsets = plan.go.as_ref().map(|g| g.offsets).unwrap_or_default();
+    let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
+    let probes = kernel.attach(&plan.probes, pid)?;
     let info = Attached {
         pid,
         comm: target.comm.clone(),
         exe: target.exe.display().to_string(),
+        go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
         probes,
     };
     let symbols = Symbolizer::new(target.maps.clone());
-    let mut collector = Collector::new(pid, symbols, opts.trend_window);
+    let mut collector = go_collector(pid, &plan, &target.maps, symbols, opts);
     sink.attached(&info)?;
-    trace_loop(pid, opts, &mut kernel, &mut collector, sink, exit_fd, None).await
+    let settled = go_sampling_policy(&mut collector, opts, sink, pid)?;
+    let go_pending = plan.go.is_some() && !settled;
+    trace_loop(
+        pid,
+        opts,
+        &mut kernel,
+        &mut collector,
+        sink,
+        exit_fd,
+        None,
+        go_pending,
+    )
+    .await
 }
 
 /// Starts `argv` and traces it from its first instruction: the child is held
@@ -63,20 +186,20 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
     let exe = find_executable(&command)?;
     target::check_environment()?;
     let objects: Vec<ObjectRef> = probes::objects_of_command(&exe)?;
-    let plan = probes::plan(&objects).map_err(|e| match e {
-        TracerError::NoAllocator(_) => TracerError::Spawn {
-            command: command.clone(),
-            reason: "neither it nor its libraries define malloc (a stripped static binary?)".into(),
-        },
-        e => e,
+    let plan = make_plan(&objects, &exe)?.ok_or_else(|| TracerError::Spawn {
+        command: command.clone(),
+        reason: "neither it nor its libraries define malloc, and it is not a Go program \
+                 (a stripped static binary?)"
+            .into(),
     })?;
     let child = HeldChild::fork(&exe, argv)?;
     let pid = child.pid;
     let result = async {
         let exit_fd = PidFd::open(pid)?;
         let watcher = ExitWatcher::start(pid);
-        let mut kernel = Kernel::load(pid, opts.sizes)?;
-        let probes = kernel.attach(&plan, pid)?;
+        let offsets = plan.go.as_ref().map(|g| g.offsets).unwrap_or_default();
+        let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
+        let probes = kernel.attach(&plan.probes, pid)?;
         let info = Attached {
             pid,
             comm: exe
@@ -84,14 +207,18 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             exe: exe.display().to_string(),
+            go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
             probes,
         };
         sink.attached(&info)?;
         child.release()?;
         // The maps are the child's after exec; read them once it has mapped
-        // its libraries (the symbolizer also refreshes every interval).
+        // its libraries (the symbolizer also refreshes every interval). The
+        // Go runtime resets MemProfileRate during start-up, so the sampling
+        // policy is applied from the first interval on.
         let symbols = Symbolizer::new(Maps::default());
-        let mut collector = Collector::new(pid, symbols, opts.trend_window);
+        let mut collector = go_collector(pid, &plan, &Maps::default(), symbols, opts);
+        let go_pending = plan.go.is_some();
         trace_loop(
             pid,
             opts,
@@ -100,6 +227,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
             sink,
             exit_fd,
             Some(watcher),
+            go_pending,
         )
         .await
     }
@@ -112,6 +240,37 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
     result
 }
 
+/// The collector, with the Go runtime's memory when the target is Go.
+fn go_collector(
+    pid: u32,
+    plan: &Plan,
+    maps: &Maps,
+    symbols: Symbolizer,
+    opts: &Options,
+) -> Collector {
+    let collector = Collector::new(pid, symbols, opts.trend_window);
+    let Some(go) = &plan.go else {
+        return collector;
+    };
+    let mut state = GoState {
+        mem: RuntimeMem::open(pid, None),
+        rate: DEFAULT_GO_SAMPLE_RATE,
+        plan: go.clone(),
+    };
+    resolve_rate_addr(&mut state, maps);
+    collector.with_go(state)
+}
+
+/// Finds `runtime.MemProfileRate` in the target once its executable is mapped.
+fn resolve_rate_addr(go: &mut GoState, maps: &Maps) {
+    if go.mem.rate_addr().is_none()
+        && let Some(va) = go.plan.mem_profile_rate
+        && let Some(addr) = runtime_address(&go.plan, maps, va)
+    {
+        go.mem.set_rate_addr(addr);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn trace_loop(
     pid: u32,
@@ -121,6 +280,7 @@ async fn trace_loop(
     sink: &mut dyn Sink,
     exit_fd: PidFd,
     own_child: Option<ExitWatcher>,
+    mut go_pending: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut ticker = tokio::time::interval(opts.interval);
@@ -141,6 +301,9 @@ async fn trace_loop(
         tokio::select! {
             _ = ticker.tick() => {
                 refresh_maps(pid, collector);
+                if go_pending {
+                    go_pending = !go_sampling_policy(collector, opts, sink, pid)?;
+                }
                 let snap = collector.collect(kernel)?;
                 kernel.flush_logs();
                 sink.snapshot(&snap)?;
@@ -180,6 +343,9 @@ fn refresh_maps(pid: u32, collector: &mut Collector) {
     if let Ok(maps) = Maps::read(pid)
         && !maps.mappings.is_empty()
     {
+        if let Some(go) = collector.go_mut() {
+            resolve_rate_addr(go, &maps);
+        }
         collector.symbolizer_mut().update_maps(maps);
     }
 }

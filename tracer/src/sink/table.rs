@@ -26,13 +26,19 @@ impl<W: Write> TableSink<W> {
 
 /// The site's frames as `f (file:line) ← g (file:line) ← …`, at most `n`.
 fn chain(site: &SiteReport, n: usize) -> String {
-    let mut s = site
-        .frames
-        .iter()
-        .take(n)
-        .map(|f| f.short())
-        .collect::<Vec<_>>()
-        .join(" ← ");
+    let prefix = site
+        .start_function
+        .as_ref()
+        .map(|f| format!("go {} created at ", f.function))
+        .unwrap_or_default();
+    let mut s = prefix
+        + &site
+            .frames
+            .iter()
+            .take(n)
+            .map(|f| f.short())
+            .collect::<Vec<_>>()
+            .join(" ← ");
     if site.frames.len() > n {
         s.push_str(" ← …");
     }
@@ -40,6 +46,19 @@ fn chain(site: &SiteReport, n: usize) -> String {
         s.push_str(" [truncated]");
     }
     s
+}
+
+/// Bytes per second, or count per second for sites that hold no bytes
+/// (goroutines).
+fn growth_of(site: &SiteReport) -> String {
+    if site.outstanding_bytes == 0 && site.growth_bytes_per_s.abs() < 0.5 {
+        let g = site.growth_count_per_s;
+        if g.abs() < 0.05 {
+            return "0".into();
+        }
+        return format!("{g:+.1}/s");
+    }
+    growth(site.growth_bytes_per_s)
 }
 
 fn growth(g: f64) -> String {
@@ -108,7 +127,7 @@ impl<W: Write> TableSink<W> {
                 "{:>12} {:>9} {:>13} {:>10} {:>10}  {:<5} {}",
                 human_bytes(site.outstanding_bytes as f64),
                 site.outstanding_count,
-                growth(site.growth_bytes_per_s),
+                growth_of(site),
                 site.allocs,
                 site.frees,
                 site.kind,
@@ -150,6 +169,11 @@ impl<W: Write> Sink for TableSink<W> {
         self.out.flush()
     }
 
+    fn notice(&mut self, _pid: u32, message: &str) -> io::Result<()> {
+        writeln!(self.out, "tracer: {message}")?;
+        self.out.flush()
+    }
+
     fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {
         let how = match (exit.code, exit.signal) {
             (Some(c), _) => format!(" with status {c}"),
@@ -178,7 +202,7 @@ impl<W: Write> Sink for TableSink<W> {
         let holders: Vec<&SiteReport> = snap
             .sites
             .iter()
-            .filter(|s| s.outstanding_bytes > 0)
+            .filter(|s| s.outstanding_bytes > 0 || s.outstanding_count > 0)
             .take(self.top)
             .collect();
         if holders.is_empty() {
@@ -188,16 +212,30 @@ impl<W: Write> Sink for TableSink<W> {
             )?;
         }
         for (i, site) in holders.iter().enumerate() {
+            let what = match &site.start_function {
+                Some(start) => format!(
+                    "{} goroutines alive running {}, growth {}, {} created / {} exited",
+                    site.outstanding_count,
+                    start.short(),
+                    growth_of(site),
+                    site.allocs,
+                    site.frees
+                ),
+                None => format!(
+                    "{}{} in {} blocks ({}), growth {}, {} allocs / {} frees",
+                    if site.sampled { "~" } else { "" },
+                    human_bytes(site.outstanding_bytes as f64),
+                    site.outstanding_count,
+                    site.kind,
+                    growth_of(site),
+                    site.allocs,
+                    site.frees
+                ),
+            };
             writeln!(
                 self.out,
-                "\n#{} {} in {} blocks ({}), growth {}, {} allocs / {} frees{}",
+                "\n#{} {what}{}",
                 i + 1,
-                human_bytes(site.outstanding_bytes as f64),
-                site.outstanding_count,
-                site.kind,
-                growth(site.growth_bytes_per_s),
-                site.allocs,
-                site.frees,
                 if site.truncated {
                     " [stack truncated: build with -fno-omit-frame-pointer for full stacks]"
                 } else {

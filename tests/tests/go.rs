@@ -1,0 +1,228 @@
+//! Privileged: the tracer attached to Go programs built by several Go
+//! releases, reproducing real incidents with known counts.
+
+use std::{process::Command, time::Duration};
+
+use serde_json::Value;
+use tracer_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+const VERSIONS: &[&str] = &["1.21", "1.24", "1.27"];
+const CACHE_BYTES: f64 = 200.0 * 65536.0;
+
+fn src() -> std::path::PathBuf {
+    source("go/leaky/main.go")
+}
+
+/// The goroutine site created at `marker`, with its start function.
+fn goroutine_site<'v>(snap: &'v Value, marker: &str) -> &'v Value {
+    let line = marker_line(&src(), marker);
+    let found: Vec<&Value> = snap["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["kind"] == "goroutine"
+                && s["frames"].as_array().unwrap().iter().any(|f| {
+                    f["line"] == line && f["file"].as_str().unwrap_or("").ends_with("main.go")
+                })
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "goroutine site at line {line}:\n{}",
+        describe_sites(snap)
+    );
+    found[0]
+}
+
+/// The sampled heap site whose stack passes through `function` at `marker`.
+fn heap_sites_through<'v>(snap: &'v Value, function: &str, marker: &str) -> Vec<&'v Value> {
+    let line = marker_line(&src(), marker);
+    snap["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["kind"] == "heap"
+                && s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["function"] == function && f["line"] == line)
+        })
+        .collect()
+}
+
+/// Attaches to leaky-go<version>, lets it leak, waits for the churn to
+/// settle, lets it exit, and returns the stream.
+fn trace(version: &str, extra: &[&str]) -> Vec<Value> {
+    let mut target = Proc::spawn(Command::new(fixture(&format!("leaky-go{version}"))).arg("wait"));
+    target.expect_line("ready", T);
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args([
+                "attach",
+                &target.pid().to_string(),
+                "--format",
+                "json",
+                "--interval",
+                "0.2",
+            ])
+            .args(extra),
+    );
+    let mut stream = Stream::new(&mut tracer);
+    let attached = stream.next_of("attached", T);
+    assert!(
+        attached["go_version"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("go{version}.")),
+        "{attached}"
+    );
+    target.send("go");
+    target.expect_line("done", T);
+    // The churn goroutines have all signalled; wait until every one of them
+    // has also exited.
+    let churn_line = marker_line(&src(), "churn_goroutine");
+    loop {
+        let snap = stream.next_of("snapshot", T);
+        let settled = snap["sites"].as_array().unwrap().iter().any(|s| {
+            s["kind"] == "goroutine"
+                && s["frames"][0]["line"] == churn_line
+                && s["outstanding_count"] == 0
+                && s["allocs"] == 1000
+        });
+        if settled {
+            break;
+        }
+    }
+    target.close_stdin();
+    assert_eq!(
+        target.wait(T),
+        Some(0),
+        "the target runs normally while traced"
+    );
+    stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    stream.seen
+}
+
+fn assert_incidents(version: &str, stream: &[Value]) {
+    let report = stream.last().unwrap();
+    // Consumers blocked forever on a channel nobody closes.
+    let consumers = goroutine_site(report, "goroutine");
+    assert_eq!(consumers["outstanding_count"], 50, "go{version} consumers");
+    assert_eq!(consumers["allocs"], 50);
+    assert_eq!(consumers["frames"][0]["function"], "main.startConsumers");
+    // Go 1.21 starts `go consumer(ch)` through a closure it names like any
+    // other (main.startConsumers.func1); from 1.22 the wrapper is a gowrap,
+    // which the tracer sees through.
+    let expected_start = if version == "1.21" {
+        "main.startConsumers.func1"
+    } else {
+        "main.consumer"
+    };
+    assert_eq!(
+        consumers["start_function"]["function"], expected_start,
+        "go{version}"
+    );
+    // Healthy churn: 1000 created, all gone, flat.
+    let churn = goroutine_site(report, "churn_goroutine");
+    assert_eq!(churn["outstanding_count"], 0);
+    assert_eq!(churn["allocs"], 1000);
+    assert_eq!(churn["frees"], 1000);
+    assert_eq!(churn["start_function"]["function"], "main.churn.func1");
+    // The goroutine stuck in leakTimers.
+    let timer_g = goroutine_site(report, "timer_goroutine");
+    assert_eq!(timer_g["outstanding_count"], 1);
+    let expected_start = if version == "1.21" {
+        "main.main.func1"
+    } else {
+        "main.leakTimers"
+    };
+    assert_eq!(
+        timer_g["start_function"]["function"], expected_start,
+        "go{version}"
+    );
+    // The cache that only grows: in-use estimate within 25% of the truth.
+    let cache = heap_sites_through(report, "main.fillCache", "cache");
+    assert_eq!(
+        cache.len(),
+        1,
+        "go{version} cache site:\n{}",
+        describe_sites(report)
+    );
+    let est = cache[0]["outstanding_bytes"].as_f64().unwrap();
+    assert!(
+        (est - CACHE_BYTES).abs() <= 0.25 * CACHE_BYTES,
+        "go{version}: cache estimate {est} vs {CACHE_BYTES}"
+    );
+    assert_eq!(cache[0]["sampled"], true);
+}
+
+#[test]
+fn go_incidents_per_release() {
+    if !privileged("go_incidents_per_release") {
+        return;
+    }
+    for version in VERSIONS {
+        let stream = trace(version, &["--go-sample-rate", "4096"]);
+        let notice = stream
+            .iter()
+            .find(|v| v["type"] == "notice")
+            .expect("a notice");
+        assert!(
+            notice["message"]
+                .as_str()
+                .unwrap()
+                .contains("to 4096 bytes (it was 0)"),
+            "{notice}"
+        );
+        assert_incidents(version, &stream);
+    }
+}
+
+/// The binary never imported pprof, so its sampling is off: the tracer turns
+/// it on at the runtime's default and says so; with --no-write it does not
+/// touch the target and says that instead.
+#[test]
+fn go_heap_sampling_is_turned_on_only_when_allowed() {
+    if !privileged("go_heap_sampling_is_turned_on_only_when_allowed") {
+        return;
+    }
+    let stream = trace("1.27", &[]);
+    let notice = stream
+        .iter()
+        .find(|v| v["type"] == "notice")
+        .expect("a notice");
+    assert!(
+        notice["message"]
+            .as_str()
+            .unwrap()
+            .contains("to 524288 bytes (it was 0)"),
+        "{notice}"
+    );
+    assert_eq!(
+        heap_sites_through(stream.last().unwrap(), "main.fillCache", "cache").len(),
+        1
+    );
+
+    let stream = trace("1.27", &["--no-write"]);
+    let notice = stream
+        .iter()
+        .find(|v| v["type"] == "notice")
+        .expect("a notice");
+    assert!(
+        notice["message"]
+            .as_str()
+            .unwrap()
+            .contains("--no-write forbids"),
+        "{notice}"
+    );
+    let report = stream.last().unwrap();
+    assert!(heap_sites_through(report, "main.fillCache", "cache").is_empty());
+    // Goroutines need no write: still exact.
+    assert_eq!(goroutine_site(report, "goroutine")["outstanding_count"], 50);
+}

@@ -1,0 +1,374 @@
+//! Go binaries: detection, runtime version, struct offsets, and where to put
+//! probes in runtime functions.
+//!
+//! Rules (see shared knowledge in the README): never a uretprobe in Go code —
+//! return values are read by plain uprobes on every RET instruction, found by
+//! decoding the function; "entry" probes go on the first `push rbp` after the
+//! stack-growth prologue, which runs once per call (the prologue re-runs after
+//! morestack) while the argument registers are still intact.
+
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+use tracer_common::GoOffsets;
+
+/// A Go release, from `.go.buildinfo`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+    /// As written by the linker, e.g. `go1.22.10` or `go1.23.4 X:nocoverageredesign`.
+    pub raw: String,
+}
+
+impl std::fmt::Display for GoVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+/// Parses `go1.22.10`, `go1.23`, `go1.24rc1`, `go1.26.6 X:foo`.
+pub fn parse_version(raw: &str) -> Option<GoVersion> {
+    let v = raw.split_whitespace().next()?.strip_prefix("go")?;
+    let mut nums = v.split(|c: char| !c.is_ascii_digit());
+    let major = nums.next()?.parse().ok()?;
+    let minor = nums.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let patch = nums.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    Some(GoVersion {
+        major,
+        minor,
+        patch,
+        raw: raw.to_string(),
+    })
+}
+
+/// Reads the Go version from the `.go.buildinfo` section, if this is a Go
+/// binary built by Go 1.18 or later (inline version string, flags & 2).
+pub fn go_version(file: &object::File) -> Option<GoVersion> {
+    let section = file.section_by_name(".go.buildinfo")?;
+    let data = section.data().ok()?;
+    const MAGIC: &[u8] = b"\xff Go buildinf:";
+    if data.len() < 32 || &data[..14] != MAGIC || data[15] & 2 == 0 {
+        return None;
+    }
+    let (len, n) = read_uvarint(&data[32..])?;
+    let start = 32 + n;
+    let s = data.get(start..start + len as usize)?;
+    parse_version(std::str::from_utf8(s).ok()?)
+}
+
+fn read_uvarint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Runtime struct offsets for a Go version, from the table verified on real
+/// binaries of each release (1.21–1.27). Returns whether the version is in
+/// the table; a newer one gets the newest entry (and the caller warns).
+pub fn offsets_for(v: &GoVersion) -> (GoOffsets, bool) {
+    let table: &[(u32, u64, u64, u64)] = &[
+        // minor, g.goid, g.gopc, g.startpc
+        (21, 152, 280, 296),
+        (22, 152, 280, 296),
+        (23, 160, 288, 304),
+        (24, 160, 288, 304),
+        (25, 152, 280, 296),
+        (26, 152, 288, 304),
+        (27, 152, 288, 304),
+    ];
+    let known = v.major == 1 && table.iter().any(|t| t.0 == v.minor);
+    let row = table
+        .iter()
+        .rev()
+        .find(|t| v.major > 1 || t.0 <= v.minor)
+        .unwrap_or(&table[0]);
+    (
+        GoOffsets {
+            g_goid: row.1,
+            g_gopc: row.2,
+            g_startpc: row.3,
+        },
+        known,
+    )
+}
+
+/// A function of the binary: virtual address, size, and its bytes' file offset.
+#[derive(Clone, Debug)]
+pub struct Function {
+    pub name: String,
+    pub addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// Looks up a function symbol (Go binaries keep `.symtab` unless built with
+/// `-ldflags=-s`).
+pub fn function(file: &object::File, name: &str) -> Option<Function> {
+    let sym = file
+        .symbols()
+        .find(|s| s.kind() == SymbolKind::Text && s.name() == Ok(name))?;
+    let addr = sym.address();
+    let file_offset = file.segments().find_map(|seg| {
+        let (off, size) = seg.file_range();
+        let va = seg.address();
+        (va <= addr && addr < va + size).then(|| addr - va + off)
+    })?;
+    Some(Function {
+        name: name.to_string(),
+        addr,
+        size: sym.size(),
+        file_offset,
+    })
+}
+
+/// Virtual addresses of every RET instruction in `code` (which starts at `addr`).
+pub fn ret_sites(code: &[u8], addr: u64) -> Vec<u64> {
+    let mut dec = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    for ins in &mut dec {
+        if ins.is_invalid() {
+            break;
+        }
+        if ins.flow_control() == FlowControl::Return {
+            out.push(ins.ip());
+        }
+    }
+    out
+}
+
+/// Virtual address of the first `push rbp` in `code`: past the stack-growth
+/// check that morestack re-runs. `None` if the function has none early on.
+pub fn after_prologue(code: &[u8], addr: u64) -> Option<u64> {
+    let mut dec = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    for ins in dec.iter().take(16) {
+        if ins.code() == Code::Push_r64 && ins.op0_register() == iced_x86::Register::RBP {
+            return Some(ins.ip());
+        }
+        if ins.is_invalid() || ins.flow_control() == FlowControl::Return {
+            return None;
+        }
+    }
+    None
+}
+
+/// Targets of the direct CALL instructions in `code` (which starts at `addr`).
+pub fn call_targets(code: &[u8], addr: u64) -> Vec<u64> {
+    let mut dec = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    for ins in dec.iter() {
+        if ins.is_invalid() {
+            break;
+        }
+        if ins.flow_control() == FlowControl::Call && ins.is_call_near() {
+            out.push(ins.near_branch_target());
+        }
+        if ins.flow_control() == FlowControl::Return {
+            break;
+        }
+    }
+    out
+}
+
+/// Whether `name` is the wrapper Go ≥ 1.22 generates for `go f(args)`.
+pub fn is_go_wrapper(name: &str) -> bool {
+    name.rsplit('.')
+        .next()
+        .is_some_and(|last| last.starts_with("gowrap"))
+}
+
+/// Bytes of a function from the file image.
+pub fn code<'d>(data: &'d [u8], f: &Function) -> Option<&'d [u8]> {
+    data.get(f.file_offset as usize..(f.file_offset + f.size) as usize)
+}
+
+/// Virtual address of a data symbol (e.g. `runtime.MemProfileRate`).
+pub fn data_symbol(file: &object::File, name: &str) -> Option<(u64, u64)> {
+    file.symbols()
+        .find(|s| s.kind() == SymbolKind::Data && s.name() == Ok(name))
+        .map(|s| (s.address(), s.size()))
+}
+
+/// Heap sample scaling, as pprof does for inuse_space: an object of `size`
+/// bytes is sampled with probability 1 - exp(-size/rate).
+pub fn scale_sample(count: u64, size: u64, rate: u64) -> (f64, f64) {
+    if count == 0 || size == 0 {
+        return (0.0, 0.0);
+    }
+    if rate <= 1 {
+        return (count as f64, (count * size) as f64);
+    }
+    let scale = 1.0 / (1.0 - (-(size as f64) / rate as f64).exp());
+    (count as f64 * scale, (count * size) as f64 * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        let v = parse_version("go1.22.10").unwrap();
+        assert_eq!((v.major, v.minor, v.patch), (1, 22, 10));
+        let v = parse_version("go1.23.4 X:nocoverageredesign").unwrap();
+        assert_eq!((v.major, v.minor, v.patch), (1, 23, 4));
+        let v = parse_version("go1.24rc1").unwrap();
+        assert_eq!((v.major, v.minor), (1, 24));
+        assert!(parse_version("devel").is_none());
+    }
+
+    #[test]
+    fn offsets_table_and_future_versions() {
+        let (o, known) = offsets_for(&parse_version("go1.23.9").unwrap());
+        assert!(known);
+        assert_eq!((o.g_goid, o.g_gopc, o.g_startpc), (160, 288, 304));
+        let (o, known) = offsets_for(&parse_version("go1.21.13").unwrap());
+        assert!(known);
+        assert_eq!(o.g_goid, 152);
+        let (o, known) = offsets_for(&parse_version("go1.31.0").unwrap());
+        assert!(!known, "unknown future version");
+        assert_eq!(o, offsets_for(&parse_version("go1.27.3").unwrap()).0);
+    }
+
+    #[test]
+    fn decodes_rets_and_prologue() {
+        // mov rax,[r14+16]; cmp rsp,rax; jbe +x; push rbp; mov rbp,rsp;
+        // ... ret; ...; ret
+        let code = [
+            0x49, 0x3b, 0x66, 0x10, // cmp rsp,[r14+16]
+            0x76, 0x08, // jbe +8
+            0x55, // push rbp
+            0x48, 0x89, 0xe5, // mov rbp,rsp
+            0x5d, // pop rbp
+            0xc3, // ret
+            0x90, // nop
+            0x5d, // pop rbp
+            0xc3, // ret
+        ];
+        assert_eq!(after_prologue(&code, 0x1000), Some(0x1006));
+        assert_eq!(ret_sites(&code, 0x1000), vec![0x100b, 0x100e]);
+        assert_eq!(after_prologue(&[0xc3], 0x1000), None);
+    }
+
+    #[test]
+    fn finds_call_targets_and_wrappers() {
+        // call rel32 (+0x10); call [rax] (indirect, skipped); ret
+        let code = [0xe8, 0x0b, 0, 0, 0, 0xff, 0x10, 0xc3];
+        assert_eq!(call_targets(&code, 0x1000), vec![0x1010]);
+        assert!(is_go_wrapper("main.startConsumers.gowrap1"));
+        assert!(!is_go_wrapper("main.startConsumers.func1"));
+    }
+
+    #[test]
+    fn pprof_scaling() {
+        assert_eq!(scale_sample(0, 100, 512), (0.0, 0.0));
+        assert_eq!(scale_sample(3, 100, 1), (3.0, 300.0));
+        // Objects much larger than the rate are always sampled.
+        let (n, b) = scale_sample(10, 1 << 30, 512 * 1024);
+        assert!((n - 10.0).abs() < 1e-6 && (b - 10.0 * (1u64 << 30) as f64).abs() < 1.0);
+        // size == rate: probability 1 - 1/e.
+        let (n, _) = scale_sample(1, 1000, 1000);
+        assert!((n - 1.0 / (1.0 - (-1.0f64).exp())).abs() < 1e-9);
+    }
+
+    #[test]
+    fn uvarints() {
+        assert_eq!(read_uvarint(&[0x05]), Some((5, 1)));
+        assert_eq!(read_uvarint(&[0x96, 0x01]), Some((150, 2)));
+        assert_eq!(read_uvarint(&[0x80]), None);
+    }
+}
+
+/// A sampled-heap bucket of the target's runtime: object size and the
+/// allocation stack (return addresses, innermost first).
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    pub size: u64,
+    pub stack: Vec<u64>,
+}
+
+/// Reads the target's Go runtime state through `/proc/PID/mem`.
+pub struct RuntimeMem {
+    mem: Option<std::fs::File>,
+    /// Address of `runtime.MemProfileRate` in the target.
+    rate_addr: Option<u64>,
+    buckets: std::collections::HashMap<u64, Bucket>,
+}
+
+// runtime.bucket layout, all versions: next, allnext, typ, hash, size, nstk,
+// then nstk PCs.
+const BUCKET_SIZE_OFF: u64 = 32;
+const BUCKET_NSTK_OFF: u64 = 40;
+const BUCKET_STK_OFF: u64 = 48;
+const MAX_BUCKET_STACK: u64 = 128;
+
+impl RuntimeMem {
+    pub fn open(pid: u32, rate_addr: Option<u64>) -> Self {
+        let mem = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .or_else(|_| std::fs::File::open(format!("/proc/{pid}/mem")))
+            .ok();
+        Self {
+            mem,
+            rate_addr,
+            buckets: std::collections::HashMap::new(),
+        }
+    }
+
+    pub fn rate_addr(&self) -> Option<u64> {
+        self.rate_addr
+    }
+
+    pub fn set_rate_addr(&mut self, addr: u64) {
+        self.rate_addr = Some(addr);
+    }
+
+    fn read_u64(&self, addr: u64) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 8];
+        self.mem.as_ref()?.read_exact_at(&mut b, addr).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    /// The current `runtime.MemProfileRate`, if its address is known.
+    pub fn rate(&self) -> Option<u64> {
+        self.read_u64(self.rate_addr?)
+    }
+
+    /// Writes `runtime.MemProfileRate` in the target.
+    pub fn set_rate(&self, rate: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (Some(mem), Some(addr)) = (self.mem.as_ref(), self.rate_addr) else {
+            return Err(std::io::Error::other("runtime.MemProfileRate is not known"));
+        };
+        mem.write_all_at(&rate.to_le_bytes(), addr)
+    }
+
+    /// `len` bytes of the target's memory at `addr`.
+    pub fn read_bytes(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; len];
+        self.mem.as_ref()?.read_exact_at(&mut b, addr).ok()?;
+        Some(b)
+    }
+
+    /// A bucket, read once: the runtime never frees or changes buckets.
+    pub fn bucket(&mut self, addr: u64) -> Option<&Bucket> {
+        if !self.buckets.contains_key(&addr) {
+            let size = self.read_u64(addr + BUCKET_SIZE_OFF)?;
+            let nstk = self.read_u64(addr + BUCKET_NSTK_OFF)?.min(MAX_BUCKET_STACK);
+            let stack = (0..nstk)
+                .map(|i| self.read_u64(addr + BUCKET_STK_OFF + 8 * i))
+                .collect::<Option<Vec<u64>>>()?;
+            self.buckets.insert(addr, Bucket { size, stack });
+        }
+        self.buckets.get(&addr)
+    }
+}
