@@ -37,6 +37,29 @@ fn goroutine_site<'v>(snap: &'v Value, marker: &str) -> &'v Value {
     found[0]
 }
 
+/// The timer sites whose creation stack passes through `function` at `marker`.
+fn timer_sites<'v>(
+    snap: &'v Value,
+    function: &str,
+    marker: &str,
+    src: &std::path::Path,
+) -> Vec<&'v Value> {
+    let line = marker_line(src, marker);
+    snap["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["kind"] == "timer"
+                && s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["function"] == function && f["line"] == line)
+        })
+        .collect()
+}
+
 /// The sampled heap site whose stack passes through `function` at `marker`.
 fn heap_sites_through<'v>(snap: &'v Value, function: &str, marker: &str) -> Vec<&'v Value> {
     let line = marker_line(&src(), marker);
@@ -146,6 +169,71 @@ fn assert_incidents(version: &str, stream: &[Value]) {
         timer_g["start_function"]["function"], expected_start,
         "go{version}"
     );
+    // The seed incident: WithTimeout in a loop, cancel deferred forever.
+    let seed = timer_sites(report, "main.leakTimers", "timer", &src());
+    assert_eq!(
+        seed.len(),
+        1,
+        "go{version} timer site:\n{}",
+        describe_sites(report)
+    );
+    assert_eq!(
+        seed[0]["outstanding_count"], 100,
+        "go{version} pending timers"
+    );
+    assert_eq!(seed[0]["allocs"], 100);
+    let functions: Vec<&str> = seed[0]["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["function"].as_str().unwrap())
+        .collect();
+    let chain: Vec<&str> = functions
+        .iter()
+        .copied()
+        .skip_while(|f| *f != "time.AfterFunc")
+        .filter(|f| *f != "context.WithDeadline") // inlined in some releases
+        .take(4)
+        .collect();
+    assert_eq!(
+        chain,
+        [
+            "time.AfterFunc",
+            "context.WithDeadlineCause",
+            "context.WithTimeout",
+            "main.leakTimers"
+        ],
+        "go{version}: {functions:?}"
+    );
+    // Stopped and fired timers are not pending.
+    for (marker, n) in [("stopped_timer", 100), ("fired_timer", 50)] {
+        let sites = timer_sites(report, "main.otherTimers", marker, &src());
+        assert_eq!(
+            sites.len(),
+            1,
+            "go{version} {marker}:\n{}",
+            describe_sites(report)
+        );
+        assert_eq!(sites[0]["outstanding_count"], 0, "go{version} {marker}");
+        assert_eq!(sites[0]["allocs"], n, "go{version} {marker}");
+        assert_eq!(sites[0]["frees"], n, "go{version} {marker}");
+    }
+    // Channel timers: held by the runtime until they fire under Go <= 1.22
+    // and asynctimerchan=1 (which this go.mod selects where the release still
+    // has the setting, as the binary's embedded DefaultGODEBUG says); else
+    // collectable garbage, not counted.
+    let binary = std::fs::read(fixture(&format!("leaky-go{version}"))).unwrap();
+    let async_chan = version == "1.21" || binary.windows(16).any(|w| w == b"asynctimerchan=1");
+    let chans = timer_sites(report, "main.otherTimers", "chan_timer", &src());
+    let pending: u64 = chans
+        .iter()
+        .map(|s| s["outstanding_count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        pending,
+        if async_chan { 10 } else { 0 },
+        "go{version} channel timers"
+    );
     // The cache that only grows: in-use estimate within 25% of the truth.
     let cache = heap_sites_through(report, "main.fillCache", "cache");
     assert_eq!(
@@ -225,4 +313,45 @@ fn go_heap_sampling_is_turned_on_only_when_allowed() {
     assert!(heap_sites_through(report, "main.fillCache", "cache").is_empty());
     // Goroutines need no write: still exact.
     assert_eq!(goroutine_site(report, "goroutine")["outstanding_count"], 50);
+}
+
+/// Under Go >= 1.23 semantics an unreferenced channel timer is collectable
+/// garbage: not a leak, not counted. Func timers are.
+#[test]
+fn collectable_channel_timers_are_not_counted() {
+    if !privileged("collectable_channel_timers_are_not_counted") {
+        return;
+    }
+    let src = source("go/chantimers/main.go");
+    for version in ["1.24", "1.27"] {
+        let mut target = Proc::spawn(&mut Command::new(fixture(&format!(
+            "chantimers-go{version}"
+        ))));
+        target.expect_line("ready", T);
+        let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+            "attach",
+            &target.pid().to_string(),
+            "--format",
+            "json",
+            "--interval",
+            "0.2",
+        ]));
+        let mut stream = Stream::new(&mut tracer);
+        stream.next_of("attached", T);
+        target.send("go");
+        target.expect_line("done", T);
+        target.close_stdin();
+        assert_eq!(target.wait(T), Some(0));
+        let report = stream.next_of("report", T);
+        assert_eq!(tracer.wait(T), Some(0));
+        let func = timer_sites(&report, "main.timers", "func_timer", &src);
+        assert_eq!(func.len(), 1, "go{version}:\n{}", describe_sites(&report));
+        assert_eq!(func[0]["outstanding_count"], 10, "go{version} func timers");
+        let chans = timer_sites(&report, "main.timers", "collectable_chan_timer", &src);
+        assert!(
+            chans.iter().all(|s| s["outstanding_count"] == 0),
+            "go{version}: collectable channel timers counted:\n{}",
+            describe_sites(&report)
+        );
+    }
 }

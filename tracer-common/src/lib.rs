@@ -21,6 +21,8 @@ pub enum Kind {
     GoHeap = 2,
     /// Live goroutines, by creation site.
     Goroutine = 3,
+    /// Pending Go runtime timers, by creation stack.
+    Timer = 4,
 }
 
 impl Kind {
@@ -31,6 +33,7 @@ impl Kind {
             1 => Some(Self::Mmap),
             2 => Some(Self::GoHeap),
             3 => Some(Self::Goroutine),
+            4 => Some(Self::Timer),
             _ => None,
         }
     }
@@ -42,6 +45,7 @@ impl Kind {
             Self::Mmap => "mmap",
             Self::GoHeap => "heap",
             Self::Goroutine => "goroutine",
+            Self::Timer => "timer",
         }
     }
 }
@@ -170,6 +174,18 @@ pub struct GoOffsets {
     pub g_gopc: u64,
     /// `runtime.g.startpc`.
     pub g_startpc: u64,
+    /// `runtime.timer.period`.
+    pub timer_period: u64,
+    /// Runtime address range of `time.newTimer` (Go ≥ 1.23): a call of
+    /// `(*timer).modify` returning there creates a timer.
+    pub newtimer_lo: u64,
+    pub newtimer_hi: u64,
+    /// Non-zero: count channel timers too (Go ≤ 1.22, or asynctimerchan=1,
+    /// where the runtime holds them until they fire).
+    pub count_chan_timers: u64,
+    /// Runtime address of `time.sendTime`, the callback of every channel
+    /// timer (Go ≥ 1.23).
+    pub sendtime_pc: u64,
 }
 
 /// Indexes of the per-CPU counter array. Every path on which the kernel side
@@ -221,10 +237,13 @@ pub enum Counter {
     GoSampleFrees = 17,
     /// Failed reads of Go runtime structures (lost).
     GoReadErrors = 18,
+    /// Timers created / retired (stopped or fired for good) since attach.
+    TimersCreated = 19,
+    TimersRetired = 20,
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 19;
+pub const COUNTER_COUNT: u32 = 21;
 
 /// Default sizes of the kernel maps; all configurable from the command line.
 pub const DEFAULT_MAX_ALLOCS: u32 = 1 << 20;
@@ -261,12 +280,18 @@ mod tests {
         assert_eq!(size_of::<SiteKey>(), 4 + 4);
         assert_eq!(size_of::<SiteStats>(), 8 * 6);
         assert_eq!(size_of::<GoSiteKey>(), 16);
-        assert_eq!(size_of::<GoOffsets>(), 24);
+        assert_eq!(size_of::<GoOffsets>(), 8 * 8);
     }
 
     #[test]
     fn kinds_and_ops_round_trip() {
-        for k in [Kind::Heap, Kind::Mmap, Kind::GoHeap, Kind::Goroutine] {
+        for k in [
+            Kind::Heap,
+            Kind::Mmap,
+            Kind::GoHeap,
+            Kind::Goroutine,
+            Kind::Timer,
+        ] {
             assert_eq!(Kind::from_u32(k as u32), Some(k));
         }
         assert_eq!(Kind::from_u32(99), None);
@@ -274,6 +299,6 @@ mod tests {
             assert_eq!(Op::from_u64(v).map(|o| o as u64), Some(v));
         }
         assert_eq!(Op::from_u64(0), None);
-        assert_eq!(Counter::GoReadErrors as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::TimersRetired as u32 + 1, COUNTER_COUNT);
     }
 }

@@ -46,7 +46,16 @@ static GO_OFFSETS: GoOffsets = GoOffsets {
     g_goid: 0,
     g_gopc: 0,
     g_startpc: 0,
+    timer_period: 0,
+    newtimer_lo: 0,
+    newtimer_hi: 0,
+    count_chan_timers: 0,
+    sendtime_pc: 0,
 };
+
+/// Pending timers created since attach: *runtime.timer → creation stack id.
+#[map]
+static GO_TIMERS: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, 0);
 
 /// Live goroutines created since attach: goid → creation site. Keyed by goid:
 /// g structs are reused, goids are not.
@@ -744,6 +753,152 @@ fn try_go_profile_free(ctx: &ProbeContext) -> Result<u32, u32> {
     if live > 0 {
         add(unsafe { &raw mut (*stats).outstanding_count }, -1);
         add(unsafe { &raw mut (*stats).frees }, 1);
+    }
+    Ok(0)
+}
+
+/// A timer became pending: account it to the current stack.
+#[inline(always)]
+fn timer_created(ctx: &ProbeContext, t: u64) {
+    if unsafe { GO_TIMERS.get(&t) }.is_some() {
+        return; // re-armed while pending: still one pending timer
+    }
+    // The probe sits on a `push rbp`, where the kernel's walk also reports
+    // the direct caller.
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as u32,
+        Err(_) => {
+            count(Counter::StackLost);
+            STACK_ID_NONE
+        }
+    };
+    let key = SiteKey {
+        stack_id,
+        kind: Kind::Timer as u32,
+    };
+    let Some(site) = site_stats(&key) else {
+        count(Counter::SiteMapFull);
+        return;
+    };
+    add(unsafe { &raw mut (*site).allocs }, 1);
+    if GO_TIMERS.insert(&t, &stack_id, 0).is_err() {
+        if count(Counter::GoMapFull) == 0 {
+            warn!(ctx, "timer map full: timers are being lost");
+        }
+        return;
+    }
+    count(Counter::TimersCreated);
+    add(unsafe { &raw mut (*site).outstanding_count }, 1);
+}
+
+/// A timer stopped or fired for good.
+#[inline(always)]
+fn timer_retired(t: u64) {
+    let Some(stack_id) = (unsafe { GO_TIMERS.get(&t) }).copied() else {
+        return; // created before attach, or already retired
+    };
+    let _ = GO_TIMERS.remove(&t);
+    count(Counter::TimersRetired);
+    let key = SiteKey {
+        stack_id,
+        kind: Kind::Timer as u32,
+    };
+    if let Some(site) = SITES.get_ptr_mut(&key) {
+        add(unsafe { &raw mut (*site).outstanding_count }, -1);
+        add(unsafe { &raw mut (*site).frees }, 1);
+    }
+}
+
+/// Go ≥ 1.23: runtime.(*timer).modify(t, ...) after its prologue. Called by
+/// time.newTimer for every new timer, and by resets.
+#[uprobe]
+pub fn go_timer_modify(ctx: ProbeContext) -> u32 {
+    match try_go_timer_modify(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_go_timer_modify(ctx: &ProbeContext) -> Result<u32, u32> {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return Ok(0);
+    }
+    let off = go_offsets();
+    let t = unsafe { (*ctx.regs).rax };
+    // Not yet past `push rbp`: the return address is at the stack top.
+    let Some(caller) = read_u64(sp_of(ctx.regs)) else {
+        return Err(1);
+    };
+    if caller < off.newtimer_lo || caller >= off.newtimer_hi {
+        return Ok(0); // a reset
+    }
+    // Channel timers are collectable garbage in Go ≥ 1.23; they are the ones
+    // armed with time.sendTime (f, a *funcval, in RDI; its code pointer first).
+    if off.count_chan_timers == 0 {
+        let f = unsafe { (*ctx.regs).rdi };
+        let Some(code) = read_u64(f) else {
+            return Err(1);
+        };
+        if code == off.sendtime_pc {
+            return Ok(0);
+        }
+    }
+    timer_created(ctx, t);
+    Ok(0)
+}
+
+/// Go ≤ 1.22: time.startTimer(t) after its prologue.
+#[uprobe]
+pub fn go_timer_start(ctx: ProbeContext) -> u32 {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return 0;
+    }
+    timer_created(&ctx, unsafe { (*ctx.regs).rax });
+    0
+}
+
+/// A stop: runtime.(*timer).stop(t) (≥ 1.23) or time.stopTimer(t) (≤ 1.22),
+/// t in RAX.
+#[uprobe]
+pub fn go_timer_stop(ctx: ProbeContext) -> u32 {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return 0;
+    }
+    timer_retired(unsafe { (*ctx.regs).rax });
+    0
+}
+
+/// A firing: runtime.(*timer).unlockAndRun(t, now) (≥ 1.23, t in RAX) or
+/// runtime.runOneTimer(pp, t, now) (≤ 1.22, t in RBX; cookie 1). Final only
+/// for one-shot timers (period 0).
+#[uprobe]
+pub fn go_timer_fire(ctx: ProbeContext) -> u32 {
+    match try_go_timer_fire(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_go_timer_fire(ctx: &ProbeContext) -> Result<u32, u32> {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return Ok(0);
+    }
+    let old_runtime = unsafe { bpf_get_attach_cookie(ctx.regs.cast()) } == 1;
+    // Two plain loads: LLVM would otherwise pick the field offset first and
+    // dereference a modified context pointer, which the verifier rejects.
+    let (rax, rbx) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.regs).rax),
+            core::ptr::read_volatile(&raw const (*ctx.regs).rbx),
+        )
+    };
+    let t = if old_runtime { rbx } else { rax };
+    if unsafe { GO_TIMERS.get(&t) }.is_none() {
+        return Ok(0);
+    }
+    let Some(period) = read_u64(t + go_offsets().timer_period) else {
+        return Err(1);
+    };
+    if period == 0 {
+        timer_retired(t);
     }
     Ok(0)
 }

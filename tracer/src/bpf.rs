@@ -93,6 +93,7 @@ impl Kernel {
             .override_global("PAGE_SIZE", &page_size, true)
             .override_global("GO_OFFSETS", &go, true)
             .map_max_entries("GO_GOROUTINES", sizes.goroutines)
+            .map_max_entries("GO_TIMERS", sizes.goroutines)
             .map_max_entries("GO_SITES", sizes.sites)
             .map_max_entries("GO_BUCKETS", sizes.sites)
             .map_max_entries("ALLOCS", sizes.allocs)
@@ -125,6 +126,10 @@ impl Kernel {
             "go_goexit",
             "go_profile_bucket",
             "go_profile_free",
+            "go_timer_modify",
+            "go_timer_start",
+            "go_timer_stop",
+            "go_timer_fire",
         ] {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)

@@ -160,7 +160,21 @@ impl Collector {
         let now = Instant::now();
         let mut raw = Vec::new();
         for (key, stats) in kernel.sites()? {
-            let (frames, truncated) = self.frames_for(kernel, key.stack_id);
+            let (mut frames, truncated) = self.frames_for(kernel, key.stack_id);
+            if key.kind == Kind::Timer as u32 {
+                // The runtime's own timer frames say nothing about the site.
+                let internal = frames
+                    .iter()
+                    .take_while(|f| {
+                        f.function.starts_with("runtime.(*timer)")
+                            || f.function == "time.newTimer"
+                            || f.function == "time.startTimer"
+                    })
+                    .count();
+                if internal < frames.len() {
+                    frames.drain(..internal);
+                }
+            }
             raw.push(Raw {
                 kind: Kind::from_u32(key.kind).map_or("unknown", Kind::as_str),
                 frames,

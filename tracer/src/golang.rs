@@ -45,16 +45,38 @@ pub fn parse_version(raw: &str) -> Option<GoVersion> {
 /// Reads the Go version from the `.go.buildinfo` section, if this is a Go
 /// binary built by Go 1.18 or later (inline version string, flags & 2).
 pub fn go_version(file: &object::File) -> Option<GoVersion> {
+    let (version, _) = build_info(file)?;
+    parse_version(&version)
+}
+
+/// The version and module-info strings of `.go.buildinfo`.
+pub fn build_info(file: &object::File) -> Option<(String, String)> {
     let section = file.section_by_name(".go.buildinfo")?;
     let data = section.data().ok()?;
     const MAGIC: &[u8] = b"\xff Go buildinf:";
     if data.len() < 32 || &data[..14] != MAGIC || data[15] & 2 == 0 {
         return None;
     }
-    let (len, n) = read_uvarint(&data[32..])?;
-    let start = 32 + n;
-    let s = data.get(start..start + len as usize)?;
-    parse_version(std::str::from_utf8(s).ok()?)
+    let mut at = 32;
+    let mut next = || -> Option<String> {
+        let (len, n) = read_uvarint(data.get(at..)?)?;
+        let s = data.get(at + n..at + n + len as usize)?;
+        at += n + len as usize;
+        Some(String::from_utf8_lossy(s).into_owned())
+    };
+    let version = next()?;
+    let modinfo = next().unwrap_or_default();
+    Some((version, modinfo))
+}
+
+/// Whether the binary runs with `asynctimerchan=1` (the pre-1.23 channel
+/// timers, held by the runtime until they fire): set by a go.mod older than
+/// 1.23 through DefaultGODEBUG, or by a //go:debug directive.
+pub fn async_timer_chan(modinfo: &str) -> bool {
+    modinfo.lines().any(|l| {
+        l.split_once("DefaultGODEBUG=")
+            .is_some_and(|(_, v)| v.split(',').any(|kv| kv.trim() == "asynctimerchan=1"))
+    })
 }
 
 fn read_uvarint(b: &[u8]) -> Option<(u64, usize)> {
@@ -72,15 +94,15 @@ fn read_uvarint(b: &[u8]) -> Option<(u64, usize)> {
 /// binaries of each release (1.21–1.27). Returns whether the version is in
 /// the table; a newer one gets the newest entry (and the caller warns).
 pub fn offsets_for(v: &GoVersion) -> (GoOffsets, bool) {
-    let table: &[(u32, u64, u64, u64)] = &[
-        // minor, g.goid, g.gopc, g.startpc
-        (21, 152, 280, 296),
-        (22, 152, 280, 296),
-        (23, 160, 288, 304),
-        (24, 160, 288, 304),
-        (25, 152, 280, 296),
-        (26, 152, 288, 304),
-        (27, 152, 288, 304),
+    let table: &[(u32, u64, u64, u64, u64)] = &[
+        // minor, g.goid, g.gopc, g.startpc, timer.period
+        (21, 152, 280, 296, 16),
+        (22, 152, 280, 296, 16),
+        (23, 160, 288, 304, 24),
+        (24, 160, 288, 304, 24),
+        (25, 152, 280, 296, 32),
+        (26, 152, 288, 304, 32),
+        (27, 152, 288, 304, 32),
     ];
     let known = v.major == 1 && table.iter().any(|t| t.0 == v.minor);
     let row = table
@@ -93,6 +115,8 @@ pub fn offsets_for(v: &GoVersion) -> (GoOffsets, bool) {
             g_goid: row.1,
             g_gopc: row.2,
             g_startpc: row.3,
+            timer_period: row.4,
+            ..GoOffsets::default()
         },
         known,
     )
@@ -227,6 +251,7 @@ mod tests {
         let (o, known) = offsets_for(&parse_version("go1.23.9").unwrap());
         assert!(known);
         assert_eq!((o.g_goid, o.g_gopc, o.g_startpc), (160, 288, 304));
+        assert_eq!(o.timer_period, 24);
         let (o, known) = offsets_for(&parse_version("go1.21.13").unwrap());
         assert!(known);
         assert_eq!(o.g_goid, 152);
@@ -274,6 +299,14 @@ mod tests {
         // size == rate: probability 1 - 1/e.
         let (n, _) = scale_sample(1, 1000, 1000);
         assert!((n - 1.0 / (1.0 - (-1.0f64).exp())).abs() < 1e-9);
+    }
+
+    #[test]
+    fn async_timer_chan_from_default_godebug() {
+        let mi = "path\tleaky\nmod\tleaky\t(devel)\t\nbuild\tDefaultGODEBUG=asynctimerchan=1,gotypesalias=0\n";
+        assert!(async_timer_chan(mi));
+        assert!(!async_timer_chan("build\tDefaultGODEBUG=gotypesalias=0\n"));
+        assert!(!async_timer_chan(""));
     }
 
     #[test]

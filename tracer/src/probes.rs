@@ -259,6 +259,12 @@ pub struct GoPlan {
     pub object: ObjectRef,
     /// (virtual address, file offset) of its first loadable segment.
     pub first_segment: (u64, u64),
+    /// Virtual address range of `time.newTimer` (Go ≥ 1.23).
+    pub newtimer: Option<(u64, u64)>,
+    /// Virtual address of `time.sendTime` (Go ≥ 1.23).
+    pub sendtime: Option<u64>,
+    /// Position-independent executable: runtime addresses need the load bias.
+    pub pie: bool,
 }
 
 /// Plans the Go runtime probes for `obj` if it is a Go executable.
@@ -334,6 +340,53 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     } else {
         missing.push("runtime.newproc1");
     }
+    // Timers: creation, stop, final firing.
+    let mut newtimer = None;
+    let (_, modinfo) = golang::build_info(&file).unwrap_or_default();
+    let mut offsets = offsets;
+    offsets.count_chan_timers = u64::from(
+        (version.major == 1 && version.minor <= 22) || golang::async_timer_chan(&modinfo),
+    );
+    let new_timers = version.major > 1 || version.minor >= 23;
+    let timer_hooks: &[(&str, &'static str, Option<u64>)] = if new_timers {
+        &[
+            ("runtime.(*timer).stop", "go_timer_stop", None),
+            ("runtime.(*timer).unlockAndRun", "go_timer_fire", None),
+            ("runtime.(*timer).modify", "go_timer_modify", None),
+        ]
+    } else {
+        &[
+            ("time.stopTimer", "go_timer_stop", None),
+            ("runtime.runOneTimer", "go_timer_fire", Some(1)),
+            ("time.startTimer", "go_timer_start", None),
+        ]
+    };
+    for (name, program, cookie) in timer_hooks {
+        let Some(f) = golang::function(&file, name) else {
+            missing.push(name);
+            continue;
+        };
+        let Some(code) = golang::code(&data, &f) else {
+            continue;
+        };
+        let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
+        let mut p = probe(
+            f.name.clone(),
+            file_off(&f, at),
+            program,
+            *program != "go_timer_modify" && *program != "go_timer_start",
+        );
+        p.cookie = *cookie;
+        probes.push(p);
+    }
+    let mut sendtime = None;
+    if new_timers {
+        match golang::function(&file, "time.newTimer") {
+            Some(f) => newtimer = Some((f.addr, f.addr + f.size)),
+            None => missing.push("time.newTimer"),
+        }
+        sendtime = golang::function(&file, "time.sendTime").map(|f| f.addr);
+    }
     if !missing.is_empty() {
         log::warn!(
             "{}: Go runtime functions not found ({}): is the binary stripped? \
@@ -355,6 +408,9 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         mem_profile_rate: golang::data_symbol(&file, "runtime.MemProfileRate").map(|s| s.0),
         object: obj.clone(),
         first_segment,
+        newtimer,
+        sendtime,
+        pie: file.kind() == object::ObjectKind::Dynamic,
     }))
 }
 

@@ -72,6 +72,32 @@ fn make_plan(objects: &[ObjectRef], exe: &Path) -> Result<Option<Plan>, TracerEr
     Ok(Some(Plan { probes: all, go }))
 }
 
+/// The Go runtime offsets with the runtime address of `time.newTimer`, which
+/// needs the load bias of a position-independent executable (known from
+/// `maps` once it is mapped).
+fn go_offsets(go: &probes::GoPlan, maps: Option<&Maps>) -> tracer_common::GoOffsets {
+    let mut off = go.offsets;
+    if let Some((lo, hi)) = go.newtimer {
+        let bias = if go.pie {
+            maps.and_then(|m| runtime_address(go, m, lo))
+                .map(|a| a - lo)
+        } else {
+            Some(0)
+        };
+        match bias {
+            Some(b) => {
+                (off.newtimer_lo, off.newtimer_hi) = (lo + b, hi + b);
+                off.sendtime_pc = go.sendtime.map_or(0, |a| a + b);
+            }
+            None => log::warn!(
+                "timers of a position-independent Go executable cannot be traced with \
+                 `tracer run`; attach to the running process instead"
+            ),
+        }
+    }
+    off
+}
+
 /// Address of `vaddr` of the executable `go.object` in the running target.
 fn runtime_address(go: &probes::GoPlan, maps: &Maps, vaddr: u64) -> Option<u64> {
     let (seg_va, seg_off) = go.first_segment;
@@ -151,7 +177,11 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
     let objects = probes::objects_of(&target);
     let plan = make_plan(&objects, &target.exe)?.ok_or(TracerError::NoAllocator(pid))?;
     let exit_fd = PidFd::open(pid)?;
-    let offsets = plan.go.as_ref().map(|g| g.offsets).unwrap_or_default();
+    let offsets = plan
+        .go
+        .as_ref()
+        .map(|g| go_offsets(g, Some(&target.maps)))
+        .unwrap_or_default();
     let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
     let probes = kernel.attach(&plan.probes, pid)?;
     let info = Attached {
@@ -163,8 +193,9 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
     };
     let symbols = Symbolizer::new(target.maps.clone());
     let mut collector = go_collector(pid, &plan, &target.maps, symbols, opts);
-    sink.attached(&info)?;
+    // Before `attached`, which tells scripts that everything is in place.
     let settled = go_sampling_policy(&mut collector, opts, sink, pid)?;
+    sink.attached(&info)?;
     let go_pending = plan.go.is_some() && !settled;
     trace_loop(
         pid,
@@ -197,7 +228,11 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
     let result = async {
         let exit_fd = PidFd::open(pid)?;
         let watcher = ExitWatcher::start(pid);
-        let offsets = plan.go.as_ref().map(|g| g.offsets).unwrap_or_default();
+        let offsets = plan
+            .go
+            .as_ref()
+            .map(|g| go_offsets(g, None))
+            .unwrap_or_default();
         let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
         let probes = kernel.attach(&plan.probes, pid)?;
         let info = Attached {

@@ -155,17 +155,22 @@ fn go_toolchain(version: &str) -> Result<PathBuf> {
     Ok(go)
 }
 
-/// Builds the Go fixtures with every version in GO_VERSIONS.
+/// Builds the Go fixtures with every version in GO_VERSIONS: `leaky` (also
+/// stripped), and `chantimers` with the releases whose timers it is about.
 fn go_fixtures(out: &Path) -> Result<()> {
-    let src = root().join("tests/fixtures/go/leaky");
-    let newest_src = std::fs::read_dir(&src)?
-        .flatten()
-        .filter_map(|e| modified(&e.path()))
-        .max();
     for version in GO_VERSIONS {
         let minor = version.rsplit_once('.').map_or(*version, |(a, _)| a);
-        for (suffix, ldflags) in [("", ""), ("-stripped", "-s -w")] {
-            let bin = out.join(format!("leaky-go{minor}{suffix}"));
+        let mut builds = vec![("leaky", "", ""), ("leaky", "-stripped", "-s -w")];
+        if minor.rsplit('.').next().and_then(|m| m.parse::<u32>().ok()) >= Some(23) {
+            builds.push(("chantimers", "", ""));
+        }
+        for (name, suffix, ldflags) in builds {
+            let src = root().join("tests/fixtures/go").join(name);
+            let newest_src = std::fs::read_dir(&src)?
+                .flatten()
+                .filter_map(|e| modified(&e.path()))
+                .max();
+            let bin = out.join(format!("{name}-go{minor}{suffix}"));
             if modified(&bin).is_some_and(|b| newest_src.is_some_and(|s| s <= b)) {
                 continue;
             }
