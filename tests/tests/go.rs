@@ -81,7 +81,11 @@ fn heap_sites_through<'v>(snap: &'v Value, function: &str, marker: &str) -> Vec<
 /// Attaches to leaky-go<version>, lets it leak, waits for the churn to
 /// settle, lets it exit, and returns the stream.
 fn trace(version: &str, extra: &[&str]) -> Vec<Value> {
-    let mut target = Proc::spawn(Command::new(fixture(&format!("leaky-go{version}"))).arg("wait"));
+    trace_binary(&format!("leaky-go{version}"), version, extra)
+}
+
+fn trace_binary(binary: &str, version: &str, extra: &[&str]) -> Vec<Value> {
+    let mut target = Proc::spawn(Command::new(fixture(binary)).arg("wait"));
     target.expect_line("ready", T);
     let mut tracer = Proc::spawn(
         Command::new(tracer_bin())
@@ -257,6 +261,36 @@ fn go_incidents_per_release() {
     }
     for version in VERSIONS {
         let stream = trace(version, &["--go-sample-rate", "4096"]);
+        let notice = stream
+            .iter()
+            .find(|v| v["type"] == "notice")
+            .expect("a notice");
+        assert!(
+            notice["message"]
+                .as_str()
+                .unwrap()
+                .contains("to 4096 bytes (it was 0)"),
+            "{notice}"
+        );
+        assert_incidents(version, &stream);
+    }
+}
+
+/// Built with -ldflags=-s -w: no .symtab, no DWARF. Probes are placed and
+/// frames symbolized (names, lines, inlined calls) from .gopclntab, and
+/// MemProfileRate is found from the allocator's code: every assertion of the
+/// unstripped case holds.
+#[test]
+fn stripped_go_binaries() {
+    if !privileged("stripped_go_binaries") {
+        return;
+    }
+    for version in VERSIONS {
+        let stream = trace_binary(
+            &format!("leaky-go{version}-stripped"),
+            version,
+            &["--go-sample-rate", "4096"],
+        );
         let notice = stream
             .iter()
             .find(|v| v["type"] == "notice")

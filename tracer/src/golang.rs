@@ -131,13 +131,23 @@ pub struct Function {
     pub file_offset: u64,
 }
 
-/// Looks up a function symbol (Go binaries keep `.symtab` unless built with
-/// `-ldflags=-s`).
-pub fn function(file: &object::File, name: &str) -> Option<Function> {
-    let sym = file
+/// Looks up a function: in `.symtab` (kept unless built with `-ldflags=-s`),
+/// else in `.gopclntab` (always there).
+pub fn function(
+    file: &object::File,
+    pclntab: Option<&crate::gopclntab::Pclntab>,
+    name: &str,
+) -> Option<Function> {
+    let (addr, size) = match file
         .symbols()
-        .find(|s| s.kind() == SymbolKind::Text && s.name() == Ok(name))?;
-    let addr = sym.address();
+        .find(|s| s.kind() == SymbolKind::Text && s.name() == Ok(name))
+    {
+        Some(sym) => (sym.address(), sym.size()),
+        None => {
+            let (entry, end) = pclntab?.find_function(name)?;
+            (entry, end - entry)
+        }
+    };
     let file_offset = file.segments().find_map(|seg| {
         let (off, size) = seg.file_range();
         let va = seg.address();
@@ -146,7 +156,7 @@ pub fn function(file: &object::File, name: &str) -> Option<Function> {
     Some(Function {
         name: name.to_string(),
         addr,
-        size: sym.size(),
+        size,
         file_offset,
     })
 }
@@ -216,6 +226,57 @@ pub fn data_symbol(file: &object::File, name: &str) -> Option<(u64, u64)> {
     file.symbols()
         .find(|s| s.kind() == SymbolKind::Data && s.name() == Ok(name))
         .map(|s| (s.address(), s.size()))
+}
+
+/// The runtime's initial `MemProfileRate` (512 KiB), in every release.
+const DEFAULT_MEM_PROFILE_RATE: u64 = 512 * 1024;
+
+/// Finds `runtime.MemProfileRate` without a symbol table: the one qword that
+/// the `runtime.mallocgc*` functions load RIP-relative and whose initial
+/// value in the file is the runtime's default rate.
+pub fn find_mem_profile_rate(
+    file: &object::File,
+    data: &[u8],
+    pclntab: &crate::gopclntab::Pclntab,
+) -> Option<u64> {
+    use iced_x86::{OpKind, Register};
+    let initial = |va: u64| -> Option<u64> {
+        file.segments().find_map(|seg| {
+            let (off, size) = seg.file_range();
+            let a = seg.address();
+            if va < a || va + 8 > a + size {
+                return None;
+            }
+            let at = (off + va - a) as usize;
+            Some(u64::from_le_bytes(data.get(at..at + 8)?.try_into().ok()?))
+        })
+    };
+    let mut found = std::collections::BTreeSet::new();
+    for (name, entry, end) in pclntab.functions() {
+        if !name.starts_with("runtime.mallocgc") {
+            continue;
+        }
+        let Some(f) = function(file, Some(pclntab), &name) else {
+            continue;
+        };
+        let Some(code) = data.get(f.file_offset as usize..(f.file_offset + (end - entry)) as usize)
+        else {
+            continue;
+        };
+        let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
+        for ins in dec.iter() {
+            if ins.code() == Code::Mov_r64_rm64
+                && ins.op1_kind() == OpKind::Memory
+                && ins.memory_base() == Register::RIP
+            {
+                let va = ins.ip_rel_memory_address();
+                if initial(va) == Some(DEFAULT_MEM_PROFILE_RATE) {
+                    found.insert(va);
+                }
+            }
+        }
+    }
+    (found.len() == 1).then(|| *found.iter().next().unwrap())
 }
 
 /// Heap sample scaling, as pprof does for inuse_space: an object of `size`

@@ -10,6 +10,7 @@ pub mod bpf;
 pub mod collect;
 pub mod error;
 pub mod golang;
+pub mod gopclntab;
 pub mod probes;
 pub mod session;
 pub mod sink;

@@ -280,6 +280,8 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         return Ok(None);
     };
     let (offsets, known_version) = golang::offsets_for(&version);
+    let pclntab = crate::gopclntab::Pclntab::parse(&file);
+    let pcln = pclntab.as_ref();
     let mut probes = Vec::new();
     let mut missing = Vec::new();
     let probe = |function: String, offset: u64, program: &'static str, frees: bool| PlannedProbe {
@@ -292,8 +294,8 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     };
     let file_off = |f: &golang::Function, va: u64| f.file_offset + (va - f.addr);
     // Exits before creations, frees before allocations.
-    let exit = golang::function(&file, "runtime.gdestroy")
-        .or_else(|| golang::function(&file, "runtime.goexit0"));
+    let exit = golang::function(&file, pcln, "runtime.gdestroy")
+        .or_else(|| golang::function(&file, pcln, "runtime.goexit0"));
     match exit
         .as_ref()
         .and_then(|f| Some((f, golang::code(&data, f)?)))
@@ -304,7 +306,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         }
         None => missing.push("runtime.gdestroy/goexit0"),
     }
-    if let Some(f) = golang::function(&file, "runtime.mProf_Free")
+    if let Some(f) = golang::function(&file, pcln, "runtime.mProf_Free")
         && let Some(code) = golang::code(&data, &f)
     {
         let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
@@ -317,7 +319,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     } else {
         missing.push("runtime.mProf_Free");
     }
-    if let Some(f) = golang::function(&file, "runtime.setprofilebucket")
+    if let Some(f) = golang::function(&file, pcln, "runtime.setprofilebucket")
         && let Some(code) = golang::code(&data, &f)
     {
         let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
@@ -330,7 +332,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     } else {
         missing.push("runtime.setprofilebucket");
     }
-    if let Some(f) = golang::function(&file, "runtime.newproc1")
+    if let Some(f) = golang::function(&file, pcln, "runtime.newproc1")
         && let Some(code) = golang::code(&data, &f)
     {
         for ret in golang::ret_sites(code, f.addr) {
@@ -362,7 +364,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         ]
     };
     for (name, program, cookie) in timer_hooks {
-        let Some(f) = golang::function(&file, name) else {
+        let Some(f) = golang::function(&file, pcln, name) else {
             missing.push(name);
             continue;
         };
@@ -381,11 +383,11 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     }
     let mut sendtime = None;
     if new_timers {
-        match golang::function(&file, "time.newTimer") {
+        match golang::function(&file, pcln, "time.newTimer") {
             Some(f) => newtimer = Some((f.addr, f.addr + f.size)),
             None => missing.push("time.newTimer"),
         }
-        sendtime = golang::function(&file, "time.sendTime").map(|f| f.addr);
+        sendtime = golang::function(&file, pcln, "time.sendTime").map(|f| f.addr);
     }
     if !missing.is_empty() {
         log::warn!(
@@ -405,7 +407,9 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         offsets,
         known_version,
         probes,
-        mem_profile_rate: golang::data_symbol(&file, "runtime.MemProfileRate").map(|s| s.0),
+        mem_profile_rate: golang::data_symbol(&file, "runtime.MemProfileRate")
+            .map(|s| s.0)
+            .or_else(|| golang::find_mem_profile_rate(&file, &data, pcln?)),
         object: obj.clone(),
         first_segment,
         newtimer,

@@ -134,6 +134,31 @@ struct Held {
     /// Separate debug file found by build id, with the binary's segments
     /// (file offset, size, virtual address) to translate offsets for it.
     debug: Option<DebugFile>,
+    /// For a Go binary without DWARF (built with `-ldflags=-s -w`): its
+    /// `.gopclntab`, with the segments to reach virtual addresses.
+    pclntab: Option<(crate::gopclntab::Pclntab, Vec<(u64, u64, u64)>)>,
+}
+
+/// The `.gopclntab` of a Go binary that has no DWARF, which blazesym would
+/// need for lines and inlined frames.
+fn pclntab_for(file: &std::fs::File) -> Option<(crate::gopclntab::Pclntab, Vec<(u64, u64, u64)>)> {
+    use object::{Object, ObjectSegment};
+    let cache = object::ReadCache::new(file.try_clone().ok()?);
+    let obj = object::File::parse(&cache).ok()?;
+    obj.section_by_name(".gopclntab")?;
+    if obj.section_by_name(".debug_info").is_some() || obj.section_by_name(".zdebug_info").is_some()
+    {
+        return None;
+    }
+    let tab = crate::gopclntab::Pclntab::parse(&obj)?;
+    let segments = obj
+        .segments()
+        .map(|seg| {
+            let (off, size) = seg.file_range();
+            (off, size, seg.address())
+        })
+        .collect();
+    Some((tab, segments))
 }
 
 /// Directory of separate debug files named by build id (Debian's -dbg packages).
@@ -207,12 +232,18 @@ impl Symbolizer {
                     use std::os::fd::AsRawFd;
                     let via = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
                     let debug = debug_file_for(&f);
+                    let pclntab = if debug.is_none() {
+                        pclntab_for(&f)
+                    } else {
+                        None
+                    };
                     self.held.insert(
                         key,
                         Held {
                             _file: f,
                             via,
                             debug,
+                            pclntab,
                         },
                     );
                 }
@@ -225,6 +256,7 @@ impl Symbolizer {
     /// Symbolizes a stack of return addresses, innermost first. Inlined
     /// functions become frames of their own, innermost first.
     pub fn symbolize_stack(&mut self, ips: &[u64]) -> Vec<Frame> {
+        let mut from_pclntab: Vec<(usize, Vec<Frame>)> = Vec::new();
         // Group by object so each file is asked once per stack; the key says
         // whether the addresses are file offsets or (for debug files) virtual.
         let mut by_module: HashMap<(PathBuf, bool), Vec<(usize, u64)>> = HashMap::new();
@@ -236,6 +268,27 @@ impl Symbolizer {
             if let Some((m, off)) = self.maps.lookup(probe) {
                 module_of[i] = Some(m.path.display().to_string());
                 let held = self.held.get(&(m.dev, m.inode));
+                let module = module_of[i].clone();
+                if let Some((tab, segs)) = held.and_then(|h| h.pclntab.as_ref())
+                    && let Some(va) = file_offset_to_vaddr(segs, off)
+                {
+                    let frames: Vec<Frame> = tab
+                        .symbolize(va)
+                        .into_iter()
+                        .map(|f| Frame {
+                            function: f.function,
+                            file: f.file,
+                            line: f.line,
+                            module: module.clone(),
+                            addr: ip,
+                            inlined: f.inlined,
+                        })
+                        .collect();
+                    if !frames.is_empty() {
+                        from_pclntab.push((i, frames));
+                        continue;
+                    }
+                }
                 let debug = held.and_then(|h| {
                     let (path, segs) = h.debug.as_ref()?;
                     Some((path.clone(), file_offset_to_vaddr(segs, off)?))
@@ -277,6 +330,9 @@ impl Symbolizer {
                     per_ip[*i] = frames_of(&sym, ips[*i], module_of[*i].clone());
                 }
             }
+        }
+        for (i, frames) in from_pclntab {
+            per_ip[i] = frames;
         }
         per_ip.into_iter().flatten().collect()
     }

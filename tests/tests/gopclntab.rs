@@ -1,0 +1,80 @@
+//! The .gopclntab reader checked against independent sources on real
+//! binaries of each Go release: function ranges against .symtab, and
+//! function/line (inlined frames included) against DWARF via blazesym.
+
+use object::{Object, ObjectSymbol, SymbolKind};
+use tracer::{gopclntab::Pclntab, symbolize::Symbolizer, target::Maps};
+use tracer_tests::fixture;
+
+#[test]
+fn pclntab_agrees_with_symtab_and_dwarf() {
+    for version in ["1.21", "1.24", "1.27"] {
+        let path = fixture(&format!("leaky-go{version}"));
+        let data = std::fs::read(&path).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let tab = Pclntab::parse(&file).expect("a Go 1.20+ pclntab");
+        // Every function symbol's address is a pclntab function entry.
+        let mut checked = 0;
+        for sym in file.symbols().filter(|s| s.kind() == SymbolKind::Text) {
+            let name = sym.name().unwrap();
+            if !(name.starts_with("main.") || name.starts_with("runtime.newproc1")) {
+                continue;
+            }
+            let (entry, end) = tab
+                .find_function(name)
+                .unwrap_or_else(|| panic!("go{version}: {name} not in pclntab"));
+            assert_eq!(entry, sym.address(), "go{version} {name}");
+            assert!(end > entry);
+            checked += 1;
+        }
+        assert!(checked >= 8, "go{version}: checked {checked} functions");
+        // runtime.MemProfileRate found from code alone, as in a stripped binary.
+        let rate = file
+            .symbols()
+            .find(|s| s.name() == Ok("runtime.MemProfileRate"))
+            .unwrap()
+            .address();
+        assert_eq!(
+            tracer::golang::find_mem_profile_rate(&file, &data, &tab),
+            Some(rate),
+            "go{version}"
+        );
+
+        // Compare innermost frames (function, line) at many pcs of main.*
+        // with what DWARF says.
+        let maps = Maps::parse(
+            format!(
+                "00400000-7fffffff r-xp 00000000 00:00 0 {}\n",
+                std::fs::canonicalize(&path).unwrap().display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut dwarf = Symbolizer::new(maps);
+        let mut compared = 0;
+        for (name, entry, end) in tab.functions().filter(|(n, _, _)| n.starts_with("main.")) {
+            for pc in (entry..end).step_by(3) {
+                let ours = tab.symbolize(pc);
+                // Symbolizer works on return addresses (pc - 1): pass pc + 1.
+                let theirs = dwarf.symbolize_stack(&[pc + 1]);
+                let ours: Vec<(String, Option<u32>)> =
+                    ours.iter().map(|f| (f.function.clone(), f.line)).collect();
+                let theirs: Vec<(String, Option<u32>)> = theirs
+                    .iter()
+                    .map(|f| (f.function.clone(), f.line))
+                    .collect();
+                // Alignment padding after a function's code has no line in
+                // either table.
+                if theirs[0].0 == "[unknown]" {
+                    continue;
+                }
+                // The whole chain of inlined frames must agree; the outermost
+                // is the function itself.
+                assert_eq!(ours, theirs, "go{version} {name} pc {pc:#x}");
+                assert_eq!(ours.last().unwrap().0, name, "go{version} pc {pc:#x}");
+                compared += 1;
+            }
+        }
+        assert!(compared > 100, "go{version}: compared {compared} pcs");
+    }
+}
