@@ -122,9 +122,11 @@ pub struct Symbolizer {
     held: HashMap<((u32, u32), u64), Held>,
 }
 
-/// A separate debug file and the binary's loadable segments as
-/// (file offset, size, virtual address), to translate offsets for it.
-type DebugFile = (PathBuf, Vec<(u64, u64, u64)>);
+/// A binary's loadable segments as (file offset, size, virtual address).
+type Segments = Vec<(u64, u64, u64)>;
+
+/// A separate debug file and the binary's segments, to translate offsets for it.
+type DebugFile = (PathBuf, Segments);
 
 /// A mapped file kept open for symbolization.
 struct Held {
@@ -136,12 +138,12 @@ struct Held {
     debug: Option<DebugFile>,
     /// For a Go binary without DWARF (built with `-ldflags=-s -w`): its
     /// `.gopclntab`, with the segments to reach virtual addresses.
-    pclntab: Option<(crate::gopclntab::Pclntab, Vec<(u64, u64, u64)>)>,
+    pclntab: Option<(crate::gopclntab::Pclntab, Segments)>,
 }
 
 /// The `.gopclntab` of a Go binary that has no DWARF, which blazesym would
 /// need for lines and inlined frames.
-fn pclntab_for(file: &std::fs::File) -> Option<(crate::gopclntab::Pclntab, Vec<(u64, u64, u64)>)> {
+fn pclntab_for(file: &std::fs::File) -> Option<(crate::gopclntab::Pclntab, Segments)> {
     use object::{Object, ObjectSegment};
     let cache = object::ReadCache::new(file.try_clone().ok()?);
     let obj = object::File::parse(&cache).ok()?;
