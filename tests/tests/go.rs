@@ -389,3 +389,50 @@ fn collectable_channel_timers_are_not_counted() {
         );
     }
 }
+
+/// A cgo program started by `tracer run`: the C allocation site (libc
+/// probes) and the goroutine site (Go probes) come out of one process, the C
+/// stack continuing into the Go code that called it.
+#[test]
+fn cgo_program_under_run_has_libc_and_go_sites() {
+    if !privileged("cgo_program_under_run_has_libc_and_go_sites") {
+        return;
+    }
+    let src = source("go/cgoleak/main.go");
+    for version in ["1.21", "1.27"] {
+        let out = std::env::temp_dir().join(format!("tracer-cgo-{}-{version}.jsonl", std::process::id()));
+        // The command shares the tracer's stdin and stdout; the stream goes to a file.
+        let mut tracer = Proc::spawn(
+            Command::new(tracer_bin())
+                .args(["run", "--format", "json", "--interval", "0.2", "-o"])
+                .arg(&out)
+                .arg("--")
+                .arg(fixture(&format!("cgoleak-go{version}"))),
+        );
+        tracer.expect_line("ready", T);
+        tracer.send("go");
+        tracer.expect_line("done", T);
+        tracer.close_stdin();
+        assert_eq!(tracer.wait(T), Some(0));
+        let stream = parse_lines(&std::fs::read_to_string(&out).unwrap());
+        let _ = std::fs::remove_file(&out);
+        let report = stream.last().unwrap();
+        assert_eq!(report["type"], "report");
+        let c = site_at(report, "heap", "c_leak", marker_line(&src, "c_leak"));
+        assert_eq!(c["outstanding_bytes"], 20_000, "go{version}");
+        assert_eq!(c["outstanding_count"], 20);
+        assert!(
+            c["frames"].as_array().unwrap().iter().any(|f| f["function"] == "main.leakC"),
+            "go{version}: the C stack continues into Go: {}",
+            c["frames"]
+        );
+        let line = marker_line(&src, "waiter");
+        let g = report["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["kind"] == "goroutine" && s["frames"][0]["line"] == line)
+            .unwrap_or_else(|| panic!("go{version}: no waiter site:\n{}", describe_sites(report)));
+        assert_eq!(g["outstanding_count"], 10, "go{version}");
+    }
+}

@@ -365,7 +365,8 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     };
     for (name, program, cookie) in timer_hooks {
         let Some(f) = golang::function(&file, pcln, name) else {
-            missing.push(name);
+            // The linker drops the timer code of programs that use no timers.
+            log::info!("{name} is not in {}: no timer sites", obj.path.display());
             continue;
         };
         let Some(code) = golang::code(&data, &f) else {
@@ -383,16 +384,13 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     }
     let mut sendtime = None;
     if new_timers {
-        match golang::function(&file, pcln, "time.newTimer") {
-            Some(f) => newtimer = Some((f.addr, f.addr + f.size)),
-            None => missing.push("time.newTimer"),
-        }
+        newtimer = golang::function(&file, pcln, "time.newTimer").map(|f| (f.addr, f.addr + f.size));
         sendtime = golang::function(&file, pcln, "time.sendTime").map(|f| f.addr);
     }
     if !missing.is_empty() {
         log::warn!(
-            "{}: Go runtime functions not found ({}): is the binary stripped? \
-             Those sites will not be traced.",
+            "{}: Go runtime functions not found ({}): this Go runtime is laid out \
+             differently; those sites will not be traced",
             obj.path.display(),
             missing.join(", ")
         );

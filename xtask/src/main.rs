@@ -164,6 +164,9 @@ fn go_fixtures(out: &Path) -> Result<()> {
         if minor.rsplit('.').next().and_then(|m| m.parse::<u32>().ok()) >= Some(23) {
             builds.push(("chantimers", "", ""));
         }
+        if *version == GO_VERSIONS[0] || *version == GO_VERSIONS[GO_VERSIONS.len() - 1] {
+            builds.push(("cgoleak", "", ""));
+        }
         for (name, suffix, ldflags) in builds {
             let src = root().join("tests/fixtures/go").join(name);
             let newest_src = std::fs::read_dir(&src)?
@@ -184,6 +187,7 @@ fn go_fixtures(out: &Path) -> Result<()> {
                 .arg(".")
                 .env("GOROOT", go.parent().unwrap().parent().unwrap())
                 .env("GOTOOLCHAIN", "local")
+                .env("CGO_ENABLED", if name == "cgoleak" { "1" } else { "0" })
                 .env("GOFLAGS", "-mod=mod")
                 .env("GOPROXY", "off")
                 .env("GOCACHE", root().join("target/go/cache"))
