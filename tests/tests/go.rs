@@ -400,7 +400,8 @@ fn cgo_program_under_run_has_libc_and_go_sites() {
     }
     let src = source("go/cgoleak/main.go");
     for version in ["1.21", "1.27"] {
-        let out = std::env::temp_dir().join(format!("tracer-cgo-{}-{version}.jsonl", std::process::id()));
+        let out =
+            std::env::temp_dir().join(format!("tracer-cgo-{}-{version}.jsonl", std::process::id()));
         // The command shares the tracer's stdin and stdout; the stream goes to a file.
         let mut tracer = Proc::spawn(
             Command::new(tracer_bin())
@@ -422,7 +423,11 @@ fn cgo_program_under_run_has_libc_and_go_sites() {
         assert_eq!(c["outstanding_bytes"], 20_000, "go{version}");
         assert_eq!(c["outstanding_count"], 20);
         assert!(
-            c["frames"].as_array().unwrap().iter().any(|f| f["function"] == "main.leakC"),
+            c["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["function"] == "main.leakC"),
             "go{version}: the C stack continues into Go: {}",
             c["frames"]
         );

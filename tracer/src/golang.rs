@@ -42,11 +42,49 @@ pub fn parse_version(raw: &str) -> Option<GoVersion> {
     })
 }
 
-/// Reads the Go version from the `.go.buildinfo` section, if this is a Go
-/// binary built by Go 1.18 or later (inline version string, flags & 2).
+/// The Go version of a Go binary: from `.go.buildinfo` (Go 1.18+, inline
+/// strings), or, for a binary whose build info was removed, from the
+/// `runtime.buildVersion` string of one that has a `.gopclntab`.
 pub fn go_version(file: &object::File) -> Option<GoVersion> {
-    let (version, _) = build_info(file)?;
-    parse_version(&version)
+    if let Some((version, _)) = build_info(file) {
+        return parse_version(&version);
+    }
+    file.section_by_name(".gopclntab")?;
+    let mut found = std::collections::BTreeSet::new();
+    for section in file.sections() {
+        if section
+            .name()
+            .is_ok_and(|n| n == ".rodata" || n == ".noptrdata")
+            && let Ok(data) = section.data()
+        {
+            found.extend(version_tokens(data));
+        }
+    }
+    // Only an unambiguous answer: every token agrees.
+    (found.len() == 1).then(|| parse_version(found.first()?))?
+}
+
+/// `go1.N` / `go1.N.M` tokens standing alone in `data`.
+fn version_tokens(data: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(at) = data[i..].windows(4).position(|w| w == b"go1.") {
+        let start = i + at;
+        let mut end = start + 4;
+        while end < data.len() && (data[end].is_ascii_digit() || data[end] == b'.') {
+            end += 1;
+        }
+        let standalone_before = start == 0 || !data[start - 1].is_ascii_alphanumeric();
+        let standalone_after = end == data.len() || !data[end].is_ascii_alphanumeric();
+        let token = String::from_utf8_lossy(&data[start..end])
+            .trim_end_matches('.')
+            .to_string();
+        if standalone_before && standalone_after && token.len() > 4 {
+            out.push(token);
+        }
+        i = end.max(start + 1);
+    }
+    out
 }
 
 /// The version and module-info strings of `.go.buildinfo`.
@@ -89,6 +127,9 @@ fn read_uvarint(b: &[u8]) -> Option<(u64, usize)> {
     }
     None
 }
+
+/// The oldest Go minor release whose runtime layout is known (1.21).
+pub const OLDEST_MINOR: u32 = 21;
 
 /// Runtime struct offsets for a Go version, from the table verified on real
 /// binaries of each release (1.21–1.27). Returns whether the version is in
@@ -305,6 +346,13 @@ mod tests {
         let v = parse_version("go1.24rc1").unwrap();
         assert_eq!((v.major, v.minor), (1, 24));
         assert!(parse_version("devel").is_none());
+    }
+
+    #[test]
+    fn version_strings_in_data() {
+        let data = b"\x00go1.26.5\x00ergo1.2x\x00\tgo1.21.13\n";
+        assert_eq!(version_tokens(data), vec!["go1.26.5", "go1.21.13"]);
+        assert!(version_tokens(b"nothing here").is_empty());
     }
 
     #[test]

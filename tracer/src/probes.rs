@@ -279,6 +279,16 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     let Some(version) = golang::go_version(&file) else {
         return Ok(None);
     };
+    if version.major == 1 && version.minor < golang::OLDEST_MINOR {
+        log::warn!(
+            "{} was built by {version}, older than the oldest Go release this tracer \
+             knows (1.{}): its goroutines, timers and Go heap are not traced (libc \
+             allocations still are)",
+            obj.path.display(),
+            golang::OLDEST_MINOR
+        );
+        return Ok(None);
+    }
     let (offsets, known_version) = golang::offsets_for(&version);
     let pclntab = crate::gopclntab::Pclntab::parse(&file);
     let pcln = pclntab.as_ref();
@@ -384,7 +394,8 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     }
     let mut sendtime = None;
     if new_timers {
-        newtimer = golang::function(&file, pcln, "time.newTimer").map(|f| (f.addr, f.addr + f.size));
+        newtimer =
+            golang::function(&file, pcln, "time.newTimer").map(|f| (f.addr, f.addr + f.size));
         sendtime = golang::function(&file, pcln, "time.sendTime").map(|f| f.addr);
     }
     if !missing.is_empty() {

@@ -40,7 +40,25 @@ fn chain(site: &SiteReport, n: usize) -> String {
             .collect::<Vec<_>>()
             .join(" ← ");
     if site.frames.len() > n {
-        s.push_str(" ← …");
+        // Library frames can fill the first places (time.AfterFunc ←
+        // context.WithTimeout ← …): name the user's frame as well.
+        let shown_user = site
+            .frames
+            .iter()
+            .take(n)
+            .any(|f| is_user_frame(&f.function));
+        match site
+            .frames
+            .iter()
+            .skip(n)
+            .find(|f| is_user_frame(&f.function))
+        {
+            Some(user) if !shown_user => {
+                s.push_str(" ← … ← ");
+                s.push_str(&user.short());
+            }
+            _ => s.push_str(" ← …"),
+        }
     }
     if site.truncated {
         s.push_str(" [truncated]");
@@ -69,6 +87,24 @@ fn growth(g: f64) -> String {
     } else {
         format!("{}/s", human_bytes(g))
     }
+}
+
+/// Whether a function is the program's own rather than its language's
+/// library: C functions, Go's `main` package, and Go packages under a domain
+/// (`github.com/...`), not Go's standard library (`time`, `context`, ...).
+pub fn is_user_frame(function: &str) -> bool {
+    if function.starts_with('[') {
+        return false;
+    }
+    // Go names are "import/path.Func": the package path ends at the first dot
+    // after its last slash.
+    let path_end = function.rfind('/').map_or(0, |i| i + 1);
+    let Some(dot) = function[path_end..].find('.') else {
+        return true; // C
+    };
+    let pkg = &function[..path_end + dot];
+    let first = pkg.split('/').next().unwrap_or(pkg);
+    pkg == "main" || first.contains('.')
 }
 
 /// One line naming every non-zero loss, or saying there is none.
@@ -221,6 +257,13 @@ impl<W: Write> Sink for TableSink<W> {
                     site.allocs,
                     site.frees
                 ),
+                None if site.kind == "timer" => format!(
+                    "{} timers pending, growth {}, {} created / {} stopped or fired",
+                    site.outstanding_count,
+                    growth_of(site),
+                    site.allocs,
+                    site.frees
+                ),
                 None => format!(
                     "{}{} in {} blocks ({}), growth {}, {} allocs / {} frees",
                     if site.sampled { "~" } else { "" },
@@ -247,8 +290,40 @@ impl<W: Write> Sink for TableSink<W> {
                 writeln!(self.out, "      {}{inl}", f.short())?;
             }
         }
-        if let Some(top) = holders.first() {
-            let culprit = top.frames.first().map_or("[unknown]".into(), |f| f.short());
+        for (kind, what) in [
+            ("goroutine", "goroutines alive"),
+            ("timer", "timers pending"),
+        ] {
+            if let Some(top) = snap
+                .sites
+                .iter()
+                .filter(|s| s.kind == kind && s.outstanding_count > 0)
+                .max_by_key(|s| s.outstanding_count)
+            {
+                let user = top
+                    .frames
+                    .iter()
+                    .find(|f| is_user_frame(&f.function))
+                    .or(top.frames.first())
+                    .map_or("[unknown]".into(), |f| f.short());
+                writeln!(
+                    self.out,
+                    "\nMost {what}: {user}, {} ({})",
+                    top.outstanding_count,
+                    match &top.start_function {
+                        Some(f) => format!("running {}", f.function),
+                        None => format!("growth {}", growth_of(top)),
+                    }
+                )?;
+            }
+        }
+        if let Some(top) = holders.iter().find(|s| s.outstanding_bytes > 0) {
+            let culprit = top
+                .frames
+                .iter()
+                .find(|f| is_user_frame(&f.function))
+                .or(top.frames.first())
+                .map_or("[unknown]".into(), |f| f.short());
             writeln!(
                 self.out,
                 "\nLargest holder: {culprit}, {} outstanding ({} blocks never freed)",
@@ -257,5 +332,30 @@ impl<W: Write> Sink for TableSink<W> {
             )?;
         }
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_user_frame;
+
+    #[test]
+    fn user_frames() {
+        for f in [
+            "main.leakTimers",
+            "github.com/acme/svc/cache.(*LRU).Put",
+            "leak_malloc",
+        ] {
+            assert!(is_user_frame(f), "{f}");
+        }
+        for f in [
+            "time.AfterFunc",
+            "context.WithTimeout",
+            "runtime.newobject",
+            "net/http.(*conn).serve",
+            "[unknown]",
+        ] {
+            assert!(!is_user_frame(f), "{f}");
+        }
     }
 }
