@@ -28,6 +28,12 @@ fn pclntab_agrees_with_symtab_and_dwarf() {
             checked += 1;
         }
         assert!(checked >= 8, "go{version}: checked {checked} functions");
+        // Struct offsets: DWARF and the per-release table agree.
+        let dwarf = tracer::golang::offsets_from_dwarf(&file).expect("offsets in DWARF");
+        let version_info = tracer::golang::go_version(&file).unwrap();
+        let (table, known) = tracer::golang::offsets_for(&version_info);
+        assert!(known, "go{version}");
+        assert_eq!(dwarf, table, "go{version}: DWARF vs table");
         // runtime.MemProfileRate found from code alone, as in a stripped binary.
         let rate = file
             .symbols()

@@ -514,3 +514,73 @@ impl RuntimeMem {
         self.buckets.get(&addr)
     }
 }
+
+/// Runtime struct offsets read from the binary's DWARF, which is right for
+/// any release (the per-version table is the fallback for stripped binaries).
+pub fn offsets_from_dwarf(file: &object::File) -> Option<GoOffsets> {
+    use gimli::{AttributeValue, EndianSlice, LittleEndian};
+    let sections =
+        gimli::DwarfSections::load(|id| -> Result<std::borrow::Cow<[u8]>, gimli::Error> {
+            Ok(file
+                .section_by_name(id.name())
+                .and_then(|s| s.uncompressed_data().ok())
+                .unwrap_or_default())
+        })
+        .ok()?;
+    let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
+    let mut fields: std::collections::HashMap<(&str, &str), u64> = std::collections::HashMap::new();
+    let wanted: &[(&str, &[&str])] = &[
+        ("runtime.g", &["goid", "gopc", "startpc"]),
+        ("runtime.timer", &["period"]),
+    ];
+    let mut units = dwarf.units();
+    while let Ok(Some(header)) = units.next() {
+        let Ok(unit) = dwarf.unit(header) else {
+            continue;
+        };
+        let mut tree = unit.entries_tree(None).ok()?;
+        let root = tree.root().ok()?;
+        let mut children = root.children();
+        while let Ok(Some(node)) = children.next() {
+            let entry = node.entry();
+            if entry.tag() != gimli::DW_TAG_structure_type {
+                continue;
+            }
+            let Some(name) = entry
+                .attr_value(gimli::DW_AT_name)
+                .and_then(|v| dwarf.attr_string(&unit, v).ok())
+            else {
+                continue;
+            };
+            let Some((strukt, members)) = wanted.iter().find(|(s, _)| s.as_bytes() == name.slice())
+            else {
+                continue;
+            };
+            let mut members_iter = node.children();
+            while let Ok(Some(m)) = members_iter.next() {
+                let e = m.entry();
+                let Some(mname) = e
+                    .attr_value(gimli::DW_AT_name)
+                    .and_then(|v| dwarf.attr_string(&unit, v).ok())
+                else {
+                    continue;
+                };
+                let Some(field) = members.iter().find(|f| f.as_bytes() == mname.slice()) else {
+                    continue;
+                };
+                if let Some(AttributeValue::Udata(off)) =
+                    e.attr_value(gimli::DW_AT_data_member_location)
+                {
+                    fields.insert((strukt, field), off);
+                }
+            }
+        }
+    }
+    Some(GoOffsets {
+        g_goid: *fields.get(&("runtime.g", "goid"))?,
+        g_gopc: *fields.get(&("runtime.g", "gopc"))?,
+        g_startpc: *fields.get(&("runtime.g", "startpc"))?,
+        timer_period: *fields.get(&("runtime.timer", "period"))?,
+        ..GoOffsets::default()
+    })
+}

@@ -289,7 +289,15 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         );
         return Ok(None);
     }
-    let (offsets, known_version) = golang::offsets_for(&version);
+    // Offsets from DWARF when the binary has it: right for any release. The
+    // per-release table serves stripped binaries.
+    let (offsets, known_version) = match golang::offsets_from_dwarf(&file) {
+        Some(o) => {
+            log::debug!("{}: Go runtime offsets from DWARF", obj.path.display());
+            (o, true)
+        }
+        None => golang::offsets_for(&version),
+    };
     let pclntab = crate::gopclntab::Pclntab::parse(&file);
     let pcln = pclntab.as_ref();
     let mut probes = Vec::new();
