@@ -1,7 +1,7 @@
 //! Privileged: the tracer attached to Go programs built by several Go
 //! releases, reproducing real incidents with known counts.
 
-use std::{process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 use tracer_tests::*;
@@ -439,5 +439,83 @@ fn cgo_program_under_run_has_libc_and_go_sites() {
             .find(|s| s["kind"] == "goroutine" && s["frames"][0]["line"] == line)
             .unwrap_or_else(|| panic!("go{version}: no waiter site:\n{}", describe_sites(report)));
         assert_eq!(g["outstanding_count"], 10, "go{version}");
+    }
+}
+
+/// A healthy Go program churning goroutines and timers for seconds: its
+/// sites keep being created and retired, and their counts stay flat.
+#[test]
+fn steady_state_counts_stay_flat() {
+    if !privileged("steady_state_counts_stay_flat") {
+        return;
+    }
+    for version in VERSIONS {
+        let target =
+            Proc::spawn(Command::new(fixture(&format!("leaky-go{version}"))).arg("steady"));
+        target.expect_line("ready", T);
+        let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+            "attach",
+            &target.pid().to_string(),
+            "--format",
+            "json",
+            "--interval",
+            "0.25",
+            "--duration",
+            "4",
+        ]));
+        let mut stream = Stream::new(&mut tracer);
+        let report = stream.next_of("report", T);
+        assert_eq!(tracer.wait(T), Some(0));
+        let src = src();
+        for (kind, marker) in [
+            ("goroutine", "steady_goroutine"),
+            ("timer", "steady_fired"),
+            ("timer", "steady_stopped"),
+        ] {
+            let line = marker_line(&src, marker);
+            let of = |snap: &Value| -> Option<(u64, u64)> {
+                snap["sites"].as_array()?.iter().find_map(|s| {
+                    let here = s["kind"] == kind
+                        && s["frames"]
+                            .as_array()?
+                            .iter()
+                            .any(|f| f["function"] == "main.steady" && f["line"] == line);
+                    here.then(|| {
+                        (
+                            s["outstanding_count"].as_u64().unwrap(),
+                            s["allocs"].as_u64().unwrap(),
+                        )
+                    })
+                })
+            };
+            let (alive, created) = of(&report)
+                .unwrap_or_else(|| panic!("go{version} {marker}:\n{}", describe_sites(&report)));
+            assert!(
+                created > 500,
+                "go{version} {marker}: only {created} created in 4 s"
+            );
+            // At most one round (20) in flight at any snapshot, never a trend.
+            let counts: Vec<u64> = stream
+                .seen
+                .iter()
+                .filter_map(|v| of(v).map(|c| c.0))
+                .collect();
+            assert!(
+                counts.iter().all(|&c| c <= 20),
+                "go{version} {marker}: {counts:?}"
+            );
+            assert!(
+                alive <= 20,
+                "go{version} {marker}: {alive} alive at the end"
+            );
+        }
+        // Still running normally after being traced and detached.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", target.pid()))
+            .expect("the target is still running");
+        assert!(
+            !status.contains("State:\tZ"),
+            "go{version}: the target died"
+        );
+        assert!(Path::new(&format!("/proc/{}/exe", target.pid())).exists());
     }
 }
