@@ -849,22 +849,34 @@ fn try_go_timer_modify(ctx: &ProbeContext) -> Result<u32, u32> {
 /// Go ≤ 1.22: time.startTimer(t) after its prologue.
 #[uprobe]
 pub fn go_timer_start(ctx: ProbeContext) -> u32 {
-    if !is_target(bpf_get_current_pid_tgid()) {
-        return 0;
+    match try_go_timer_start(&ctx) {
+        Ok(v) | Err(v) => v,
     }
-    timer_created(&ctx, unsafe { (*ctx.regs).rax });
-    0
+}
+
+fn try_go_timer_start(ctx: &ProbeContext) -> Result<u32, u32> {
+    if !is_target(bpf_get_current_pid_tgid()) {
+        return Ok(0);
+    }
+    timer_created(ctx, unsafe { (*ctx.regs).rax });
+    Ok(0)
 }
 
 /// A stop: runtime.(*timer).stop(t) (≥ 1.23) or time.stopTimer(t) (≤ 1.22),
 /// t in RAX.
 #[uprobe]
 pub fn go_timer_stop(ctx: ProbeContext) -> u32 {
+    match try_go_timer_stop(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_go_timer_stop(ctx: &ProbeContext) -> Result<u32, u32> {
     if !is_target(bpf_get_current_pid_tgid()) {
-        return 0;
+        return Ok(0);
     }
     timer_retired(unsafe { (*ctx.regs).rax });
-    0
+    Ok(0)
 }
 
 /// A firing: runtime.(*timer).unlockAndRun(t, now) (≥ 1.23, t in RAX) or
