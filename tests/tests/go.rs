@@ -60,7 +60,9 @@ fn timer_sites<'v>(
         .collect()
 }
 
-/// The sampled heap site whose stack passes through `function` at `marker`.
+/// The sampled heap sites allocated by `function` at `marker`: their first
+/// frame outside the runtime is that line. (Allocations the runtime makes on
+/// its own while inside that call, e.g. GC assists, pass through it deeper.)
 fn heap_sites_through<'v>(snap: &'v Value, function: &str, marker: &str) -> Vec<&'v Value> {
     let line = marker_line(&src(), marker);
     snap["sites"]
@@ -73,7 +75,8 @@ fn heap_sites_through<'v>(snap: &'v Value, function: &str, marker: &str) -> Vec<
                     .as_array()
                     .unwrap()
                     .iter()
-                    .any(|f| f["function"] == function && f["line"] == line)
+                    .find(|f| !f["function"].as_str().unwrap_or("").starts_with("runtime."))
+                    .is_some_and(|f| f["function"] == function && f["line"] == line)
         })
         .collect()
 }
