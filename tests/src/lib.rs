@@ -297,3 +297,81 @@ pub fn is_rfc3339(s: &str) -> bool {
         && s.ends_with('Z')
         && s[..4].chars().all(|c| c.is_ascii_digit())
 }
+
+/// A memory cgroup with a hard limit, owned by a test: on drop its processes
+/// are killed and it is removed.
+pub struct MemCgroup {
+    pub dir: PathBuf,
+}
+
+impl MemCgroup {
+    /// A v1 memory cgroup (the machine's hybrid layout); None, with the
+    /// reason printed, where there is no v1 memory controller.
+    pub fn create(name: &str, limit: u64) -> Option<Self> {
+        let base = Path::new("/sys/fs/cgroup/memory");
+        if !base.join("memory.limit_in_bytes").exists() {
+            eprintln!("SKIP: no cgroup v1 memory controller at {}", base.display());
+            return None;
+        }
+        let dir = base.join(format!("tracer-test-{}-{name}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+        // No swap: the limit must end in the OOM killer, not in swapping.
+        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
+        let _ = std::fs::write(dir.join("memory.swappiness"), "0");
+        Some(Self { dir })
+    }
+
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Seconds of an RFC 3339 UTC timestamp since 1970 (for differences).
+pub fn ts_secs(ts: &str) -> f64 {
+    let (date, time) = ts.split_once('T').unwrap();
+    let mut d = date.split('-').map(|p| p.parse::<i64>().unwrap());
+    let (y, m, day) = (d.next().unwrap(), d.next().unwrap(), d.next().unwrap());
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let t = time.trim_end_matches('Z');
+    let mut hms = t.split(':');
+    let h: f64 = hms.next().unwrap().parse().unwrap();
+    let mi: f64 = hms.next().unwrap().parse().unwrap();
+    let s: f64 = hms.next().unwrap().parse().unwrap();
+    days as f64 * 86400.0 + h * 3600.0 + mi * 60.0 + s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps() {
+        assert_eq!(super::ts_secs("1970-01-01T00:00:01.500Z"), 1.5);
+        assert_eq!(
+            super::ts_secs("2026-11-23T00:00:00.000Z") - super::ts_secs("2026-11-22T23:59:59.000Z"),
+            1.0
+        );
+    }
+}

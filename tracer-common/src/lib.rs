@@ -188,6 +188,22 @@ pub struct GoOffsets {
     pub sendtime_pc: u64,
 }
 
+/// The last OOM victim the kernel marked that was the target (from the
+/// `oom:mark_victim` tracepoint). Sizes in KiB as the kernel reports them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OomVictim {
+    /// 0 until the target is marked.
+    pub pid: u32,
+    pub _pad: u32,
+    pub total_vm_kb: u64,
+    pub anon_rss_kb: u64,
+    pub file_rss_kb: u64,
+    pub shmem_rss_kb: u64,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ktime_ns: u64,
+}
+
 /// Indexes of the per-CPU counter array. Every path on which the kernel side
 /// drops or cannot attribute something has a counter, so the user is told.
 #[repr(u32)]
@@ -264,6 +280,7 @@ mod user {
     unsafe impl aya::Pod for super::SiteStats {}
     unsafe impl aya::Pod for super::GoSiteKey {}
     unsafe impl aya::Pod for super::GoOffsets {}
+    unsafe impl aya::Pod for super::OomVictim {}
 }
 
 #[cfg(test)]
@@ -280,6 +297,7 @@ mod tests {
         assert_eq!(size_of::<SiteKey>(), 4 + 4);
         assert_eq!(size_of::<SiteStats>(), 8 * 6);
         assert_eq!(size_of::<GoSiteKey>(), 16);
+        assert_eq!(size_of::<OomVictim>(), 8 * 6);
         assert_eq!(size_of::<GoOffsets>(), 8 * 8);
     }
 

@@ -19,15 +19,16 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
-    macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, StackTrace},
-    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+    helpers::bpf_ktime_get_ns,
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{Array, HashMap, PerCpuArray, StackTrace},
+    programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
 };
 use aya_log_ebpf::{info, warn};
 use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
     DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, Kind, Op,
-    Pending, STACK_ID_NONE, SiteKey, SiteStats,
+    OomVictim, Pending, STACK_ID_NONE, SiteKey, SiteStats,
 };
 
 /// Process (tgid) whose events count; 0 accepts every process. Set before load.
@@ -912,6 +913,41 @@ fn try_go_timer_fire(ctx: &ProbeContext) -> Result<u32, u32> {
     if period == 0 {
         timer_retired(t);
     }
+    Ok(0)
+}
+
+// ---------------------------------------------------------------- OOM kill
+
+#[map]
+static OOM_VICTIM: Array<OomVictim> = Array::with_max_entries(1, 0);
+
+/// The kernel's OOM killer chose a victim (tracepoint oom:mark_victim, whose
+/// fields are: pid at 8, total_vm 16, anon_rss 24, file_rss 32, shmem_rss 40,
+/// in KiB). Recorded when it is the target.
+#[tracepoint]
+pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
+    match try_oom_mark_victim(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_oom_mark_victim(ctx: &TracePointContext) -> Result<u32, u32> {
+    let pid: i32 = unsafe { ctx.read_at(8) }.map_err(|_| 1u32)?;
+    let want = target_tgid();
+    if want != 0 && pid as u32 != want {
+        return Ok(0);
+    }
+    let field = |off: usize| -> u64 { unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0) };
+    let victim = OomVictim {
+        pid: pid as u32,
+        _pad: 0,
+        total_vm_kb: field(16),
+        anon_rss_kb: field(24),
+        file_rss_kb: field(32),
+        shmem_rss_kb: field(40),
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    OOM_VICTIM.set(0, &victim, 0).map_err(|_| 1u32)?;
     Ok(0)
 }
 

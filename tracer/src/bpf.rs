@@ -8,13 +8,13 @@ use std::{collections::HashMap as StdHashMap, num::NonZeroU32};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
     programs::{
-        UProbe,
+        TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
-use tracer_common::{COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, SiteKey, SiteStats};
+use tracer_common::{COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, SiteKey, SiteStats};
 
 use crate::{error::TracerError, probes::PlannedProbe};
 
@@ -66,6 +66,7 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     go_sites: HashMap<MapData, GoSiteKey, SiteStats>,
     go_buckets: HashMap<MapData, u64, SiteStats>,
+    oom_victim: Array<MapData, OomVictim>,
     pub sizes: MapSizes,
 }
 
@@ -148,6 +149,7 @@ impl Kernel {
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
         let go_sites = HashMap::try_from(take(&mut ebpf, "GO_SITES")?).map_err(load_err)?;
         let go_buckets = HashMap::try_from(take(&mut ebpf, "GO_BUCKETS")?).map_err(load_err)?;
+        let oom_victim = Array::try_from(take(&mut ebpf, "OOM_VICTIM")?).map_err(load_err)?;
         Ok(Self {
             ebpf,
             logger,
@@ -156,6 +158,7 @@ impl Kernel {
             counters,
             go_sites,
             go_buckets,
+            oom_victim,
             sizes,
         })
     }
@@ -212,6 +215,27 @@ impl Kernel {
             .collect()
     }
 
+    /// Watches the kernel's OOM killer (tracepoint oom:mark_victim). Needs
+    /// tracefs, which is mounted at /sys/kernel/tracing when it is not.
+    pub fn watch_oom_kills(&mut self) -> Result<(), String> {
+        ensure_tracefs()?;
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut("oom_mark_victim")
+            .ok_or("program oom_mark_victim missing")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load().map_err(|e| error_chain(&e))?;
+        prog.attach("oom", "mark_victim")
+            .map_err(|e| error_chain(&e))?;
+        Ok(())
+    }
+
+    /// The OOM victim record, once the kernel has marked the target.
+    pub fn oom_victim(&self) -> Option<OomVictim> {
+        self.oom_victim.get(&0, 0).ok().filter(|v| v.pid != 0)
+    }
+
     /// Goroutines per creation site.
     pub fn go_sites(&self) -> Result<Vec<(GoSiteKey, SiteStats)>, TracerError> {
         read_all(&self.go_sites, "GO_SITES")
@@ -247,6 +271,37 @@ impl Kernel {
             l.flush();
         }
     }
+}
+
+/// Mounts tracefs at /sys/kernel/tracing if no tracefs is there (tracepoint
+/// attachment reads event ids from it), as bpftrace and perf do.
+fn ensure_tracefs() -> Result<(), String> {
+    let dir = std::path::Path::new("/sys/kernel/tracing");
+    if dir.join("events").exists()
+        || std::path::Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, target, fstype) = (c("tracefs"), c("/sys/kernel/tracing"), c("tracefs"));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "tracefs is not mounted and mounting it failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    log::info!("mounted tracefs at /sys/kernel/tracing to watch the OOM killer");
+    Ok(())
 }
 
 fn read_all<K: aya::Pod, V: aya::Pod>(

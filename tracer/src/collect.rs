@@ -88,6 +88,9 @@ pub struct Snapshot {
     pub lost: Lost,
     pub activity: Activity,
     pub total_outstanding_bytes: u64,
+    /// The target's memory against its limit (set by the session).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::alert::MemoryStatus>,
 }
 
 struct SiteHistory {
@@ -388,6 +391,7 @@ impl Collector {
             sites: reports,
             lost,
             activity,
+            memory: None,
         }
     }
 

@@ -6,11 +6,14 @@
 //! (snapshots with symbolized stacks and growth) → [`sink`] (terminal, JSON).
 //! [`session`] runs the flow for `tracer attach` and `tracer run`.
 
+pub mod alert;
 pub mod bpf;
 pub mod collect;
 pub mod error;
 pub mod golang;
 pub mod gopclntab;
+pub mod memlimit;
+pub mod notify;
 pub mod probes;
 pub mod session;
 pub mod sink;

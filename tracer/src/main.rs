@@ -13,8 +13,9 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracer::{
     TracerError,
+    alert::Thresholds,
     bpf::MapSizes,
-    session::{self, Options},
+    session::{self, AlertOptions, Options},
     sink::{Sink, json::JsonSink, table::TableSink},
 };
 
@@ -93,9 +94,56 @@ struct Common {
     /// Never write to the target's memory (Go heap sampling stays as it is).
     #[arg(long)]
     no_write: bool,
+    /// Warn when the target's memory is estimated to hit its limit within
+    /// this many seconds.
+    #[arg(long, default_value = "300", value_parser = parse_secs)]
+    warn_eta: Duration,
+    /// Critical alert when the limit is estimated within this many seconds.
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    crit_eta: Duration,
+    /// Warn when usage passes this percentage of the limit.
+    #[arg(long, default_value = "80", value_parser = parse_percent)]
+    warn_usage: f64,
+    /// Critical alert when usage passes this percentage of the limit.
+    #[arg(long, default_value = "95", value_parser = parse_percent)]
+    crit_usage: f64,
+    /// Least seconds between two alerts of an unchanged level.
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    alert_reminder: Duration,
+    /// Seconds of memory history the OOM trend is computed over.
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    oom_window: Duration,
+    /// Run this shell command for each alert, with the alert's JSON on stdin.
+    #[arg(long, value_name = "CMD")]
+    alert_exec: Option<String>,
+    /// POST each alert to this URL in the Alertmanager webhook format.
+    #[arg(long, value_name = "URL", value_parser = parse_url)]
+    alert_webhook: Option<String>,
+    /// Do not watch the memory limit nor alert.
+    #[arg(long)]
+    no_alerts: bool,
     /// Threads that can be inside an allocator call at once.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_THREADS, value_parser = clap::value_parser!(u32).range(1..))]
     max_threads: u32,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a percentage"))?;
+    if !(v > 0.0 && v <= 100.0) {
+        return Err(format!("`{s}` must be a percentage between 0 and 100"));
+    }
+    Ok(v / 100.0)
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    if s.starts_with("http://") || s.starts_with("https://") {
+        Ok(s.to_string())
+    } else {
+        Err(format!("`{s}` is not an http:// or https:// URL"))
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -116,6 +164,18 @@ impl Common {
             trend_window: self.trend_window,
             go_sample_rate: self.go_sample_rate,
             no_write: self.no_write,
+            alerts: (!self.no_alerts).then(|| AlertOptions {
+                thresholds: Thresholds {
+                    warn_eta: self.warn_eta,
+                    crit_eta: self.crit_eta,
+                    warn_usage: self.warn_usage,
+                    crit_usage: self.crit_usage,
+                    reminder: self.alert_reminder,
+                },
+                window: self.oom_window,
+                exec: self.alert_exec.clone(),
+                webhook: self.alert_webhook.clone(),
+            }),
             sizes: MapSizes {
                 allocs: self.max_allocs,
                 sites: self.max_sites,
@@ -143,8 +203,29 @@ impl Common {
     }
 }
 
+impl Common {
+    /// Cross-checks clap cannot express; a usage error (exit 2) otherwise.
+    fn validate(&self) {
+        use clap::CommandFactory;
+        let fail = |msg: &str| {
+            Cli::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, msg)
+                .exit()
+        };
+        if self.crit_usage < self.warn_usage {
+            fail("--crit-usage must not be below --warn-usage");
+        }
+        if self.crit_eta > self.warn_eta {
+            fail("--crit-eta must not exceed --warn-eta");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Attach { common, .. } | Command::Run { common, .. } => common.validate(),
+    }
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,

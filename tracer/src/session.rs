@@ -11,11 +11,16 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
+use std::time::SystemTime;
+
 use crate::{
+    alert::{Alert, Alerter, MemoryStatus, OomKill, Thresholds, Trend},
     bpf::{Kernel, MapSizes},
-    collect::{Collector, GoState},
+    collect::{Collector, GoState, Snapshot},
     error::TracerError,
     golang::RuntimeMem,
+    memlimit,
+    notify::Notifier,
     probes::{self, ObjectRef},
     sink::{Attached, EndReason, Exit, Sink},
     symbolize::Symbolizer,
@@ -35,6 +40,131 @@ pub struct Options {
     pub go_sample_rate: Option<u64>,
     /// Never write to the target's memory.
     pub no_write: bool,
+    /// OOM-risk alerting; None turns it off.
+    pub alerts: Option<AlertOptions>,
+}
+
+/// How the tracer watches the target's memory limit and alerts.
+#[derive(Clone, Debug)]
+pub struct AlertOptions {
+    pub thresholds: Thresholds,
+    /// History the usage trend is computed over.
+    pub window: Duration,
+    pub exec: Option<String>,
+    pub webhook: Option<String>,
+}
+
+/// The target's memory against its limit: trend, alerts, notifications.
+struct MemoryWatch {
+    pid: u32,
+    trend: Trend,
+    alerter: Alerter,
+    notifier: Notifier,
+    last: Option<MemoryStatus>,
+    oom_kills_at_start: Option<u64>,
+}
+
+impl MemoryWatch {
+    fn new(pid: u32, opts: &AlertOptions) -> Self {
+        let oom_kills_at_start = memlimit::Source::of_pid(pid)
+            .read()
+            .ok()
+            .and_then(|s| s.oom_kills);
+        Self {
+            pid,
+            trend: Trend::new(opts.window),
+            alerter: Alerter::new(opts.thresholds),
+            notifier: Notifier::new(opts.exec.clone(), opts.webhook.clone()),
+            last: None,
+            oom_kills_at_start,
+        }
+    }
+
+    /// Reads the memory state, attaches it to `snap`, and alerts when due.
+    fn update(&mut self, snap: &mut Snapshot, sink: &mut dyn Sink) -> anyhow::Result<()> {
+        // The target may have been moved to another cgroup: resolve each time.
+        let Ok(state) = memlimit::Source::of_pid(self.pid).read() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        self.trend.push(now, state.usage_bytes);
+        let eta = state.limit_bytes.and_then(|l| self.trend.eta(l));
+        let fraction = state
+            .limit_bytes
+            .filter(|&l| l > 0)
+            .map(|l| state.usage_bytes as f64 / l as f64);
+        let due = self.alerter.evaluate(now, fraction, eta);
+        let status = MemoryStatus {
+            state: state.clone(),
+            eta_s: eta,
+            growth_bytes_per_s: self.trend.slope(),
+            level: self.alerter.level(),
+        };
+        snap.memory = Some(status.clone());
+        self.last = Some(status);
+        if let Some((severity, reason)) = due {
+            let alert = Alert {
+                pid: self.pid,
+                severity,
+                reason,
+                eta_s: eta,
+                usage_bytes: state.usage_bytes,
+                limit_bytes: state.limit_bytes,
+                memory: state,
+                top_sites: crate::alert::culprits(&snap.sites, 5),
+                ts: SystemTime::now(),
+            };
+            sink.alert(&alert)?;
+            self.notifier
+                .send(&alert, crate::sink::json::alert_line(&alert));
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel OOM-killed the target, and the record of it.
+    fn oom_kill(&self, kernel: &Kernel, snap: &Snapshot) -> Option<OomKill> {
+        let top_sites: Vec<_> = snap.sites.iter().take(10).cloned().collect();
+        if let Some(v) = kernel.oom_victim().filter(|v| v.pid == self.pid) {
+            return Some(OomKill {
+                pid: self.pid,
+                detected_by: "oom:mark_victim tracepoint",
+                anon_rss_bytes: Some(v.anon_rss_kb * 1024),
+                file_rss_bytes: Some(v.file_rss_kb * 1024),
+                shmem_rss_bytes: Some(v.shmem_rss_kb * 1024),
+                total_vm_bytes: Some(v.total_vm_kb * 1024),
+                memory: self.last.clone(),
+                top_sites,
+            });
+        }
+        // Without the tracepoint: the cgroup counted a kill while we watched.
+        let before = self.oom_kills_at_start?;
+        let cgroup = self.last.as_ref()?.state.cgroup.clone()?;
+        let now = memlimit::Source::V1 {
+            dir: cgroup.clone(),
+        }
+        .read()
+        .ok()
+        .and_then(|s| s.oom_kills)
+        .or_else(|| {
+            memlimit::Source::V2 {
+                mount: cgroup.clone(),
+                dir: cgroup,
+            }
+            .read()
+            .ok()
+            .and_then(|s| s.oom_kills)
+        })?;
+        (now > before).then(|| OomKill {
+            pid: self.pid,
+            detected_by: "cgroup oom_kill counter",
+            anon_rss_bytes: None,
+            file_rss_bytes: None,
+            shmem_rss_bytes: None,
+            total_vm_bytes: None,
+            memory: self.last.clone(),
+            top_sites,
+        })
+    }
 }
 
 /// Default Go heap sampling rate, the runtime's own default.
@@ -318,6 +448,14 @@ async fn trace_loop(
     mut go_pending: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut watch = opts.alerts.as_ref().map(|a| MemoryWatch::new(pid, a));
+    if watch.is_some()
+        && let Err(e) = kernel.watch_oom_kills()
+    {
+        log::warn!(
+            "cannot watch the OOM killer ({e}); kills are detected from the cgroup's counter"
+        );
+    }
     let mut ticker = tokio::time::interval(opts.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -339,8 +477,11 @@ async fn trace_loop(
                 if go_pending {
                     go_pending = !go_sampling_policy(collector, opts, sink, pid)?;
                 }
-                let snap = collector.collect(kernel)?;
+                let mut snap = collector.collect(kernel)?;
                 kernel.flush_logs();
+                if let Some(w) = watch.as_mut() {
+                    w.update(&mut snap, sink)?;
+                }
                 sink.snapshot(&snap)?;
             }
             _ = sigint.recv() => break EndReason::Interrupted,
@@ -355,9 +496,15 @@ async fn trace_loop(
         collector.symbolizer_mut().update_maps(maps);
     }
     // The maps outlive the target: the final snapshot still holds everything.
-    let snap = collector.collect(kernel)?;
+    let mut snap = collector.collect(kernel)?;
     kernel.flush_logs();
+    if let Some(w) = watch.as_ref() {
+        snap.memory = w.last.clone();
+    }
     if reason == EndReason::TargetExited {
+        if let Some(kill) = watch.as_ref().and_then(|w| w.oom_kill(kernel, &snap)) {
+            sink.oom_kill(&kill)?;
+        }
         let (code, signal) = match &own_child {
             Some(w) => w.status(),
             None => (None, None),
@@ -365,6 +512,9 @@ async fn trace_loop(
         sink.target_exited(&Exit { pid, code, signal })?;
     }
     sink.finish(&snap, reason, started.elapsed().as_secs_f64())?;
+    if let Some(w) = watch.as_mut() {
+        w.notifier.flush(Duration::from_secs(5)).await;
+    }
     if own_child.is_some() && reason != EndReason::TargetExited {
         // Interrupted or timed out: the traced command keeps running, as with
         // `strace -o`; detaching is all the tracer does to it.

@@ -118,6 +118,7 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
             &["-fno-omit-frame-pointer", "-static"],
         ),
         ("demo.c", "demo", &["-fno-omit-frame-pointer"]),
+        ("oomleak.c", "oomleak", &["-fno-omit-frame-pointer"]),
     ]
 }
 

@@ -14,6 +14,21 @@ pub struct JsonSink<W: Write> {
     out: W,
 }
 
+/// The JSON line of an alert, as `--alert-exec` receives it.
+pub fn alert_line(alert: &crate::alert::Alert) -> String {
+    let mut v = serde_json::to_value(alert).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("type".into(), "alert".into());
+        o.insert(
+            "ts".into(),
+            humantime::format_rfc3339_millis(alert.ts)
+                .to_string()
+                .into(),
+        );
+    }
+    v.to_string()
+}
+
 impl<W: Write> JsonSink<W> {
     pub fn new(out: W) -> Self {
         Self { out }
@@ -54,6 +69,14 @@ impl<W: Write> Sink for JsonSink<W> {
             message: &'a str,
         }
         self.emit("notice", SystemTime::now(), &Notice { pid, message })
+    }
+
+    fn alert(&mut self, alert: &crate::alert::Alert) -> io::Result<()> {
+        self.emit("alert", alert.ts, alert)
+    }
+
+    fn oom_kill(&mut self, kill: &crate::alert::OomKill) -> io::Result<()> {
+        self.emit("oom_kill", SystemTime::now(), kill)
     }
 
     fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {

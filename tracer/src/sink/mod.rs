@@ -60,6 +60,10 @@ pub trait Sink {
     fn target_exited(&mut self, exit: &Exit) -> io::Result<()>;
     /// Something the user must know about what the tracer did or could not do.
     fn notice(&mut self, pid: u32, message: &str) -> io::Result<()>;
+    /// An OOM-risk alert (or its end, severity `ok`).
+    fn alert(&mut self, alert: &crate::alert::Alert) -> io::Result<()>;
+    /// The kernel OOM-killed the target.
+    fn oom_kill(&mut self, kill: &crate::alert::OomKill) -> io::Result<()>;
     /// The final report; `elapsed_s` is the time traced.
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()>;
 }

@@ -210,6 +210,59 @@ impl<W: Write> Sink for TableSink<W> {
         self.out.flush()
     }
 
+    fn alert(&mut self, alert: &crate::alert::Alert) -> io::Result<()> {
+        use crate::alert::Level;
+        let tag = match alert.severity {
+            Level::Ok => "RESOLVED",
+            Level::Warning => "WARNING",
+            Level::Critical => "CRITICAL",
+        };
+        let limit = alert
+            .limit_bytes
+            .map_or("no limit".into(), |l| human_bytes(l as f64));
+        let pct = alert
+            .limit_bytes
+            .filter(|&l| l > 0)
+            .map_or(String::new(), |l| {
+                format!(" ({:.0}%)", alert.usage_bytes as f64 * 100.0 / l as f64)
+            });
+        let eta = alert
+            .eta_s
+            .map_or(String::new(), |e| format!(", OOM in ~{e:.0} s"));
+        writeln!(
+            self.out,
+            "!!! tracer {tag}: pid {}: {} — {} of {limit}{pct}{eta}",
+            alert.pid,
+            alert.reason,
+            human_bytes(alert.usage_bytes as f64)
+        )?;
+        for site in alert.top_sites.iter().take(5) {
+            writeln!(self.out, "!!!   {} {}", growth_of(site), chain(site, 3))?;
+        }
+        self.out.flush()
+    }
+
+    fn oom_kill(&mut self, kill: &crate::alert::OomKill) -> io::Result<()> {
+        let rss = kill.anon_rss_bytes.map_or(String::new(), |b| {
+            format!(" with {} anonymous RSS", human_bytes(b as f64))
+        });
+        writeln!(
+            self.out,
+            "!!! tracer: pid {} was killed by the kernel's OOM killer{rss} ({}); holding memory then:",
+            kill.pid, kill.detected_by
+        )?;
+        for site in kill.top_sites.iter().take(5) {
+            writeln!(
+                self.out,
+                "!!!   {} {} {}",
+                human_bytes(site.outstanding_bytes as f64),
+                site.kind,
+                chain(site, 3)
+            )?;
+        }
+        self.out.flush()
+    }
+
     fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {
         let how = match (exit.code, exit.signal) {
             (Some(c), _) => format!(" with status {c}"),

@@ -1,0 +1,226 @@
+//! Privileged: alerts before the kernel's OOM kill, naming the culprit, and
+//! the record of the kill — real programs in a memory cgroup with a small
+//! limit, really killed.
+
+use std::{
+    io::{Read, Write},
+    net::TcpListener,
+    process::Command,
+    time::Duration,
+};
+
+use serde_json::Value;
+use tracer_tests::*;
+
+const T: Duration = Duration::from_secs(120);
+const LIMIT: u64 = 64 << 20;
+
+/// Starts `cmd` (which prints "ready" and waits for a line) in a fresh
+/// cgroup, attaches the tracer with `extra` flags, releases the target, and
+/// returns the whole stream once the tracer ends.
+fn trace_in_cgroup(name: &str, cmd: &mut Command, extra: &[&str]) -> Option<Vec<Value>> {
+    let cg = MemCgroup::create(name, LIMIT)?;
+    let mut target = Proc::spawn(cmd);
+    target.expect_line("ready", T);
+    cg.add(target.pid());
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args(["attach", &target.pid().to_string(), "--format", "json"])
+            .args(extra),
+    );
+    let mut stream = Stream::new(&mut tracer);
+    stream.next_of("attached", T);
+    target.send("go");
+    stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    Some(stream.seen)
+}
+
+fn first<'v>(stream: &'v [Value], kind: &str) -> Option<&'v Value> {
+    stream.iter().find(|v| v["type"] == kind)
+}
+
+/// A one-request HTTP server on loopback that hands back the body it got.
+fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut chunk).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    let _ = tx.send(body.to_string());
+                    break;
+                }
+            }
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn c_leak_is_alerted_well_before_the_oom_kill() {
+    if !privileged("c_leak_is_alerted_well_before_the_oom_kill") {
+        return;
+    }
+    let exec_out = std::env::temp_dir().join(format!("tracer-alert-exec-{}", std::process::id()));
+    let (url, webhook) = webhook_receiver();
+    let exec = format!("cat >> {}", exec_out.display());
+    // 4 MiB/s into a 64 MiB limit: killed after ~15 s.
+    let Some(stream) = trace_in_cgroup(
+        "cleak",
+        Command::new(fixture("oomleak")).args(["leak", "4096"]),
+        &[
+            "--interval",
+            "0.5",
+            "--alert-exec",
+            &exec,
+            "--alert-webhook",
+            &url,
+        ],
+    ) else {
+        return;
+    };
+    let alert = first(&stream, "alert").expect("an alert before the kill");
+    let kill = first(&stream, "oom_kill").expect("the OOM kill is reported");
+    let lead = ts_secs(kill["ts"].as_str().unwrap()) - ts_secs(alert["ts"].as_str().unwrap());
+    assert!(
+        lead >= 8.0,
+        "alerted only {lead:.1} s before the kill: {alert}"
+    );
+    assert!(["warning", "critical"].contains(&alert["severity"].as_str().unwrap()));
+    assert_eq!(alert["limit_bytes"], LIMIT);
+    assert!(alert["eta_s"].as_f64().unwrap() < 60.0, "{alert}");
+    // The culprit: the leaking function at its line.
+    let line = marker_line(&source("c/oomleak.c"), "oom_leak");
+    let top = &alert["top_sites"][0];
+    assert_eq!(
+        top["frames"][0]["function"], "grow_session_cache",
+        "{alert}"
+    );
+    assert_eq!(top["frames"][0]["line"], line);
+    // The kill's record names who held the memory.
+    assert_eq!(kill["detected_by"], "oom:mark_victim tracepoint");
+    assert_eq!(
+        kill["top_sites"][0]["frames"][0]["function"],
+        "grow_session_cache"
+    );
+    assert!(kill["top_sites"][0]["outstanding_bytes"].as_u64().unwrap() > 40 << 20);
+    assert!(kill["anon_rss_bytes"].as_u64().unwrap() > 40 << 20);
+    let report = stream.last().unwrap();
+    assert_eq!(report["reason"], "target_exited");
+    // --alert-exec got the alert's JSON on stdin.
+    let exec_text = std::fs::read_to_string(&exec_out).unwrap_or_default();
+    let _ = std::fs::remove_file(&exec_out);
+    let first_exec: Value =
+        serde_json::from_str(exec_text.lines().next().expect("--alert-exec ran")).unwrap();
+    assert_eq!(first_exec["type"], "alert");
+    assert_eq!(first_exec["severity"], alert["severity"]);
+    // --alert-webhook got an Alertmanager payload.
+    let body: Value = serde_json::from_str(
+        &webhook
+            .recv_timeout(Duration::from_secs(10))
+            .expect("webhook POST"),
+    )
+    .unwrap();
+    assert_eq!(body["version"], "4");
+    assert_eq!(body["status"], "firing");
+    assert_eq!(body["alerts"][0]["labels"]["alertname"], "TracerOOMRisk");
+    assert!(
+        body["alerts"][0]["annotations"]["culprit"]
+            .as_str()
+            .unwrap()
+            .starts_with("grow_session_cache")
+    );
+}
+
+/// The seed incident: contexts with timers leaking until the kill. The
+/// warning names the culprit tens of seconds ahead.
+#[test]
+fn go_timer_leak_is_alerted_tens_of_seconds_before_the_kill() {
+    if !privileged("go_timer_leak_is_alerted_tens_of_seconds_before_the_kill") {
+        return;
+    }
+    let Some(stream) = trace_in_cgroup(
+        "gotimers",
+        Command::new(fixture("leaky-go1.27")).args(["timerflood", "4000"]),
+        &["--interval", "1"],
+    ) else {
+        return;
+    };
+    let alert = first(&stream, "alert").expect("an alert before the kill");
+    let kill = first(&stream, "oom_kill").expect("the OOM kill is reported");
+    let lead = ts_secs(kill["ts"].as_str().unwrap()) - ts_secs(alert["ts"].as_str().unwrap());
+    assert!(lead >= 20.0, "alerted only {lead:.1} s before the kill");
+    let line = marker_line(&source("go/leaky/main.go"), "flood_timer");
+    let names_culprit = |sites: &Value| {
+        sites.as_array().unwrap().iter().any(|s| {
+            s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["function"] == "main.timerFlood" && f["line"] == line)
+        })
+    };
+    assert!(names_culprit(&alert["top_sites"]), "{}", alert["top_sites"]);
+    assert!(
+        alert["top_sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["kind"] == "timer"),
+        "the growing timers are among the culprits"
+    );
+    assert!(names_culprit(&kill["top_sites"]));
+}
+
+/// A steady program near (but under) its limit: no alert over a long run.
+#[test]
+fn steady_state_near_the_limit_raises_no_alert() {
+    if !privileged("steady_state_near_the_limit_raises_no_alert") {
+        return;
+    }
+    // 44 MiB held plus 4 MiB of churn: ~70-75% of 64 MiB, flat.
+    let Some(stream) = trace_in_cgroup(
+        "steady",
+        Command::new(fixture("oomleak")).args(["steady", "44"]),
+        &["--interval", "0.5", "--duration", "25"],
+    ) else {
+        return;
+    };
+    assert!(
+        first(&stream, "alert").is_none(),
+        "no alert: {:?}",
+        first(&stream, "alert")
+    );
+    let snaps: Vec<&Value> = stream.iter().filter(|v| v["type"] == "snapshot").collect();
+    assert!(snaps.len() >= 40);
+    let last = &snaps.last().unwrap()["memory"];
+    assert_eq!(last["scope"], "cgroup_v1");
+    assert_eq!(last["limit_bytes"], LIMIT);
+    assert_eq!(last["level"], "ok");
+    let usage = last["usage_bytes"].as_f64().unwrap() / LIMIT as f64;
+    assert!((0.6..0.8).contains(&usage), "usage {usage}");
+}
