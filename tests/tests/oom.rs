@@ -224,3 +224,36 @@ fn steady_state_near_the_limit_raises_no_alert() {
     let usage = last["usage_bytes"].as_f64().unwrap() / LIMIT as f64;
     assert!((0.6..0.8).contains(&usage), "usage {usage}");
 }
+
+/// `tracer watch`: no probes at all, the same alert and kill record.
+#[test]
+fn watch_alerts_without_probes() {
+    if !privileged("watch_alerts_without_probes") {
+        return;
+    }
+    let Some(cg) = MemCgroup::create("watch", LIMIT) else {
+        return;
+    };
+    let mut target = Proc::spawn(Command::new(fixture("oomleak")).args(["leak", "6144"]));
+    target.expect_line("ready", T);
+    cg.add(target.pid());
+    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+        "watch",
+        &target.pid().to_string(),
+        "--format",
+        "json",
+        "--interval",
+        "0.5",
+    ]));
+    let mut stream = Stream::new(&mut tracer);
+    let attached = stream.next_of("attached", T);
+    assert_eq!(attached["probes"].as_array().unwrap().len(), 0, "no probes");
+    target.send("go");
+    let alert = stream.next_of("alert", T);
+    let kill = stream.next_of("oom_kill", T);
+    stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    let lead = ts_secs(kill["ts"].as_str().unwrap()) - ts_secs(alert["ts"].as_str().unwrap());
+    assert!(lead >= 5.0, "alerted only {lead:.1} s before the kill");
+    assert_eq!(kill["pid"], target.pid());
+}

@@ -40,6 +40,14 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Watch a process's memory limit and alert before an OOM kill, without
+    /// hooking its allocator (no call sites, no overhead in the target).
+    Watch {
+        /// Process id of the target.
+        pid: u32,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Start a command and trace it from its first allocation.
     Run {
         #[command(flatten)]
@@ -224,7 +232,9 @@ impl Common {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Attach { common, .. } | Command::Run { common, .. } => common.validate(),
+        Command::Attach { common, .. }
+        | Command::Watch { common, .. }
+        | Command::Run { common, .. } => common.validate(),
     }
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
@@ -250,6 +260,13 @@ fn main() -> ExitCode {
             Command::Attach { pid, common } => {
                 let mut sink = common.sink()?;
                 session::attach(*pid, &common.options(), sink.as_mut()).await
+            }
+            Command::Watch { pid, common } => {
+                if common.no_alerts {
+                    anyhow::bail!("`watch` with --no-alerts has nothing to do");
+                }
+                let mut sink = common.sink()?;
+                session::watch(*pid, &common.options(), sink.as_mut()).await
             }
             Command::Run { common, argv } => {
                 let mut sink = common.sink()?;

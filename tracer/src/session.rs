@@ -340,6 +340,37 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
     .await
 }
 
+/// Watches the memory limit of `pid` and alerts, without hooking its
+/// allocator (no uprobes: no overhead in the target). Alerts then carry no
+/// call sites; the OOM kill is still recorded.
+pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Result<()> {
+    let target = Target::resolve(pid)?;
+    target::check_environment()?;
+    let exit_fd = PidFd::open(pid)?;
+    let mut kernel = Kernel::load(pid, opts.sizes, Default::default())?;
+    let info = Attached {
+        pid,
+        comm: target.comm.clone(),
+        exe: target.exe.display().to_string(),
+        go_version: None,
+        probes: Vec::new(),
+    };
+    let symbols = Symbolizer::new(target.maps.clone());
+    let mut collector = Collector::new(pid, symbols, opts.trend_window);
+    sink.attached(&info)?;
+    trace_loop(
+        pid,
+        opts,
+        &mut kernel,
+        &mut collector,
+        sink,
+        exit_fd,
+        None,
+        false,
+    )
+    .await
+}
+
 /// Starts `argv` and traces it from its first instruction: the child is held
 /// between fork and exec until every probe is attached.
 pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow::Result<()> {
