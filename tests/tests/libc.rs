@@ -148,7 +148,8 @@ fn assert_schema(stream: &[Value], pid: u32) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p["function"].as_str().unwrap())
+        // "free+0x3": placed past the entry on a cheaper instruction.
+        .map(|p| p["function"].as_str().unwrap().split('+').next().unwrap())
         .collect();
     for f in ["malloc", "free", "calloc", "realloc", "mmap", "munmap"] {
         assert!(probes.contains(&f), "no probe on {f}: {probes:?}");

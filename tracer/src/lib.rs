@@ -14,6 +14,7 @@ pub mod golang;
 pub mod gopclntab;
 pub mod memlimit;
 pub mod notify;
+pub mod placement;
 pub mod probes;
 pub mod session;
 pub mod sink;

@@ -131,28 +131,36 @@ pub struct PlannedProbe {
 
 impl PlannedProbe {
     /// The probes for one allocator function: the shared return probe first
-    /// (an entry without its return would linger), then the entry.
-    fn for_hook(hook: Hook, object: &ObjectRef, offset: u64) -> Vec<Self> {
+    /// (an entry without its return would linger), at the function's entry
+    /// where the stack top is the return address; then the entry probe at
+    /// `entry + shift`, the cheapest equivalent instruction (see
+    /// [`crate::placement`]).
+    fn for_hook(hook: Hook, object: &ObjectRef, offset: u64, shift: u64) -> Vec<Self> {
         let w = hook.wiring();
         let mut out = Vec::with_capacity(2);
-        let probe = |program, cookie| Self {
-            function: hook.symbol().to_string(),
+        let probe = |program, cookie, at: u64| Self {
+            function: if at == offset {
+                hook.symbol().to_string()
+            } else {
+                format!("{}+{:#x}", hook.symbol(), at - offset)
+            },
             object: object.clone(),
-            offset,
+            offset: at,
             program,
             cookie,
             frees: matches!(hook, Hook::Free | Hook::Munmap),
         };
         if w.needs_return {
-            out.push(probe("alloc_return", None));
+            out.push(probe("alloc_return", None, offset));
         }
-        out.push(probe(w.entry, w.cookie.map(|o| o as u64)));
+        out.push(probe(w.entry, w.cookie.map(|o| o as u64), offset + shift));
         out
     }
 }
 
-/// Defined function symbols of interest in one ELF file, with file offsets.
-pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64)>, TracerError> {
+/// Defined function symbols of interest in one ELF file: file offset of the
+/// function and the shift to its cheapest entry-probe point.
+pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64, u64)>, TracerError> {
     let unreadable = |reason: String| TracerError::UnreadableBinary {
         path: path.to_path_buf(),
         reason,
@@ -166,7 +174,7 @@ pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64)>, TracerError> {
             (size > 0).then(|| (s.address(), size, off))
         })
         .collect();
-    let mut found: Vec<(Hook, u64)> = Vec::new();
+    let mut found: Vec<(Hook, u64, u64)> = Vec::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if !sym.is_definition() || sym.kind() != SymbolKind::Text {
             continue;
@@ -177,7 +185,7 @@ pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64)>, TracerError> {
         let Some(hook) = Hook::from_symbol(name) else {
             continue;
         };
-        if found.iter().any(|(h, _)| *h == hook) {
+        if found.iter().any(|(h, _, _)| *h == hook) {
             continue;
         }
         let addr = sym.address();
@@ -188,7 +196,11 @@ pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64)>, TracerError> {
         else {
             continue;
         };
-        found.push((hook, offset));
+        let len = sym.size().clamp(1, 64) as usize;
+        let shift = data
+            .get(offset as usize..offset as usize + len)
+            .map_or(0, crate::placement::entry_offset);
+        found.push((hook, offset, shift));
     }
     Ok(found)
 }
@@ -222,9 +234,9 @@ pub fn plan_libc(objects: &[ObjectRef]) -> Result<Vec<PlannedProbe>, TracerError
                 continue;
             }
         };
-        let defines_malloc = symbols.iter().any(|(h, _)| *h == Hook::Malloc);
+        let defines_malloc = symbols.iter().any(|(h, _, _)| *h == Hook::Malloc);
         let mut offsets = std::collections::HashSet::new();
-        for (hook, offset) in symbols {
+        for (hook, offset, shift) in symbols {
             let is_mmap_family = matches!(hook, Hook::Mmap | Hook::Munmap | Hook::Mremap);
             if !defines_malloc && !is_mmap_family {
                 continue;
@@ -232,7 +244,7 @@ pub fn plan_libc(objects: &[ObjectRef]) -> Result<Vec<PlannedProbe>, TracerError
             if !offsets.insert(offset) {
                 continue;
             }
-            probes.extend(PlannedProbe::for_hook(hook, obj, offset));
+            probes.extend(PlannedProbe::for_hook(hook, obj, offset, shift));
         }
     }
     if !probes.iter().any(|p| p.function == "malloc") {
