@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <setup|build-ebpf|build|fixtures|test|demo>`.
 
+mod bench;
 mod toolchain;
 
 use std::{
@@ -35,6 +36,16 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Measure the tracer's overhead against bpftrace and heaptrack, side by
+    /// side (results in target/bench/).
+    Bench {
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// malloc+free pairs per run.
+        #[arg(long, default_value_t = 200_000)]
+        pairs: u64,
     },
     /// Set up, build, and trace the bundled leaky demo service live.
     Demo {
@@ -119,6 +130,7 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
         ),
         ("demo.c", "demo", &["-fno-omit-frame-pointer"]),
         ("oomleak.c", "oomleak", &["-fno-omit-frame-pointer"]),
+        ("bench.c", "bench", &["-fno-omit-frame-pointer"]),
     ]
 }
 
@@ -167,6 +179,9 @@ fn go_fixtures(out: &Path) -> Result<()> {
         }
         if *version == GO_VERSIONS[0] || *version == GO_VERSIONS[GO_VERSIONS.len() - 1] {
             builds.push(("cgoleak", "", ""));
+        }
+        if *version == GO_VERSIONS[GO_VERSIONS.len() - 1] {
+            builds.push(("gobench", "", ""));
         }
         for (name, suffix, ldflags) in builds {
             let src = root().join("tests/fixtures/go").join(name);
@@ -278,5 +293,11 @@ fn main() -> Result<()> {
         Task::Fixtures => fixtures(),
         Task::Test { args } => test(&args),
         Task::Demo { seconds } => demo(seconds),
+        Task::Bench { rounds, pairs } => {
+            let route = toolchain::setup()?;
+            build(&route)?;
+            fixtures()?;
+            bench::bench(rounds, pairs)
+        }
     }
 }

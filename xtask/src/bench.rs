@@ -1,0 +1,402 @@
+//! `cargo xtask bench`: the tracer's overhead against its peers, measured
+//! side by side in one interleaved run.
+//!
+//! C: `tests/fixtures/c/bench.c` does malloc+free pairs with 1% leaked from
+//! two sites; each round runs it untraced, under the tracer, under a
+//! bpftrace memleak-style script and under heaptrack, in turn. Go:
+//! `tests/fixtures/go/gobench` untraced and under the tracer (heap sampling,
+//! goroutines, timers). Results: a table, and JSON under target/bench/.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{fixtures_dir, root, toolchain, tracer_bin};
+
+/// One measured run.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    /// The workload's own timing: ns per malloc+free pair (C) or ms (Go).
+    cost: f64,
+    /// CPU seconds of the tool's own process (not the probes' time, which the
+    /// kernel charges to the target).
+    tool_cpu_s: Option<f64>,
+    tool_maxrss_kb: Option<u64>,
+    /// Seconds from starting the tool until it said it was attached.
+    attach_s: Option<f64>,
+    truth: Option<(u64, u64)>,
+    reported: Option<(u64, u64)>,
+    lost: Option<Value>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// A target that prints "ready" and waits for a line before working.
+struct Target {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Target {
+    fn start(cmd: &mut Command) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        let out = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let t = Self { child, lines };
+        t.expect("ready")?;
+        Ok(t)
+    }
+
+    fn expect(&self, prefix: &str) -> Result<String> {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(600))
+                .with_context(|| format!("no `{prefix}` from the benchmark"))?;
+            if l.starts_with(prefix) {
+                return Ok(l);
+            }
+        }
+    }
+
+    fn value(&self, key: &str) -> Result<f64> {
+        let l = self.expect(key)?;
+        l.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("bad line `{l}`"))
+    }
+
+    fn go(&mut self) -> Result<()> {
+        let stdin = self.child.stdin.as_mut().expect("piped");
+        writeln!(stdin, "go")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for `child` and returns its (CPU seconds, max RSS KiB).
+fn wait_rusage(child: Child) -> (f64, u64) {
+    let pid = child.id() as i32;
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled by the kernel.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(ru.ru_utime) + secs(ru.ru_stime), ru.ru_maxrss as u64)
+}
+
+/// Polls `file` until it has a line containing `needle`.
+fn wait_for_line(file: &Path, needle: &str, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(file).is_ok_and(|t| t.lines().any(|l| l.contains(needle))) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("{} never got `{needle}`", file.display())
+}
+
+fn libc_path(bin: &Path) -> Result<PathBuf> {
+    let out = Command::new("/lib64/ld-linux-x86-64.so.2")
+        .arg("--list")
+        .arg(bin)
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("=>").nth(1))
+        .map(|r| r.split(" (").next().unwrap_or("").trim().to_string())
+        .find(|p| p.contains("libc.so"))
+        .map(PathBuf::from)
+        .context("the benchmark does not link libc")
+}
+
+/// The peer: bcc/bpftrace's memleak idea, in bpftrace.
+fn bpftrace_script(libc: &Path) -> String {
+    let l = libc.display();
+    // BEGIN runs once every probe is attached: the harness waits for it.
+    format!(
+        "BEGIN {{ printf(\"READY\\n\"); }}\n\
+         uprobe:{l}:malloc {{ @size[tid] = arg0; }}\n\
+         uretprobe:{l}:malloc /@size[tid]/ {{ @sizes[retval] = @size[tid]; \
+         @stacks[retval] = ustack; delete(@size[tid]); }}\n\
+         uprobe:{l}:free {{ delete(@sizes[arg0]); delete(@stacks[arg0]); }}\n"
+    )
+}
+
+fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
+    let mut run = Run::default();
+    let mut target = if mode == "heaptrack" {
+        // Debian's heaptrack 1.4 records into the working directory.
+        let dir = out_dir.join("heaptrack");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Target::start(
+            Command::new("heaptrack")
+                .current_dir(&dir)
+                .arg(bench)
+                .arg(pairs.to_string()),
+        )?
+    } else {
+        Target::start(Command::new(bench).arg(pairs.to_string()))?
+    };
+    let pid = target.child.id();
+    let started = Instant::now();
+    let tool = match mode {
+        "tracer" => {
+            let out = out_dir.join("tracer.jsonl");
+            let _ = std::fs::remove_file(&out);
+            let child = Command::new(tracer_bin())
+                .args(["attach", &pid.to_string(), "--format", "json", "--no-alerts", "-o"])
+                .arg(&out)
+                .stderr(Stdio::null())
+                .spawn()?;
+            wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
+            run.attach_s = Some(started.elapsed().as_secs_f64());
+            Some((child, Some(out)))
+        }
+        "bpftrace" => {
+            let mut child = Command::new("bpftrace")
+                .args(["-p", &pid.to_string(), "-e", &bpftrace_script(&libc_path(bench)?)])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut out = BufReader::new(child.stdout.take().expect("piped"));
+            let mut line = String::new();
+            while out.read_line(&mut line)? > 0 && !line.contains("READY") {
+                line.clear();
+            }
+            run.attach_s = Some(started.elapsed().as_secs_f64());
+            // Drain its exit dump so it never blocks on a full pipe.
+            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+            Some((child, None))
+        }
+        _ => None,
+    };
+    target.go()?;
+    run.cost = target.value("ns_per_pair")?;
+    run.truth = Some((target.value("leak_a")? as u64, target.value("leak_b")? as u64));
+    target.finish();
+    if let Some((child, out)) = tool {
+        let (cpu, rss) = wait_rusage(child);
+        run.tool_cpu_s = Some(cpu);
+        run.tool_maxrss_kb = Some(rss);
+        if let Some(out) = out {
+            let text = std::fs::read_to_string(out)?;
+            let report: Value = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["type"] == "report")
+                .context("the tracer wrote no report")?;
+            let site = |f: &str| -> u64 {
+                report["sites"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|s| s["frames"][0]["function"] == f)
+                    .filter_map(|s| s["outstanding_bytes"].as_u64())
+                    .sum()
+            };
+            run.reported = Some((site("leak_site_a"), site("leak_site_b")));
+            run.lost = Some(report["lost"].clone());
+        }
+    }
+    Ok(run)
+}
+
+fn go_run(mode: &str, bin: &Path, rounds: u64, goroutines: u64, out_dir: &Path) -> Result<Run> {
+    let mut run = Run::default();
+    let mut target =
+        Target::start(Command::new(bin).arg(rounds.to_string()).arg(goroutines.to_string()))?;
+    let tool = if mode == "tracer" {
+        let out = out_dir.join("tracer-go.jsonl");
+        let _ = std::fs::remove_file(&out);
+        let started = Instant::now();
+        let child = Command::new(tracer_bin())
+            .args(["attach", &target.child.id().to_string(), "--format", "json", "--no-alerts", "-o"])
+            .arg(&out)
+            .stderr(Stdio::null())
+            .spawn()?;
+        wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
+        run.attach_s = Some(started.elapsed().as_secs_f64());
+        Some(child)
+    } else {
+        None
+    };
+    target.go()?;
+    run.cost = target.value("ms")?;
+    target.finish();
+    if let Some(child) = tool {
+        let (cpu, rss) = wait_rusage(child);
+        run.tool_cpu_s = Some(cpu);
+        run.tool_maxrss_kb = Some(rss);
+    }
+    Ok(run)
+}
+
+pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
+    toolchain::apt_install(&[
+        ("bpftrace", "the bpftrace memleak-style peer"),
+        ("heaptrack", "the heaptrack peer"),
+    ])?;
+    let out_dir = root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let bench = fixtures_dir().join("bench");
+    let gobench = fixtures_dir().join("gobench-go1.27");
+    let modes = ["untraced", "tracer", "bpftrace", "heaptrack"];
+    let mut c: Vec<(&str, Vec<Run>)> = modes.iter().map(|m| (*m, Vec::new())).collect();
+    // Allocation-heavy (2 goroutines+timers per 20k allocations), then
+    // goroutine/timer-heavy (50 per round) to show the per-event cost.
+    let mut go: Vec<(&str, Vec<Run>)> = vec![
+        ("untraced", Vec::new()),
+        ("tracer", Vec::new()),
+        ("untraced-churn", Vec::new()),
+        ("tracer-churn", Vec::new()),
+    ];
+    for round in 1..=rounds {
+        println!("bench: round {round}/{rounds}");
+        for (mode, runs) in c.iter_mut() {
+            runs.push(c_run(mode, &bench, pairs, &out_dir).with_context(|| format!("C {mode}"))?);
+        }
+        for (mode, runs) in go.iter_mut() {
+            let (tool, goroutines) = match *mode {
+                "tracer-churn" => ("tracer", 50),
+                "untraced-churn" => ("untraced", 50),
+                m => (m, 2),
+            };
+            runs.push(
+                go_run(tool, &gobench, 100, goroutines, &out_dir)
+                    .with_context(|| format!("Go {mode}"))?,
+            );
+        }
+    }
+    report(&c, &go, pairs, &out_dir)
+}
+
+fn report(c: &[(&str, Vec<Run>)], go: &[(&str, Vec<Run>)], pairs: u64, out_dir: &Path) -> Result<()> {
+    let med = |runs: &[Run], f: &dyn Fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f).collect());
+    let base = med(&c[0].1, &|r| Some(r.cost));
+    let added = |name: &str| {
+        c.iter()
+            .find(|(m, _)| *m == name)
+            .map_or(f64::NAN, |(_, r)| med(r, &|r| Some(r.cost)) - base)
+    };
+    println!(
+        "\nC: {pairs} malloc+free pairs, 1% leaked from two sites; medians of {} rounds",
+        c[0].1.len()
+    );
+    println!(
+        "{:<10} {:>11} {:>11} {:>9} {:>13} {:>11} {:>10} {:>9}  accuracy (leak_a, leak_b)",
+        "mode", "ns/pair", "added ns", "×untraced", "tracer/peer", "tool CPU s", "tool RSS", "attach s"
+    );
+    let mut json_c = serde_json::Map::new();
+    for (mode, runs) in c {
+        let ns = med(runs, &|r| Some(r.cost));
+        let cpu = med(runs, &|r| r.tool_cpu_s);
+        let rss = med(runs, &|r| r.tool_maxrss_kb.map(|k| k as f64));
+        let attach = med(runs, &|r| r.attach_s);
+        let ratio_to_tracer = if *mode == "tracer" || *mode == "untraced" {
+            String::new()
+        } else {
+            format!("{:.2}", added("tracer") / (ns - base))
+        };
+        let accuracy = runs
+            .last()
+            .and_then(|r| Some((r.truth?, r.reported?)))
+            .map_or(String::new(), |((ta, tb), (ra, rb))| {
+                format!(
+                    "{ra}/{ta} ({:+.1}%), {rb}/{tb} ({:+.1}%)",
+                    (ra as f64 / ta as f64 - 1.0) * 100.0,
+                    (rb as f64 / tb as f64 - 1.0) * 100.0
+                )
+            });
+        let opt = |v: f64, prec: usize| if v.is_nan() { "-".into() } else { format!("{v:.prec$}") };
+        println!(
+            "{mode:<10} {ns:>11.1} {:>11.1} {:>9.1} {ratio_to_tracer:>13} {:>11} {:>10} {:>9}  {accuracy}",
+            ns - base,
+            ns / base,
+            opt(cpu, 2),
+            if rss.is_nan() { "-".into() } else { format!("{:.0} MiB", rss / 1024.0) },
+            opt(attach, 2),
+        );
+        json_c.insert(
+            mode.to_string(),
+            json!({
+                "ns_per_pair": runs.iter().map(|r| r.cost).collect::<Vec<_>>(),
+                "median_ns_per_pair": ns,
+                "added_ns_per_pair": ns - base,
+                "tool_cpu_s": cpu, "tool_maxrss_kb": rss, "attach_s": attach,
+                "truth": runs.last().and_then(|r| r.truth),
+                "reported": runs.last().and_then(|r| r.reported),
+                "lost": runs.last().and_then(|r| r.lost.clone()),
+            }),
+        );
+    }
+    if let Some(lost) = c.iter().find(|(m, _)| *m == "tracer").and_then(|(_, r)| r.last()?.lost.clone()) {
+        println!("tracer lost: {lost}");
+    }
+    let gbase = med(&go[0].1, &|r| Some(r.cost));
+    let gtr = med(&go[1].1, &|r| Some(r.cost));
+    let cbase = med(&go[2].1, &|r| Some(r.cost));
+    let ctr = med(&go[3].1, &|r| Some(r.cost));
+    println!(
+        "\nGo 1.27 gobench, 100 rounds of 20k allocations + 2 goroutines with context timers:\n  \
+         untraced {gbase:.1} ms, traced {gtr:.1} ms: {:+.1}% (tracer CPU {:.2} s)",
+        (gtr / gbase - 1.0) * 100.0,
+        med(&go[1].1, &|r| r.tool_cpu_s)
+    );
+    // 48 more goroutine+timer lifecycles per round in the churn variant.
+    let per_event_us = ((ctr - cbase) - (gtr - gbase)) * 1000.0 / (100.0 * 48.0);
+    println!(
+        "  with 50 goroutines+timers per round: untraced {cbase:.1} ms, traced {ctr:.1} ms: {:+.1}%; \
+         ≈ {per_event_us:.1} µs per traced goroutine+timer lifecycle",
+        (ctr / cbase - 1.0) * 100.0
+    );
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let path = out_dir.join(format!("results-{stamp}.json"));
+    let doc = json!({
+        "c": json_c,
+        "go": {"untraced_ms": go[0].1.iter().map(|r| r.cost).collect::<Vec<_>>(),
+               "traced_ms": go[1].1.iter().map(|r| r.cost).collect::<Vec<_>>(),
+               "slowdown_pct": (gtr / gbase - 1.0) * 100.0,
+               "churn_untraced_ms": go[2].1.iter().map(|r| r.cost).collect::<Vec<_>>(),
+               "churn_traced_ms": go[3].1.iter().map(|r| r.cost).collect::<Vec<_>>(),
+               "churn_slowdown_pct": (ctr / cbase - 1.0) * 100.0},
+        "pairs": pairs,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    println!("\nbench: results in {}", path.display());
+    Ok(())
+}
