@@ -531,3 +531,63 @@ fn full_maps_are_counted_and_shown() {
         "the eBPF side's warning reaches the log: {log}"
     );
 }
+
+/// `--sample-bytes`: blocks at least as large as the rate are always kept
+/// (exact), smaller ones are unbiased estimates, churn stays at zero, and a
+/// realloc still releases the block it replaces.
+#[test]
+fn sampling_keeps_large_blocks_exact_and_estimates_the_rest() {
+    if !privileged("sampling_keeps_large_blocks_exact_and_estimates_the_rest") {
+        return;
+    }
+    let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
+    target.expect_line("ready", T);
+    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+        "attach",
+        &target.pid().to_string(),
+        "--format",
+        "json",
+        "--sample-bytes",
+        "4096",
+        "--interval",
+        "0.2",
+    ]));
+    let mut stream = Stream::new(&mut tracer);
+    stream.next_of("attached", T);
+    target.send("go");
+    target.expect_line("done", T);
+    target.close_stdin();
+    let report = stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    let src = allocs_src();
+    let at = |f: &str, m: &str| site_at(&report, "heap", f, marker_line(&src, m));
+    // At or above the rate: kept every time, weight 1.
+    assert_eq!(at("leak_big", "big_malloc")["outstanding_bytes"], 2 << 20);
+    assert_eq!(
+        at("grow_realloc", "realloc_grow")["outstanding_bytes"],
+        15_000
+    );
+    assert_eq!(at("leak_big", "big_malloc")["sampled"], true);
+    // The 100-byte seeds realloc replaced are gone, whether kept or not.
+    let seeds = sites_at(
+        &report,
+        "heap",
+        "grow_realloc",
+        marker_line(&src, "realloc_seed"),
+    );
+    assert!(seeds.iter().all(|s| s["outstanding_bytes"] == 0));
+    // Churn: 10000 × 64 B, p = 1/64: ~156 kept, weight 64 each.
+    let churn = at("churn", "churn");
+    assert_eq!(churn["outstanding_bytes"], 0);
+    let est = churn["allocs"].as_f64().unwrap();
+    assert!(
+        (est - 10_000.0).abs() < 3_000.0,
+        "churn allocs estimate {est}"
+    );
+    assert!(report["activity"]["unsampled"].as_u64().unwrap() > 9_000);
+    // Mappings are never sampled.
+    assert_eq!(
+        site_at(&report, "mmap", "leak_mmap", marker_line(&src, "mmap"))["outstanding_bytes"],
+        131_072
+    );
+}

@@ -89,6 +89,10 @@ impl Op {
     }
 }
 
+/// Bit of [`Pending::op`] marking a call that sampling left out: its return
+/// only releases what it replaces (realloc) and records nothing.
+pub const OP_UNSAMPLED: u32 = 1 << 16;
+
 /// Stack id used when the kernel could not record the stack (table full or a
 /// hash collision). The bytes are still accounted, under an "unknown stack" site.
 pub const STACK_ID_NONE: u32 = u32::MAX;
@@ -119,7 +123,11 @@ pub struct Pending {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllocInfo {
+    /// Bytes accounted: the size, or in sampling mode the sample's weight
+    /// in bytes (max(size, rate)).
     pub size: u64,
+    /// Blocks accounted: 1, or in sampling mode max(1, rate / size).
+    pub weight: u64,
     /// Stack id in the stack table, or [`STACK_ID_NONE`].
     pub stack_id: u32,
     /// A [`Kind`].
@@ -242,6 +250,7 @@ pub enum Counter {
     PartialUnmaps = 11,
     /// Events dropped by the kernel because the target's tgid did not match.
     OtherProcess = 12,
+    // (13.. are the Go counters below; sampling counts at the end.)
     /// Goroutines created since attach.
     GoroutinesCreated = 13,
     /// Goroutines that exited since attach (including ones created before).
@@ -256,10 +265,12 @@ pub enum Counter {
     /// Timers created / retired (stopped or fired for good) since attach.
     TimersCreated = 19,
     TimersRetired = 20,
+    /// Allocations left out by sampling (`--sample-bytes`). Informational.
+    Unsampled = 21,
 }
 
 /// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 21;
+pub const COUNTER_COUNT: u32 = 22;
 
 /// Default sizes of the kernel maps; all configurable from the command line.
 pub const DEFAULT_MAX_ALLOCS: u32 = 1 << 20;
@@ -293,7 +304,7 @@ mod tests {
     #[test]
     fn no_hidden_padding() {
         assert_eq!(size_of::<Pending>(), 8 * 3 + 4 + 4);
-        assert_eq!(size_of::<AllocInfo>(), 8 + 4 + 4);
+        assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<SiteKey>(), 4 + 4);
         assert_eq!(size_of::<SiteStats>(), 8 * 6);
         assert_eq!(size_of::<GoSiteKey>(), 16);
@@ -317,6 +328,6 @@ mod tests {
             assert_eq!(Op::from_u64(v).map(|o| o as u64), Some(v));
         }
         assert_eq!(Op::from_u64(0), None);
-        assert_eq!(Counter::TimersRetired as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::Unsampled as u32 + 1, COUNTER_COUNT);
     }
 }

@@ -18,8 +18,10 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
     helpers::bpf_ktime_get_ns,
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user,
+    },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, StackTrace},
     programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
@@ -27,8 +29,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{info, warn};
 use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
-    DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, Kind, Op,
-    OomVictim, Pending, STACK_ID_NONE, SiteKey, SiteStats,
+    DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, Kind,
+    OP_UNSAMPLED, OomVictim, Op, Pending, STACK_ID_NONE, SiteKey, SiteStats,
 };
 
 /// Process (tgid) whose events count; 0 accepts every process. Set before load.
@@ -36,6 +38,11 @@ use tracer_common::{
 /// probe shared with another consumer on the same inode.
 #[unsafe(no_mangle)]
 static TARGET_TGID: u32 = 0;
+
+/// Sampling rate in bytes (`--sample-bytes`); 0 traces every allocation.
+/// Set before load.
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 0;
 
 /// Page size of the target, for rounding mapping lengths. Set before load.
 #[unsafe(no_mangle)]
@@ -171,11 +178,19 @@ fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32
             );
         }
     }
+    let op_bits = if is_sampled(op, size) {
+        op as u32
+    } else {
+        count(Counter::Unsampled);
+        op as u32 | OP_UNSAMPLED
+    };
+    // Unsampled calls are remembered too, so that the allocator's own mmap
+    // calls inside them are still recognised as nested.
     let pending = Pending {
         size,
         addr,
         sp,
-        op: op as u32,
+        op: op_bits,
         tail_calls: 0,
     };
     if PENDING.insert(&id, &pending, 0).is_err() {
@@ -188,6 +203,35 @@ fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32
         return Err(1);
     }
     Ok(0)
+}
+
+#[inline(always)]
+fn sample_bytes() -> u64 {
+    unsafe { core::ptr::read_volatile(&SAMPLE_BYTES) }
+}
+
+/// Bernoulli sampling by size: a heap block of `size` bytes is kept with
+/// probability min(1, size / rate) and then weighs 1/p (Horvitz–Thompson),
+/// which makes the totals unbiased. Mappings are always kept.
+#[inline(always)]
+fn is_sampled(op: Op, size: u64) -> bool {
+    let rate = sample_bytes();
+    if rate == 0 || size >= rate || matches!(op, Op::Mmap | Op::Mremap) {
+        return true;
+    }
+    // A uniform draw in [0, rate) without division: (u32 * rate) >> 32.
+    let r = (u64::from(unsafe { bpf_get_prandom_u32() }) * (rate & 0xffff_ffff)) >> 32;
+    r < size
+}
+
+/// Bytes and blocks one kept allocation of `size` stands for.
+#[inline(always)]
+fn weights(size: u64, kind: Kind) -> (u64, u64) {
+    let rate = sample_bytes();
+    if rate == 0 || size >= rate || matches!(kind, Kind::Mmap) || size == 0 {
+        return (size, 1);
+    }
+    (rate, rate / size)
 }
 
 #[inline(always)]
@@ -386,9 +430,20 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let ret: u64 = ctx.ret();
-    let Some(op) = Op::from_u64(pending.op as u64) else {
+    let Some(op) = Op::from_u64(u64::from(pending.op & !OP_UNSAMPLED)) else {
         return Err(1);
     };
+    if pending.op & OP_UNSAMPLED != 0 {
+        // Left out by sampling: only what a successful realloc replaced (if
+        // it was kept) changes.
+        if matches!(op, Op::Realloc | Op::ReallocArray)
+            && pending.addr != 0
+            && (ret != 0 || pending.size == 0)
+        {
+            release(pending.addr, Kind::Heap, u64::MAX);
+        }
+        return Ok(0);
+    }
     match op {
         Op::Malloc | Op::Calloc | Op::AlignedAlloc | Op::Memalign | Op::Valloc | Op::Pvalloc => {
             if ret == 0 {
@@ -472,15 +527,17 @@ fn record(ctx: &RetProbeContext, addr: u64, size: u64, kind: Kind) {
         }
         return;
     };
+    let (bytes, blocks) = weights(size, kind);
     let info = AllocInfo {
-        size,
+        size: bytes,
+        weight: blocks,
         stack_id,
         kind: kind as u32,
     };
     // SAFETY: `site` points into a map value that lives as long as the map.
     unsafe {
-        add(&raw mut (*site).allocs, 1);
-        add(&raw mut (*site).alloc_bytes, size);
+        add(&raw mut (*site).allocs, blocks);
+        add(&raw mut (*site).alloc_bytes, bytes);
     }
     if ALLOCS.insert(&addr, &info, 0).is_err() {
         // Without the address its free could not be matched: counting it as
@@ -491,8 +548,8 @@ fn record(ctx: &RetProbeContext, addr: u64, size: u64, kind: Kind) {
         return;
     }
     unsafe {
-        add(&raw mut (*site).outstanding_bytes, size as i64);
-        add(&raw mut (*site).outstanding_count, 1);
+        add(&raw mut (*site).outstanding_bytes, bytes as i64);
+        add(&raw mut (*site).outstanding_count, blocks as i64);
     }
 }
 
@@ -548,8 +605,8 @@ fn release(addr: u64, kind: Kind, len: u64) {
     };
     unsafe {
         add(&raw mut (*site).outstanding_bytes, -(info.size as i64));
-        add(&raw mut (*site).outstanding_count, -1);
-        add(&raw mut (*site).frees, 1);
+        add(&raw mut (*site).outstanding_count, -(info.weight as i64));
+        add(&raw mut (*site).frees, info.weight);
         add(&raw mut (*site).free_bytes, info.size);
     }
 }

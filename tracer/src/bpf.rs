@@ -34,6 +34,8 @@ pub struct MapSizes {
     pub threads: u32,
     /// Live goroutines tracked at once.
     pub goroutines: u32,
+    /// Heap sampling rate in bytes (`--sample-bytes`); 0: every allocation.
+    pub sample_bytes: u64,
 }
 
 impl Default for MapSizes {
@@ -44,6 +46,7 @@ impl Default for MapSizes {
             stacks: tracer_common::DEFAULT_MAX_STACKS,
             threads: tracer_common::DEFAULT_MAX_THREADS,
             goroutines: tracer_common::DEFAULT_MAX_GOROUTINES,
+            sample_bytes: 0,
         }
     }
 }
@@ -93,6 +96,7 @@ impl Kernel {
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("PAGE_SIZE", &page_size, true)
             .override_global("GO_OFFSETS", &go, true)
+            .override_global("SAMPLE_BYTES", &sizes.sample_bytes, true)
             .map_max_entries("GO_GOROUTINES", sizes.goroutines)
             .map_max_entries("GO_TIMERS", sizes.goroutines)
             .map_max_entries("GO_SITES", sizes.sites)

@@ -70,6 +70,8 @@ pub struct Activity {
     pub untracked_frees: u64,
     pub stale_entries: u64,
     pub partial_unmaps: u64,
+    /// Allocations left out by `--sample-bytes`.
+    pub unsampled: u64,
     /// Fill of the address map, 0..1.
     pub addr_map_fill: f64,
     /// Fill of the site map, 0..1.
@@ -183,7 +185,7 @@ impl Collector {
                 frames,
                 truncated,
                 start_function: None,
-                sampled: false,
+                sampled: kernel.sizes.sample_bytes > 0 && key.kind == Kind::Heap as u32,
                 bytes: stats.outstanding_bytes,
                 count: stats.outstanding_count,
                 allocs: stats.allocs,
@@ -381,6 +383,7 @@ impl Collector {
             untracked_frees: counters.get(Counter::UntrackedFrees),
             stale_entries: counters.get(Counter::StalePending),
             partial_unmaps: counters.get(Counter::PartialUnmaps),
+            unsampled: counters.get(Counter::Unsampled),
             addr_map_fill: live as f64 / f64::from(kernel.sizes.allocs.max(1)),
             site_map_fill: reports.len() as f64 / f64::from(kernel.sizes.sites.max(1)),
         };

@@ -95,6 +95,12 @@ struct Common {
     /// Distinct stacks the kernel can record.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
     max_stacks: u32,
+    /// Sample heap allocations by size instead of tracing each one: a block
+    /// of s bytes is kept with probability min(1, s/N) and weighs 1/p, so
+    /// totals stay unbiased; left-out allocations cost no map update and no
+    /// stack walk (e.g. 524288, as pprof). Default: trace every allocation.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32) - 1))]
+    sample_bytes: Option<u64>,
     /// Go heap sampling rate to set in the target, in bytes (default: turn
     /// sampling on at 512 KiB only where the binary has it off).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -189,6 +195,7 @@ impl Common {
                 sites: self.max_sites,
                 stacks: self.max_stacks,
                 threads: self.max_threads,
+                sample_bytes: self.sample_bytes.unwrap_or(0),
                 ..MapSizes::default()
             },
         }

@@ -173,12 +173,25 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
     let pid = target.child.id();
     let started = Instant::now();
     let tool = match mode {
-        "tracer" => {
+        "tracer" | "sampled" => {
             let out = out_dir.join("tracer.jsonl");
             let _ = std::fs::remove_file(&out);
+            let sampling: &[&str] = if mode == "sampled" {
+                &["--sample-bytes", "524288"]
+            } else {
+                &[]
+            };
             let child = Command::new(tracer_bin())
-                .args(["attach", &pid.to_string(), "--format", "json", "--no-alerts", "-o"])
+                .args([
+                    "attach",
+                    &pid.to_string(),
+                    "--format",
+                    "json",
+                    "--no-alerts",
+                    "-o",
+                ])
                 .arg(&out)
+                .args(sampling)
                 .stderr(Stdio::null())
                 .spawn()?;
             wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
@@ -187,7 +200,12 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
         }
         "bpftrace" => {
             let mut child = Command::new("bpftrace")
-                .args(["-p", &pid.to_string(), "-e", &bpftrace_script(&libc_path(bench)?)])
+                .args([
+                    "-p",
+                    &pid.to_string(),
+                    "-e",
+                    &bpftrace_script(&libc_path(bench)?),
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()?;
@@ -205,7 +223,10 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
     };
     target.go()?;
     run.cost = target.value("ns_per_pair")?;
-    run.truth = Some((target.value("leak_a")? as u64, target.value("leak_b")? as u64));
+    run.truth = Some((
+        target.value("leak_a")? as u64,
+        target.value("leak_b")? as u64,
+    ));
     target.finish();
     if let Some((child, out)) = tool {
         let (cpu, rss) = wait_rusage(child);
@@ -236,14 +257,24 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
 
 fn go_run(mode: &str, bin: &Path, rounds: u64, goroutines: u64, out_dir: &Path) -> Result<Run> {
     let mut run = Run::default();
-    let mut target =
-        Target::start(Command::new(bin).arg(rounds.to_string()).arg(goroutines.to_string()))?;
+    let mut target = Target::start(
+        Command::new(bin)
+            .arg(rounds.to_string())
+            .arg(goroutines.to_string()),
+    )?;
     let tool = if mode == "tracer" {
         let out = out_dir.join("tracer-go.jsonl");
         let _ = std::fs::remove_file(&out);
         let started = Instant::now();
         let child = Command::new(tracer_bin())
-            .args(["attach", &target.child.id().to_string(), "--format", "json", "--no-alerts", "-o"])
+            .args([
+                "attach",
+                &target.child.id().to_string(),
+                "--format",
+                "json",
+                "--no-alerts",
+                "-o",
+            ])
             .arg(&out)
             .stderr(Stdio::null())
             .spawn()?;
@@ -273,7 +304,7 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let bench = fixtures_dir().join("bench");
     let gobench = fixtures_dir().join("gobench-go1.27");
-    let modes = ["untraced", "tracer", "bpftrace", "heaptrack"];
+    let modes = ["untraced", "tracer", "sampled", "bpftrace", "heaptrack"];
     let mut c: Vec<(&str, Vec<Run>)> = modes.iter().map(|m| (*m, Vec::new())).collect();
     // Allocation-heavy (2 goroutines+timers per 20k allocations), then
     // goroutine/timer-heavy (50 per round) to show the per-event cost.
@@ -303,8 +334,14 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     report(&c, &go, pairs, &out_dir)
 }
 
-fn report(c: &[(&str, Vec<Run>)], go: &[(&str, Vec<Run>)], pairs: u64, out_dir: &Path) -> Result<()> {
-    let med = |runs: &[Run], f: &dyn Fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f).collect());
+fn report(
+    c: &[(&str, Vec<Run>)],
+    go: &[(&str, Vec<Run>)],
+    pairs: u64,
+    out_dir: &Path,
+) -> Result<()> {
+    let med =
+        |runs: &[Run], f: &dyn Fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f).collect());
     let base = med(&c[0].1, &|r| Some(r.cost));
     let added = |name: &str| {
         c.iter()
@@ -317,7 +354,14 @@ fn report(c: &[(&str, Vec<Run>)], go: &[(&str, Vec<Run>)], pairs: u64, out_dir: 
     );
     println!(
         "{:<10} {:>11} {:>11} {:>9} {:>13} {:>11} {:>10} {:>9}  accuracy (leak_a, leak_b)",
-        "mode", "ns/pair", "added ns", "×untraced", "tracer/peer", "tool CPU s", "tool RSS", "attach s"
+        "mode",
+        "ns/pair",
+        "added ns",
+        "×untraced",
+        "tracer/peer",
+        "tool CPU s",
+        "tool RSS",
+        "attach s"
     );
     let mut json_c = serde_json::Map::new();
     for (mode, runs) in c {
@@ -325,7 +369,7 @@ fn report(c: &[(&str, Vec<Run>)], go: &[(&str, Vec<Run>)], pairs: u64, out_dir: 
         let cpu = med(runs, &|r| r.tool_cpu_s);
         let rss = med(runs, &|r| r.tool_maxrss_kb.map(|k| k as f64));
         let attach = med(runs, &|r| r.attach_s);
-        let ratio_to_tracer = if *mode == "tracer" || *mode == "untraced" {
+        let ratio_to_tracer = if ["tracer", "sampled", "untraced"].contains(mode) {
             String::new()
         } else {
             format!("{:.2}", added("tracer") / (ns - base))
@@ -340,13 +384,23 @@ fn report(c: &[(&str, Vec<Run>)], go: &[(&str, Vec<Run>)], pairs: u64, out_dir: 
                     (rb as f64 / tb as f64 - 1.0) * 100.0
                 )
             });
-        let opt = |v: f64, prec: usize| if v.is_nan() { "-".into() } else { format!("{v:.prec$}") };
+        let opt = |v: f64, prec: usize| {
+            if v.is_nan() {
+                "-".into()
+            } else {
+                format!("{v:.prec$}")
+            }
+        };
         println!(
             "{mode:<10} {ns:>11.1} {:>11.1} {:>9.1} {ratio_to_tracer:>13} {:>11} {:>10} {:>9}  {accuracy}",
             ns - base,
             ns / base,
             opt(cpu, 2),
-            if rss.is_nan() { "-".into() } else { format!("{:.0} MiB", rss / 1024.0) },
+            if rss.is_nan() {
+                "-".into()
+            } else {
+                format!("{:.0} MiB", rss / 1024.0)
+            },
             opt(attach, 2),
         );
         json_c.insert(
@@ -362,9 +416,19 @@ fn report(c: &[(&str, Vec<Run>)], go: &[(&str, Vec<Run>)], pairs: u64, out_dir: 
             }),
         );
     }
-    if let Some(lost) = c.iter().find(|(m, _)| *m == "tracer").and_then(|(_, r)| r.last()?.lost.clone()) {
+    if let Some(lost) = c
+        .iter()
+        .find(|(m, _)| *m == "tracer")
+        .and_then(|(_, r)| r.last()?.lost.clone())
+    {
         println!("tracer lost: {lost}");
     }
+    let peer = added("bpftrace");
+    println!(
+        "tracer added cost ÷ bpftrace's: exact {:.2}, sampled (512 KiB) {:.2}",
+        added("tracer") / peer,
+        added("sampled") / peer
+    );
     let gbase = med(&go[0].1, &|r| Some(r.cost));
     let gtr = med(&go[1].1, &|r| Some(r.cost));
     let cbase = med(&go[2].1, &|r| Some(r.cost));
