@@ -554,7 +554,7 @@ mod tests {
             Hook::Mmap,
         ] {
             assert!(
-                syms.iter().any(|(h, off)| *h == hook && *off > 0),
+                syms.iter().any(|(h, off, _)| *h == hook && *off > 0),
                 "{hook:?} not found"
             );
         }
@@ -581,14 +581,18 @@ mod tests {
         let n = entries.len();
         entries.dedup();
         assert_eq!(n, entries.len(), "one entry probe per address");
-        // Every return probe precedes its entry probe.
+        // Every return probe precedes its entry probe, which is at or just
+        // after the function's entry.
         for (i, p) in plan
             .iter()
             .enumerate()
             .filter(|(_, p)| p.program == "alloc_return")
         {
-            assert_eq!(plan[i + 1].offset, p.offset);
+            assert!(plan[i + 1].offset >= p.offset && plan[i + 1].offset < p.offset + 64);
         }
+        // glibc's free starts with a single-stepped `test`: moved.
+        let free = plan.iter().find(|p| p.program == "free_enter").unwrap();
+        assert!(free.function.starts_with("free+"), "{}", free.function);
         let none = ObjectRef {
             path: "/nonexistent".into(),
             open_path: "/nonexistent".into(),
