@@ -295,6 +295,51 @@ fn go_run(mode: &str, bin: &Path, rounds: u64, goroutines: u64, out_dir: &Path) 
     Ok(run)
 }
 
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    Some(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// The tracer's own CPU while it traces a target doing `rate` malloc+free
+/// pairs per second, measured over `secs` after start-up; and the pace the
+/// target really kept.
+fn steady_cpu(bench: &Path, rate: u64, secs: u64) -> Result<(f64, f64)> {
+    let mut target = Command::new(bench)
+        .args(["pace", &rate.to_string()])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let pid = target.id();
+    let mut tracer = Command::new(tracer_bin())
+        .args([
+            "attach",
+            &pid.to_string(),
+            "--format",
+            "json",
+            "--no-alerts",
+            "-o",
+            "/dev/null",
+        ])
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(5));
+    let (c0, t0) = (cpu_secs(tracer.id()), Instant::now());
+    let target0 = cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(secs));
+    let (c1, dt) = (cpu_secs(tracer.id()), t0.elapsed().as_secs_f64());
+    let target1 = cpu_secs(pid);
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    let _ = target.kill();
+    let _ = target.wait();
+    let tracer_pct = (c1.unwrap_or(0.0) - c0.unwrap_or(0.0)) / dt * 100.0;
+    let target_pct = (target1.unwrap_or(0.0) - target0.unwrap_or(0.0)) / dt * 100.0;
+    Ok((tracer_pct, target_pct))
+}
+
 pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     toolchain::apt_install(&[
         ("bpftrace", "the bpftrace memleak-style peer"),
@@ -331,7 +376,9 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
             );
         }
     }
-    report(&c, &go, pairs, &out_dir)
+    println!("bench: the tracer's own CPU at 100k malloc+free pairs/s (20 s)");
+    let steady = steady_cpu(&bench, 100_000, 20)?;
+    report(&c, &go, pairs, &out_dir, steady)
 }
 
 fn report(
@@ -339,6 +386,7 @@ fn report(
     go: &[(&str, Vec<Run>)],
     pairs: u64,
     out_dir: &Path,
+    steady: (f64, f64),
 ) -> Result<()> {
     let med =
         |runs: &[Run], f: &dyn Fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f).collect());
@@ -446,6 +494,11 @@ fn report(
          ≈ {per_event_us:.1} µs per traced goroutine+timer lifecycle",
         (ctr / cbase - 1.0) * 100.0
     );
+    println!(
+        "\nsteady state, 100k malloc+free pairs/s traced: tracer process {:.2}% of a core \
+         (the target, probes included, {:.0}%)",
+        steady.0, steady.1
+    );
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -459,6 +512,7 @@ fn report(
                "churn_traced_ms": go[3].1.iter().map(|r| r.cost).collect::<Vec<_>>(),
                "churn_slowdown_pct": (ctr / cbase - 1.0) * 100.0},
         "pairs": pairs,
+        "steady_100k_per_s": {"tracer_cpu_pct": steady.0, "target_cpu_pct": steady.1},
     });
     std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
     println!("\nbench: results in {}", path.display());
