@@ -60,10 +60,17 @@ fn timer_sites<'v>(
         .collect()
 }
 
-/// The sampled heap sites allocated by `function` at `marker`: their first
-/// frame outside the runtime is that line. (Allocations the runtime makes on
-/// its own while inside that call, e.g. GC assists, pass through it deeper.)
+/// The sampled heap sites allocated by `function` at `marker`: the frames
+/// before that line are only the allocator's entry points. (Allocations the
+/// runtime makes on its own inside that call, e.g. a GC assist's, pass
+/// through it deeper and are sites of their own.)
 fn heap_sites_through<'v>(snap: &'v Value, function: &str, marker: &str) -> Vec<&'v Value> {
+    const ENTRY_POINTS: [&str; 4] = [
+        "runtime.makeslice",
+        "runtime.newobject",
+        "runtime.growslice",
+        "runtime.mallocgc",
+    ];
     let line = marker_line(&src(), marker);
     snap["sites"]
         .as_array()
@@ -75,7 +82,10 @@ fn heap_sites_through<'v>(snap: &'v Value, function: &str, marker: &str) -> Vec<
                     .as_array()
                     .unwrap()
                     .iter()
-                    .find(|f| !f["function"].as_str().unwrap_or("").starts_with("runtime."))
+                    .find(|f| {
+                        let name = f["function"].as_str().unwrap_or("");
+                        !ENTRY_POINTS.iter().any(|e| name.starts_with(e))
+                    })
                     .is_some_and(|f| f["function"] == function && f["line"] == line)
         })
         .collect()

@@ -43,6 +43,17 @@ pub struct SiteReport {
     pub frames: Vec<Frame>,
 }
 
+impl SiteReport {
+    /// The frame to name as the culprit: the program's own code nearest the
+    /// allocation, past allocator and standard-library frames.
+    pub fn culprit(&self) -> Option<&Frame> {
+        self.frames
+            .iter()
+            .find(|f| crate::symbolize::is_user_frame(&f.function))
+            .or(self.frames.first())
+    }
+}
+
 /// Everything the kernel side could not account, shown to the user.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Lost {

@@ -116,12 +116,7 @@ pub fn alertmanager_payload(alert: &Alert) -> serde_json::Value {
     let culprit = alert
         .top_sites
         .first()
-        .and_then(|s| {
-            s.frames
-                .iter()
-                .find(|f| crate::sink::table::is_user_frame(&f.function))
-                .or(s.frames.first())
-        })
+        .and_then(|s| s.culprit())
         .map(|f| f.short())
         .unwrap_or_default();
     let labels = json!({

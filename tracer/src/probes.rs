@@ -323,44 +323,34 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         frees,
     };
     let file_off = |f: &golang::Function, va: u64| f.file_offset + (va - f.addr);
+    // An "entry" probe on the first push rbp past the stack-growth prologue.
+    let entry_probe = |f: &golang::Function, program: &'static str, frees: bool| {
+        let code = golang::code(&data, f)?;
+        let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
+        Some(probe(f.name.clone(), file_off(f, at), program, frees))
+    };
     // Exits before creations, frees before allocations.
     let exit = golang::function(&file, pcln, "runtime.gdestroy")
         .or_else(|| golang::function(&file, pcln, "runtime.goexit0"));
-    match exit
-        .as_ref()
-        .and_then(|f| Some((f, golang::code(&data, f)?)))
-    {
-        Some((f, code)) => {
-            let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
-            probes.push(probe(f.name.clone(), file_off(f, at), "go_goexit", true));
-        }
-        None => missing.push("runtime.gdestroy/goexit0"),
-    }
-    if let Some(f) = golang::function(&file, pcln, "runtime.mProf_Free")
-        && let Some(code) = golang::code(&data, &f)
-    {
-        let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
-        probes.push(probe(
-            f.name.clone(),
-            file_off(&f, at),
+    for (f, program, frees, name) in [
+        (exit, "go_goexit", true, "runtime.gdestroy/goexit0"),
+        (
+            golang::function(&file, pcln, "runtime.mProf_Free"),
             "go_profile_free",
             true,
-        ));
-    } else {
-        missing.push("runtime.mProf_Free");
-    }
-    if let Some(f) = golang::function(&file, pcln, "runtime.setprofilebucket")
-        && let Some(code) = golang::code(&data, &f)
-    {
-        let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
-        probes.push(probe(
-            f.name.clone(),
-            file_off(&f, at),
+            "runtime.mProf_Free",
+        ),
+        (
+            golang::function(&file, pcln, "runtime.setprofilebucket"),
             "go_profile_bucket",
             false,
-        ));
-    } else {
-        missing.push("runtime.setprofilebucket");
+            "runtime.setprofilebucket",
+        ),
+    ] {
+        match f.as_ref().and_then(|f| entry_probe(f, program, frees)) {
+            Some(p) => probes.push(p),
+            None => missing.push(name),
+        }
     }
     if let Some(f) = golang::function(&file, pcln, "runtime.newproc1")
         && let Some(code) = golang::code(&data, &f)

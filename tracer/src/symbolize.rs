@@ -65,6 +65,24 @@ impl Frame {
     }
 }
 
+/// Whether a function is the program's own rather than its language's
+/// library: C functions, Go's `main` package, and Go packages under a domain
+/// (`github.com/...`), not Go's standard library (`time`, `context`, ...).
+pub fn is_user_frame(function: &str) -> bool {
+    if function.starts_with('[') {
+        return false;
+    }
+    // Go names are "import/path.Func": the package path ends at the first dot
+    // after its last slash.
+    let path_end = function.rfind('/').map_or(0, |i| i + 1);
+    let Some(dot) = function[path_end..].find('.') else {
+        return true; // C
+    };
+    let pkg = &function[..path_end + dot];
+    let first = pkg.split('/').next().unwrap_or(pkg);
+    pkg == "main" || first.contains('.')
+}
+
 /// Functions in which a complete user stack ends.
 const STACK_ROOTS: &[&str] = &[
     // Frames past C's main are the C runtime's start code: noise.
@@ -141,56 +159,55 @@ struct Held {
     pclntab: Option<(crate::gopclntab::Pclntab, Segments)>,
 }
 
-/// The `.gopclntab` of a Go binary that has no DWARF, which blazesym would
-/// need for lines and inlined frames.
-fn pclntab_for(file: &std::fs::File) -> Option<(crate::gopclntab::Pclntab, Segments)> {
-    use object::{Object, ObjectSegment};
-    let cache = object::ReadCache::new(file.try_clone().ok()?);
-    let obj = object::File::parse(&cache).ok()?;
-    obj.section_by_name(".gopclntab")?;
-    if obj.section_by_name(".debug_info").is_some() || obj.section_by_name(".zdebug_info").is_some()
-    {
-        return None;
-    }
-    let tab = crate::gopclntab::Pclntab::parse(&obj)?;
-    let segments = obj
-        .segments()
-        .map(|seg| {
-            let (off, size) = seg.file_range();
-            (off, size, seg.address())
-        })
-        .collect();
-    Some((tab, segments))
-}
-
 /// Directory of separate debug files named by build id (Debian's -dbg packages).
 const BUILD_ID_DIR: &str = "/usr/lib/debug/.build-id";
 
-/// The separate debug file of `file`, looked up by its build id.
+/// What symbolization needs to know about a file beyond blazesym, read in one
+/// parse when the file is opened: its separate debug file (by build id) or,
+/// for a Go binary without DWARF, its `.gopclntab`.
 ///
-/// blazesym finds these itself from a binary's canonical path, but a file of
-/// a container (or of an exited process) has no path valid here.
-fn debug_file_for(file: &std::fs::File) -> Option<DebugFile> {
+/// blazesym finds debug files itself from a binary's canonical path, but a
+/// file of a container (or of an exited process) has no path valid here.
+fn inspect(
+    file: &std::fs::File,
+) -> (
+    Option<DebugFile>,
+    Option<(crate::gopclntab::Pclntab, Segments)>,
+) {
     use object::{Object, ObjectSegment};
-    let cache = object::ReadCache::new(file.try_clone().ok()?);
-    let obj = object::File::parse(&cache).ok()?;
-    let id = obj.build_id().ok()??;
-    if id.len() < 2 {
-        return None;
-    }
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    let path = PathBuf::from(format!("{BUILD_ID_DIR}/{}/{}.debug", &hex[..2], &hex[2..]));
-    if !path.exists() {
-        return None;
-    }
-    let segments = obj
+    let Some(cache) = file.try_clone().ok().map(object::ReadCache::new) else {
+        return (None, None);
+    };
+    let Ok(obj) = object::File::parse(&cache) else {
+        return (None, None);
+    };
+    let segments: Segments = obj
         .segments()
         .map(|seg| {
             let (off, size) = seg.file_range();
             (off, size, seg.address())
         })
         .collect();
-    Some((path, segments))
+    let debug = obj
+        .build_id()
+        .ok()
+        .flatten()
+        .filter(|id| id.len() >= 2)
+        .map(|id| {
+            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            PathBuf::from(format!("{BUILD_ID_DIR}/{}/{}.debug", &hex[..2], &hex[2..]))
+        })
+        .filter(|p| p.exists());
+    if let Some(path) = debug {
+        return (Some((path, segments)), None);
+    }
+    let has_dwarf = obj.section_by_name(".debug_info").is_some()
+        || obj.section_by_name(".zdebug_info").is_some();
+    let pclntab = (!has_dwarf)
+        .then(|| crate::gopclntab::Pclntab::parse(&obj))
+        .flatten()
+        .map(|tab| (tab, segments));
+    (None, pclntab)
 }
 
 /// Virtual address of file offset `off` through the loadable segments.
@@ -233,12 +250,7 @@ impl Symbolizer {
                 Ok(f) => {
                     use std::os::fd::AsRawFd;
                     let via = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
-                    let debug = debug_file_for(&f);
-                    let pclntab = if debug.is_none() {
-                        pclntab_for(&f)
-                    } else {
-                        None
-                    };
+                    let (debug, pclntab) = inspect(&f);
                     self.held.insert(
                         key,
                         Held {

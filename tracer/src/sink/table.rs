@@ -89,23 +89,7 @@ fn growth(g: f64) -> String {
     }
 }
 
-/// Whether a function is the program's own rather than its language's
-/// library: C functions, Go's `main` package, and Go packages under a domain
-/// (`github.com/...`), not Go's standard library (`time`, `context`, ...).
-pub fn is_user_frame(function: &str) -> bool {
-    if function.starts_with('[') {
-        return false;
-    }
-    // Go names are "import/path.Func": the package path ends at the first dot
-    // after its last slash.
-    let path_end = function.rfind('/').map_or(0, |i| i + 1);
-    let Some(dot) = function[path_end..].find('.') else {
-        return true; // C
-    };
-    let pkg = &function[..path_end + dot];
-    let first = pkg.split('/').next().unwrap_or(pkg);
-    pkg == "main" || first.contains('.')
-}
+pub use crate::symbolize::is_user_frame;
 
 /// One line naming every non-zero loss, or saying there is none.
 pub fn lost_line(lost: &Lost) -> String {
@@ -353,12 +337,7 @@ impl<W: Write> Sink for TableSink<W> {
                 .filter(|s| s.kind == kind && s.outstanding_count > 0)
                 .max_by_key(|s| s.outstanding_count)
             {
-                let user = top
-                    .frames
-                    .iter()
-                    .find(|f| is_user_frame(&f.function))
-                    .or(top.frames.first())
-                    .map_or("[unknown]".into(), |f| f.short());
+                let user = top.culprit().map_or("[unknown]".into(), |f| f.short());
                 writeln!(
                     self.out,
                     "\nMost {what}: {user}, {} ({})",
@@ -371,12 +350,7 @@ impl<W: Write> Sink for TableSink<W> {
             }
         }
         if let Some(top) = holders.iter().find(|s| s.outstanding_bytes > 0) {
-            let culprit = top
-                .frames
-                .iter()
-                .find(|f| is_user_frame(&f.function))
-                .or(top.frames.first())
-                .map_or("[unknown]".into(), |f| f.short());
+            let culprit = top.culprit().map_or("[unknown]".into(), |f| f.short());
             writeln!(
                 self.out,
                 "\nLargest holder: {culprit}, {} outstanding ({} blocks never freed)",
