@@ -217,6 +217,13 @@ fn fixtures() -> Result<()> {
     let out = fixtures_dir();
     std::fs::create_dir_all(&out)?;
     go_fixtures(&out)?;
+    c_fixtures_build()
+}
+
+/// The C targets only (all the demo needs: no Go toolchains to fetch).
+fn c_fixtures_build() -> Result<()> {
+    let out = fixtures_dir();
+    std::fs::create_dir_all(&out)?;
     let src_dir = root().join("tests/fixtures/c");
     for (src, bin, flags) in c_fixtures() {
         let src = src_dir.join(src);
@@ -251,7 +258,7 @@ fn test(args: &[String]) -> Result<()> {
 fn demo(seconds: u32) -> Result<()> {
     let route = toolchain::setup()?;
     build(&route)?;
-    fixtures()?;
+    c_fixtures_build()?;
     println!("demo: starting the bundled leaky service (tests/fixtures/c/demo.c)");
     let mut service = Command::new(fixtures_dir().join("demo"))
         .stdout(Stdio::piped())
