@@ -591,3 +591,54 @@ fn sampling_keeps_large_blocks_exact_and_estimates_the_rest() {
         131_072
     );
 }
+
+/// `--folded` and `--flamegraph`: the in-use stacks of the final snapshot,
+/// outermost first, weighted by exact bytes; the SVG is well-formed XML and
+/// names the leaking functions.
+#[test]
+fn folded_stacks_and_flame_graph() {
+    if !privileged("folded_stacks_and_flame_graph") {
+        return;
+    }
+    let dir = std::env::temp_dir();
+    let folded = dir.join(format!("tracer-{}.folded", std::process::id()));
+    let svg = dir.join(format!("tracer-{}.svg", std::process::id()));
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args(["run", "--format", "json", "-o", "/dev/null", "--folded"])
+            .arg(&folded)
+            .arg("--flamegraph")
+            .arg(&svg)
+            .arg("--")
+            .arg(fixture("allocs-fp"))
+            .arg("now"),
+    );
+    assert_eq!(tracer.wait(T), Some(0));
+    let text = std::fs::read_to_string(&folded).unwrap();
+    let image = std::fs::read_to_string(&svg).unwrap();
+    let _ = (std::fs::remove_file(&folded), std::fs::remove_file(&svg));
+    assert!(
+        text.lines()
+            .any(|l| l == "heap;main;run_all;leak_malloc 10000"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "mmap;main;run_all;leak_mmap 131072"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(";churn "),
+        "a site holding nothing is no stack"
+    );
+    // inferno writes the standard SVG DOCTYPE.
+    let opts = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(&image, opts).expect("well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    for f in ["leak_malloc", "grow_realloc", "leak_big"] {
+        assert!(image.contains(f), "the flame graph names {f}");
+    }
+}

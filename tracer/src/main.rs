@@ -80,6 +80,13 @@ struct Common {
     /// Write the output to this file instead of stdout.
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// At the end, write the in-use stacks in folded form (flamegraph.pl,
+    /// inferno, speedscope).
+    #[arg(long, value_name = "FILE")]
+    folded: Option<PathBuf>,
+    /// At the end, write an in-use memory flame graph (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    flamegraph: Option<PathBuf>,
     /// Sites shown in the table and the report.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     top: u64,
@@ -176,6 +183,8 @@ impl Common {
             interval: self.interval,
             duration: self.duration,
             trend_window: self.trend_window,
+            folded: self.folded.clone(),
+            flamegraph: self.flamegraph.clone(),
             go_sample_rate: self.go_sample_rate,
             no_write: self.no_write,
             alerts: (!self.no_alerts).then(|| AlertOptions {

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use std::time::SystemTime;
@@ -42,6 +43,9 @@ pub struct Options {
     pub no_write: bool,
     /// OOM-risk alerting; None turns it off.
     pub alerts: Option<AlertOptions>,
+    /// Write the final in-use stacks here (folded text / flame graph SVG).
+    pub folded: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
 }
 
 /// How the tracer watches the target's memory limit and alerts.
@@ -543,6 +547,13 @@ async fn trace_loop(
         sink.target_exited(&Exit { pid, code, signal })?;
     }
     sink.finish(&snap, reason, started.elapsed().as_secs_f64())?;
+    if let Some(path) = &opts.folded {
+        crate::sink::flame::write_folded(&snap, path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &opts.flamegraph {
+        crate::sink::flame::write_flamegraph(&snap, path)?;
+    }
     if let Some(w) = watch.as_mut() {
         w.notifier.flush(Duration::from_secs(5)).await;
     }

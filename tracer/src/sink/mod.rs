@@ -6,6 +6,7 @@ use serde::{Serialize, Serializer};
 
 use crate::{bpf::AttachedProbe, collect::Snapshot};
 
+pub mod flame;
 pub mod json;
 pub mod table;
 
