@@ -267,6 +267,18 @@ fn assert_incidents(version: &str, stream: &[Value]) {
     assert_eq!(cache[0]["sampled"], true);
 }
 
+/// The stream's first notice says `text`.
+fn assert_notice(stream: &[Value], text: &str) {
+    let notice = stream
+        .iter()
+        .find(|v| v["type"] == "notice")
+        .expect("a notice");
+    assert!(
+        notice["message"].as_str().unwrap().contains(text),
+        "{notice}"
+    );
+}
+
 #[test]
 fn go_incidents_per_release() {
     if !privileged("go_incidents_per_release") {
@@ -274,17 +286,7 @@ fn go_incidents_per_release() {
     }
     for version in VERSIONS {
         let stream = trace(version, &["--go-sample-rate", "4096"]);
-        let notice = stream
-            .iter()
-            .find(|v| v["type"] == "notice")
-            .expect("a notice");
-        assert!(
-            notice["message"]
-                .as_str()
-                .unwrap()
-                .contains("to 4096 bytes (it was 0)"),
-            "{notice}"
-        );
+        assert_notice(&stream, "to 4096 bytes (it was 0)");
         assert_incidents(version, &stream);
     }
 }
@@ -304,17 +306,7 @@ fn stripped_go_binaries() {
             version,
             &["--go-sample-rate", "4096"],
         );
-        let notice = stream
-            .iter()
-            .find(|v| v["type"] == "notice")
-            .expect("a notice");
-        assert!(
-            notice["message"]
-                .as_str()
-                .unwrap()
-                .contains("to 4096 bytes (it was 0)"),
-            "{notice}"
-        );
+        assert_notice(&stream, "to 4096 bytes (it was 0)");
         assert_incidents(version, &stream);
     }
 }

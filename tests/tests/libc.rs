@@ -199,16 +199,29 @@ fn attach_case(binary: &str, full_stacks: bool) {
 }
 
 fn attach_cmd(cmd: &mut Command, full_stacks: bool) {
+    let (stream, pid) = attach_until_exit(cmd, &[]);
+    assert_schema(&stream, pid);
+    assert_exact_sites(stream.last().unwrap(), full_stacks);
+}
+
+/// Attaches (with `extra` flags) to a target following allocs.c's protocol,
+/// lets it allocate and exit, and returns the whole stream and its pid. The
+/// target must exit 0, the tracer report its exit and then exit 0 itself.
+fn attach_until_exit(cmd: &mut Command, extra: &[&str]) -> (Vec<Value>, u32) {
     let mut target = Proc::spawn(cmd);
     target.expect_line("ready", T);
-    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
-        "attach",
-        &target.pid().to_string(),
-        "--format",
-        "json",
-        "--interval",
-        "0.2",
-    ]));
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args([
+                "attach",
+                &target.pid().to_string(),
+                "--format",
+                "json",
+                "--interval",
+                "0.2",
+            ])
+            .args(extra),
+    );
     let mut stream = Stream::new(&mut tracer);
     stream.next_of("attached", T);
     target.send("go");
@@ -228,8 +241,7 @@ fn attach_cmd(cmd: &mut Command, full_stacks: bool) {
         Some(0),
         "the tracer exits 0 when the target exits"
     );
-    assert_schema(&stream.seen, target.pid());
-    assert_exact_sites(&report, full_stacks);
+    (stream.seen, target.pid())
 }
 
 #[test]
@@ -540,27 +552,13 @@ fn sampling_keeps_large_blocks_exact_and_estimates_the_rest() {
     if !privileged("sampling_keeps_large_blocks_exact_and_estimates_the_rest") {
         return;
     }
-    let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
-    target.expect_line("ready", T);
-    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
-        "attach",
-        &target.pid().to_string(),
-        "--format",
-        "json",
-        "--sample-bytes",
-        "4096",
-        "--interval",
-        "0.2",
-    ]));
-    let mut stream = Stream::new(&mut tracer);
-    stream.next_of("attached", T);
-    target.send("go");
-    target.expect_line("done", T);
-    target.close_stdin();
-    let report = stream.next_of("report", T);
-    assert_eq!(tracer.wait(T), Some(0));
+    let (stream, _) = attach_until_exit(
+        Command::new(fixture("allocs-fp")).arg("wait"),
+        &["--sample-bytes", "4096"],
+    );
+    let report = stream.last().unwrap();
     let src = allocs_src();
-    let at = |f: &str, m: &str| site_at(&report, "heap", f, marker_line(&src, m));
+    let at = |f: &str, m: &str| site_at(report, "heap", f, marker_line(&src, m));
     // At or above the rate: kept every time, weight 1.
     assert_eq!(at("leak_big", "big_malloc")["outstanding_bytes"], 2 << 20);
     assert_eq!(
@@ -570,7 +568,7 @@ fn sampling_keeps_large_blocks_exact_and_estimates_the_rest() {
     assert_eq!(at("leak_big", "big_malloc")["sampled"], true);
     // The 100-byte seeds realloc replaced are gone, whether kept or not.
     let seeds = sites_at(
-        &report,
+        report,
         "heap",
         "grow_realloc",
         marker_line(&src, "realloc_seed"),
@@ -587,7 +585,7 @@ fn sampling_keeps_large_blocks_exact_and_estimates_the_rest() {
     assert!(report["activity"]["unsampled"].as_u64().unwrap() > 9_000);
     // Mappings are never sampled.
     assert_eq!(
-        site_at(&report, "mmap", "leak_mmap", marker_line(&src, "mmap"))["outstanding_bytes"],
+        site_at(report, "mmap", "leak_mmap", marker_line(&src, "mmap"))["outstanding_bytes"],
         131_072
     );
 }
