@@ -45,6 +45,34 @@ pub fn fixture(name: &str) -> PathBuf {
     p
 }
 
+/// The `go` command that reads pprof files back (set by `cargo xtask test`).
+pub fn go_tool() -> PathBuf {
+    let p = std::env::var_os("TRACER_GO")
+        .map(PathBuf::from)
+        .expect("TRACER_GO is not set: run the tests with `cargo xtask test`");
+    assert!(p.exists(), "{} does not exist", p.display());
+    p
+}
+
+/// Debian's Prometheus server (installed by `cargo xtask test`).
+pub fn prometheus_bin() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/prometheus");
+    assert!(
+        p.exists(),
+        "{} does not exist: run the tests with `cargo xtask test`, which installs Debian's prometheus",
+        p.display()
+    );
+    p
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
 /// A fixture's source file.
 pub fn source(rel: &str) -> PathBuf {
     workspace().join("tests/fixtures").join(rel)

@@ -59,6 +59,16 @@ fn usage_errors_exit_2() {
         &["attach", "1", "--interval", "0"],
         &["attach", "1", "--format", "xml"],
         &["attach", "1", "--max-allocs", "0"],
+        &["attach", "1", "--prometheus", "localhost"],
+        &["attach", "1", "--prometheus", "127.0.0.1:99999"],
+        &["attach", "1", "--pprof", "/nonexistent/dir/heap.pb.gz"],
+        &[
+            "report",
+            "x.jsonl",
+            "--flamegraph",
+            "/nonexistent/dir/f.svg",
+        ],
+        &["report"],
         &["run"],
         &["frobnicate"],
     ] {
@@ -90,6 +100,44 @@ fn unwritable_output() {
         1,
         "cannot create the output file /nonexistent/dir/out",
     );
+}
+
+#[test]
+fn metrics_address_in_use() {
+    let target = Proc::spawn(Command::new("sleep").arg("30"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    assert_fails(
+        &tracer(&["attach", &target.pid().to_string(), "--prometheus", &addr]),
+        1,
+        &format!("cannot serve metrics on {addr}: Address already in use"),
+    );
+}
+
+#[test]
+fn report_of_a_bad_recording() {
+    assert_fails(
+        &tracer(&["report", "/nonexistent/rec.jsonl"]),
+        3,
+        "/nonexistent/rec.jsonl: cannot open the recording",
+    );
+    let dir = std::env::temp_dir();
+    let cases = [
+        ("not json\n", "line 1 is not JSON"),
+        (
+            "{\"type\":\"attached\"}\n",
+            "line 1 is not a tracer `attached` event",
+        ),
+        ("{\"a\":1}\n", "line 1 has no `type`"),
+        ("", "holds no snapshot"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.join(format!("tracer-bad-{}-{i}.jsonl", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let out = tracer(&["report", path.to_str().unwrap()]);
+        let _ = std::fs::remove_file(&path);
+        assert_fails(&out, 3, needle);
+    }
 }
 
 /// Runs the tracer as user nobody without capabilities.

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{collect::SiteReport, memlimit::MemoryState};
 
@@ -101,7 +101,7 @@ pub fn theil_sen(pts: &[(f64, f64)]) -> f64 {
 }
 
 /// Alert severities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     Ok,
@@ -134,7 +134,7 @@ impl Default for Thresholds {
 }
 
 /// An alert, as the sinks receive it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Alert {
     pub pid: u32,
     /// `ok` marks the end of an alert (resolved).
@@ -146,12 +146,13 @@ pub struct Alert {
     pub memory: MemoryState,
     /// Top growing call sites over the trend window.
     pub top_sites: Vec<SiteReport>,
-    #[serde(skip)]
+    /// Taken from the JSON envelope.
+    #[serde(skip, default = "SystemTime::now")]
     pub ts: SystemTime,
 }
 
 /// The memory status attached to every snapshot.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MemoryStatus {
     #[serde(flatten)]
     pub state: MemoryState,
@@ -163,18 +164,18 @@ pub struct MemoryStatus {
 }
 
 /// The record of the kernel's OOM kill of the target.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OomKill {
     pub pid: u32,
     /// `oom:mark_victim tracepoint` or `cgroup oom_kill counter`.
-    pub detected_by: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detected_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anon_rss_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_rss_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shmem_rss_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_vm_bytes: Option<u64>,
     /// The last memory status before the kill.
     pub memory: Option<MemoryStatus>,

@@ -52,12 +52,12 @@ impl Default for MapSizes {
 }
 
 /// A probe that is live in the kernel.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AttachedProbe {
     pub function: String,
     pub path: String,
     pub offset: u64,
-    pub program: &'static str,
+    pub program: String,
 }
 
 /// Loaded programs, their links and maps.
@@ -200,7 +200,7 @@ impl Kernel {
                 function: probe.function.clone(),
                 path: probe.object.path.display().to_string(),
                 offset: probe.offset,
-                program: probe.program,
+                program: probe.program.into(),
             });
         }
         Ok(attached)

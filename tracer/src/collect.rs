@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use tracer_common::{Counter, Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
 
 use crate::{
@@ -16,11 +16,12 @@ use crate::{
 };
 
 /// One call site in a snapshot.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SiteReport {
     /// Stable short id of the site (hash of kind and frames).
     pub site_id: String,
-    pub kind: &'static str,
+    #[serde(deserialize_with = "de_kind")]
+    pub kind: KindName,
     pub outstanding_bytes: u64,
     pub outstanding_count: u64,
     pub allocs: u64,
@@ -32,10 +33,11 @@ pub struct SiteReport {
     /// (goroutines and timers grow in count).
     pub growth_count_per_s: f64,
     /// For goroutine sites: the goroutine's start function.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_function: Option<Frame>,
-    /// Figures are estimates scaled up from the Go runtime's heap samples.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    /// Figures are estimates scaled up from samples (Go's heap profile,
+    /// `--sample-bytes`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sampled: bool,
     /// The recorded stack lacks its outer frames (see README).
     pub truncated: bool,
@@ -55,7 +57,8 @@ impl SiteReport {
 }
 
 /// Everything the kernel side could not account, shown to the user.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct Lost {
     /// Live blocks not tracked: the address map was full.
     pub addr_map_full: u64,
@@ -69,10 +72,15 @@ pub struct Lost {
     pub unmatched_returns: u64,
     /// Sites whose stack is truncated.
     pub truncated_stacks: u64,
+    /// Go goroutines, timers or heap samples not tracked: a Go map was full.
+    pub go_map_full: u64,
+    /// Go runtime structures that could not be read (goroutines, timers).
+    pub go_read_errors: u64,
 }
 
 /// Informational counters.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Activity {
     pub alloc_calls: u64,
     pub free_calls: u64,
@@ -83,6 +91,15 @@ pub struct Activity {
     pub partial_unmaps: u64,
     /// Allocations left out by `--sample-bytes`.
     pub unsampled: u64,
+    /// Goroutines created / exited since attach.
+    pub goroutines_created: u64,
+    pub goroutines_exited: u64,
+    /// Go heap samples recorded / freed since attach.
+    pub go_samples: u64,
+    pub go_sample_frees: u64,
+    /// Timers created / retired since attach.
+    pub timers_created: u64,
+    pub timers_retired: u64,
     /// Fill of the address map, 0..1.
     pub addr_map_fill: f64,
     /// Fill of the site map, 0..1.
@@ -90,10 +107,10 @@ pub struct Activity {
 }
 
 /// The state of the target at one instant.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Snapshot {
     /// When the maps were read (the JSON envelope's `ts`).
-    #[serde(skip)]
+    #[serde(skip, default = "SystemTime::now")]
     pub ts: SystemTime,
     pub pid: u32,
     /// Sorted by outstanding bytes, descending.
@@ -102,8 +119,37 @@ pub struct Snapshot {
     pub activity: Activity,
     pub total_outstanding_bytes: u64,
     /// The target's memory against its limit (set by the session).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<crate::alert::MemoryStatus>,
+    /// The executable mappings of the modules the sites' frames are in (for
+    /// pprof's mapping table).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mappings: Vec<ModuleMapping>,
+}
+
+/// Where a module's code was mapped in the target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleMapping {
+    /// The path as the target sees it (frames' `module`).
+    pub path: String,
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+}
+
+/// A site kind's name (`heap`, `goroutine`…). An alias keeps serde from
+/// tying deserialized snapshots to a `'static` input.
+pub type KindName = &'static str;
+
+/// Kinds are a closed set: map a recorded name back to its static name.
+fn de_kind<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let name = String::deserialize(d)?;
+    (0..)
+        .map_while(Kind::from_u32)
+        .map(Kind::as_str)
+        .find(|k| *k == name)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown site kind `{name}`")))
 }
 
 struct SiteHistory {
@@ -378,6 +424,7 @@ impl Collector {
                 .then(b.allocs.cmp(&a.allocs))
                 .then(a.site_id.cmp(&b.site_id))
         });
+        let mappings = self.mappings_of(&reports);
         let lost = Lost {
             addr_map_full: counters.get(Counter::AddrMapFull),
             site_map_full: counters.get(Counter::SiteMapFull),
@@ -385,6 +432,8 @@ impl Collector {
             pending_map_full: counters.get(Counter::PendingMapFull),
             unmatched_returns: counters.get(Counter::UnmatchedReturns),
             truncated_stacks: reports.iter().filter(|r| r.truncated).count() as u64,
+            go_map_full: counters.get(Counter::GoMapFull),
+            go_read_errors: counters.get(Counter::GoReadErrors),
         };
         let activity = Activity {
             alloc_calls: counters.get(Counter::AllocCalls),
@@ -395,6 +444,12 @@ impl Collector {
             stale_entries: counters.get(Counter::StalePending),
             partial_unmaps: counters.get(Counter::PartialUnmaps),
             unsampled: counters.get(Counter::Unsampled),
+            goroutines_created: counters.get(Counter::GoroutinesCreated),
+            goroutines_exited: counters.get(Counter::GoroutinesExited),
+            go_samples: counters.get(Counter::GoSamples),
+            go_sample_frees: counters.get(Counter::GoSampleFrees),
+            timers_created: counters.get(Counter::TimersCreated),
+            timers_retired: counters.get(Counter::TimersRetired),
             addr_map_fill: live as f64 / f64::from(kernel.sizes.allocs.max(1)),
             site_map_fill: reports.len() as f64 / f64::from(kernel.sizes.sites.max(1)),
         };
@@ -406,7 +461,32 @@ impl Collector {
             lost,
             activity,
             memory: None,
+            mappings,
         }
+    }
+
+    /// The executable mappings the reports' frames point into.
+    fn mappings_of(&self, reports: &[SiteReport]) -> Vec<ModuleMapping> {
+        let modules: std::collections::HashSet<&str> = reports
+            .iter()
+            .flat_map(|r| r.frames.iter().chain(&r.start_function))
+            .filter_map(|f| f.module.as_deref())
+            .collect();
+        self.symbols
+            .maps()
+            .mappings
+            .iter()
+            .filter(|m| m.executable)
+            .filter_map(|m| {
+                let path = m.path.display().to_string();
+                modules.contains(path.as_str()).then_some(ModuleMapping {
+                    path,
+                    start: m.start,
+                    end: m.end,
+                    offset: m.offset,
+                })
+            })
+            .collect()
     }
 
     /// Symbolized frames of a stack, computed once per stack id: the kernel

@@ -70,11 +70,20 @@ pub enum TracerError {
 
     #[error("failed to read the kernel map {map}: {reason}")]
     MapRead { map: &'static str, reason: String },
+
+    #[error("{path}: {reason}")]
+    Recording { path: PathBuf, reason: String },
+
+    #[error(
+        "cannot serve metrics on {addr}: {reason}; pick a free address, e.g. \
+         --prometheus 127.0.0.1:9464"
+    )]
+    Listen { addr: String, reason: String },
 }
 
 impl TracerError {
     /// Process exit code for this error, documented in the README:
-    /// 3 for a bad target, 4 for a missing privilege or kernel feature,
+    /// 3 for a bad target or recording, 4 for a missing privilege or kernel feature,
     /// 1 for everything else (2 is clap's usage error).
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -83,12 +92,13 @@ impl TracerError {
             | Self::Zombie(_)
             | Self::UnreadableBinary { .. }
             | Self::NoAllocator(_)
-            | Self::Spawn { .. } => 3,
+            | Self::Spawn { .. }
+            | Self::Recording { .. } => 3,
             Self::NotPermitted { .. }
             | Self::MissingCapabilities { .. }
             | Self::NoBtf(_)
             | Self::NoUprobes(_) => 4,
-            Self::Load(_) | Self::Attach { .. } | Self::MapRead { .. } => 1,
+            Self::Load(_) | Self::Attach { .. } | Self::MapRead { .. } | Self::Listen { .. } => 1,
         }
     }
 }

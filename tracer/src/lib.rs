@@ -4,7 +4,8 @@
 //! [`target`] (resolve the process) → [`probes`] (choose what to hook) →
 //! [`bpf`] (load, attach, read kernel maps) → [`collect`] and [`symbolize`]
 //! (snapshots with symbolized stacks and growth) → [`sink`] (terminal, JSON).
-//! [`session`] runs the flow for `tracer attach` and `tracer run`.
+//! [`session`] runs the flow for `tracer attach` and `tracer run`;
+//! [`report`] replays a recorded JSON stream into the same sinks.
 
 pub mod alert;
 pub mod bpf;
@@ -16,6 +17,7 @@ pub mod memlimit;
 pub mod notify;
 pub mod placement;
 pub mod probes;
+pub mod report;
 pub mod session;
 pub mod sink;
 pub mod symbolize;

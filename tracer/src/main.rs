@@ -4,6 +4,7 @@
 use std::{
     fs::File,
     io::{self, IsTerminal, Write},
+    net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -16,7 +17,9 @@ use tracer::{
     alert::Thresholds,
     bpf::MapSizes,
     session::{self, AlertOptions, Options},
-    sink::{Sink, json::JsonSink, table::TableSink},
+    sink::{
+        Sink, Tee, export::Exports, json::JsonSink, prometheus::PrometheusSink, table::TableSink,
+    },
 };
 
 /// Live allocation tracing of unmodified processes with eBPF uprobes: which
@@ -56,6 +59,15 @@ enum Command {
         #[arg(required = true, last = true)]
         argv: Vec<String>,
     },
+    /// Replay a recording (`-f json -o FILE`) afterwards: the final table,
+    /// alerts and OOM kill, and the pprof profile or flame graph of its last
+    /// snapshot (e.g. after the target was OOM-killed).
+    Report {
+        /// The JSON Lines file a session wrote.
+        file: PathBuf,
+        #[command(flatten)]
+        output: Output,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,30 +78,106 @@ enum Format {
     Json,
 }
 
+/// Where results go; shared by the live commands and `report`.
 #[derive(Args)]
-struct Common {
-    /// Seconds between snapshots.
-    #[arg(short, long, default_value = "1", value_parser = parse_secs)]
-    interval: Duration,
-    /// Stop after this many seconds (default: until Ctrl-C or the target exits).
-    #[arg(short, long, value_parser = parse_secs)]
-    duration: Option<Duration>,
+struct Output {
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table")]
     format: Format,
     /// Write the output to this file instead of stdout.
     #[arg(short, long)]
     output: Option<PathBuf>,
-    /// At the end, write the in-use stacks in folded form (flamegraph.pl,
-    /// inferno, speedscope).
-    #[arg(long, value_name = "FILE")]
-    folded: Option<PathBuf>,
-    /// At the end, write an in-use memory flame graph (SVG).
-    #[arg(long, value_name = "FILE.svg")]
-    flamegraph: Option<PathBuf>,
     /// Sites shown in the table and the report.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     top: u64,
+    /// Write the in-use profile as gzipped pprof (`go tool pprof FILE`), at
+    /// the end and on SIGUSR1; goroutine and timer profiles go next to it
+    /// (FILE.goroutines.pb.gz, FILE.timers.pb.gz).
+    #[arg(long, value_name = "FILE.pb.gz")]
+    pprof: Option<PathBuf>,
+    /// Write the in-use stacks in folded form (flamegraph.pl, inferno,
+    /// speedscope), at the end and on SIGUSR1.
+    #[arg(long, value_name = "FILE")]
+    folded: Option<PathBuf>,
+    /// Write an in-use memory flame graph (SVG), at the end and on SIGUSR1.
+    #[arg(long, value_name = "FILE.svg")]
+    flamegraph: Option<PathBuf>,
+}
+
+impl Output {
+    /// Export files are written at the end, possibly hours later: refuse a
+    /// path whose directory does not exist now rather than lose the result.
+    fn validate(&self) {
+        use clap::CommandFactory;
+        for (flag, path) in [
+            ("--pprof", &self.pprof),
+            ("--folded", &self.folded),
+            ("--flamegraph", &self.flamegraph),
+        ] {
+            let Some(path) = path else { continue };
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            if !dir.is_dir() {
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        format!(
+                            "{flag} {}: the directory {} does not exist",
+                            path.display(),
+                            dir.display()
+                        ),
+                    )
+                    .exit();
+            }
+        }
+    }
+
+    fn exports(&self) -> Exports {
+        Exports {
+            pprof: self.pprof.clone(),
+            folded: self.folded.clone(),
+            flamegraph: self.flamegraph.clone(),
+        }
+    }
+
+    /// The terminal or JSON sink.
+    fn sink(&self) -> anyhow::Result<Box<dyn Sink>> {
+        let (out, interactive): (Box<dyn Write>, bool) = match &self.output {
+            Some(path) => (
+                Box::new(io::BufWriter::new(File::create(path).with_context(
+                    || format!("cannot create the output file {}", path.display()),
+                )?)),
+                false,
+            ),
+            None => (Box::new(io::stdout()), io::stdout().is_terminal()),
+        };
+        Ok(match self.format {
+            Format::Json => Box::new(JsonSink::new(out)),
+            Format::Table => Box::new(TableSink::new(out, interactive, self.top as usize)),
+        })
+    }
+}
+
+#[derive(Args)]
+struct Common {
+    #[command(flatten)]
+    output: Output,
+    /// Serve Prometheus metrics at http://ADDR/metrics while tracing (e.g.
+    /// 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    prometheus: Option<SocketAddr>,
+    /// Sites per kind with series of their own in the metrics; the rest are
+    /// summed into site="other" (bounds the label cardinality).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    prometheus_sites: u64,
+    /// Seconds between snapshots.
+    #[arg(short, long, default_value = "1", value_parser = parse_secs)]
+    interval: Duration,
+    /// Stop after this many seconds (default: until Ctrl-C or the target exits).
+    #[arg(short, long, value_parser = parse_secs)]
+    duration: Option<Duration>,
     /// Seconds of history over which growth rates are computed.
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     trend_window: Duration,
@@ -146,6 +234,9 @@ struct Common {
     /// Threads that can be inside an allocator call at once.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_THREADS, value_parser = clap::value_parser!(u32).range(1..))]
     max_threads: u32,
+    /// Live goroutines (and Go timers) the kernel can track at once.
+    #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_GOROUTINES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_goroutines: u32,
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -183,8 +274,7 @@ impl Common {
             interval: self.interval,
             duration: self.duration,
             trend_window: self.trend_window,
-            folded: self.folded.clone(),
-            flamegraph: self.flamegraph.clone(),
+            exports: self.output.exports(),
             go_sample_rate: self.go_sample_rate,
             no_write: self.no_write,
             alerts: (!self.no_alerts).then(|| AlertOptions {
@@ -204,26 +294,27 @@ impl Common {
                 sites: self.max_sites,
                 stacks: self.max_stacks,
                 threads: self.max_threads,
+                goroutines: self.max_goroutines,
                 sample_bytes: self.sample_bytes.unwrap_or(0),
-                ..MapSizes::default()
             },
         }
     }
 
+    /// The output sink, with the metrics endpoint next to it when asked.
+    /// Must run inside the tokio runtime (the endpoint is a task of it).
     fn sink(&self) -> anyhow::Result<Box<dyn Sink>> {
-        let (out, interactive): (Box<dyn Write>, bool) = match &self.output {
-            Some(path) => (
-                Box::new(io::BufWriter::new(File::create(path).with_context(
-                    || format!("cannot create the output file {}", path.display()),
-                )?)),
-                false,
-            ),
-            None => (Box::new(io::stdout()), io::stdout().is_terminal()),
+        let out = self.output.sink()?;
+        let Some(addr) = self.prometheus else {
+            return Ok(out);
         };
-        Ok(match self.format {
-            Format::Json => Box::new(JsonSink::new(out)),
-            Format::Table => Box::new(TableSink::new(out, interactive, self.top as usize)),
-        })
+        let metrics = PrometheusSink::bind(addr, self.prometheus_sites as usize).map_err(|e| {
+            TracerError::Listen {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        log::info!("serving metrics at http://{}/metrics", metrics.local_addr());
+        Ok(Box::new(Tee(vec![out, Box::new(metrics)])))
     }
 }
 
@@ -231,6 +322,7 @@ impl Common {
     /// Cross-checks clap cannot express; a usage error (exit 2) otherwise.
     fn validate(&self) {
         use clap::CommandFactory;
+        self.output.validate();
         let fail = |msg: &str| {
             Cli::command()
                 .error(clap::error::ErrorKind::ArgumentConflict, msg)
@@ -251,6 +343,7 @@ fn main() -> ExitCode {
         Command::Attach { common, .. }
         | Command::Watch { common, .. }
         | Command::Run { common, .. } => common.validate(),
+        Command::Report { output, .. } => output.validate(),
     }
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
@@ -287,6 +380,14 @@ fn main() -> ExitCode {
             Command::Run { common, argv } => {
                 let mut sink = common.sink()?;
                 session::run(argv, &common.options(), sink.as_mut()).await
+            }
+            Command::Report { file, output } => {
+                let mut sink = output.sink()?;
+                let replayed = tracer::report::replay(file, sink.as_mut())?;
+                for path in output.exports().write(&replayed.snapshot)? {
+                    log::info!("wrote {}", path.display());
+                }
+                Ok(())
             }
         }
     });

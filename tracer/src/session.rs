@@ -9,7 +9,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use std::time::SystemTime;
@@ -23,7 +22,7 @@ use crate::{
     memlimit,
     notify::Notifier,
     probes::{self, ObjectRef},
-    sink::{Attached, EndReason, Exit, Sink},
+    sink::{Attached, EndReason, Exit, Sink, export::Exports},
     symbolize::Symbolizer,
     target::{self, Maps, Target},
 };
@@ -43,9 +42,8 @@ pub struct Options {
     pub no_write: bool,
     /// OOM-risk alerting; None turns it off.
     pub alerts: Option<AlertOptions>,
-    /// Write the final in-use stacks here (folded text / flame graph SVG).
-    pub folded: Option<PathBuf>,
-    pub flamegraph: Option<PathBuf>,
+    /// Files written at the end and on SIGUSR1 (pprof, folded, flame graph).
+    pub exports: Exports,
 }
 
 /// How the tracer watches the target's memory limit and alerts.
@@ -131,7 +129,7 @@ impl MemoryWatch {
         if let Some(v) = kernel.oom_victim().filter(|v| v.pid == self.pid) {
             return Some(OomKill {
                 pid: self.pid,
-                detected_by: "oom:mark_victim tracepoint",
+                detected_by: "oom:mark_victim tracepoint".into(),
                 anon_rss_bytes: Some(v.anon_rss_kb * 1024),
                 file_rss_bytes: Some(v.file_rss_kb * 1024),
                 shmem_rss_bytes: Some(v.shmem_rss_kb * 1024),
@@ -160,7 +158,7 @@ impl MemoryWatch {
         })?;
         (now > before).then(|| OomKill {
             pid: self.pid,
-            detected_by: "cgroup oom_kill counter",
+            detected_by: "cgroup oom_kill counter".into(),
             anon_rss_bytes: None,
             file_rss_bytes: None,
             shmem_rss_bytes: None,
@@ -496,6 +494,8 @@ async fn trace_loop(
     ticker.tick().await;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    // SIGUSR1 would otherwise kill the tracer: always take it.
+    let mut sigusr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -518,6 +518,25 @@ async fn trace_loop(
                     w.update(&mut snap, sink)?;
                 }
                 sink.snapshot(&snap)?;
+            }
+            _ = sigusr1.recv() => {
+                let message = if opts.exports.is_empty() {
+                    "SIGUSR1: nothing to write (no --pprof, --folded or --flamegraph given)".to_string()
+                } else {
+                    let mut snap = collector.collect(kernel)?;
+                    if let Some(w) = watch.as_ref() {
+                        snap.memory = w.last.clone();
+                    }
+                    match opts.exports.write(&snap) {
+                        Ok(files) => format!(
+                            "SIGUSR1: wrote {}",
+                            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+                        ),
+                        // The session goes on: a full disk must not end the trace.
+                        Err(e) => format!("SIGUSR1: {e:#}"),
+                    }
+                };
+                sink.notice(pid, &message)?;
             }
             _ = sigint.recv() => break EndReason::Interrupted,
             _ = sigterm.recv() => break EndReason::Interrupted,
@@ -547,13 +566,7 @@ async fn trace_loop(
         sink.target_exited(&Exit { pid, code, signal })?;
     }
     sink.finish(&snap, reason, started.elapsed().as_secs_f64())?;
-    if let Some(path) = &opts.folded {
-        crate::sink::flame::write_folded(&snap, path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    if let Some(path) = &opts.flamegraph {
-        crate::sink::flame::write_flamegraph(&snap, path)?;
-    }
+    opts.exports.write(&snap)?;
     if let Some(w) = watch.as_mut() {
         w.notifier.flush(Duration::from_secs(5)).await;
     }

@@ -13,12 +13,12 @@ use std::{
 };
 
 use blazesym::symbolize::{self, Input, Symbolized, source::Source};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::target::Maps;
 
 /// One frame of a symbolized stack.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frame {
     /// Function name (demangled), or `[unknown]`.
     pub function: String,
@@ -26,13 +26,13 @@ pub struct Frame {
     pub file: Option<String>,
     pub line: Option<u32>,
     /// Object file the address belongs to.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
     /// The recorded address (a return address, except in the innermost frame
     /// of entry-probe stacks).
     pub addr: u64,
     /// This frame was inlined into the next (outer) one.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inlined: bool,
 }
 
@@ -236,6 +236,11 @@ impl Symbolizer {
         };
         s.update_maps(maps);
         s
+    }
+
+    /// The maps snapshot addresses are resolved against.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
     }
 
     /// Replaces the maps snapshot (the target may have loaded libraries) and

@@ -244,15 +244,22 @@ fn c_fixtures_build() -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     let route = toolchain::setup()?;
+    toolchain::apt_install(&[(
+        "prometheus",
+        "a real Prometheus server: the exports tests let it scrape the tracer",
+    )])?;
     build(&route)?;
     fixtures()?;
+    // The newest Go reads the tracer's pprof files back (`go tool pprof`).
+    let go = go_toolchain(GO_VERSIONS[GO_VERSIONS.len() - 1])?;
     run(Command::new("cargo")
         .current_dir(root())
         .args(["test", "--workspace", "--release"])
         .args(args)
         .env("TRACER_BIN", tracer_bin())
         .env("TRACER_FIXTURES", fixtures_dir())
-        .env("TRACER_SOURCES", root().join("tests/fixtures")))
+        .env("TRACER_SOURCES", root().join("tests/fixtures"))
+        .env("TRACER_GO", go))
 }
 
 fn demo(seconds: u32) -> Result<()> {

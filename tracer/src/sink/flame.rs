@@ -35,18 +35,18 @@ pub fn write_folded(snap: &Snapshot, path: &Path) -> std::io::Result<()> {
     f.flush()
 }
 
-/// Writes an in-use memory flame graph (SVG) to `path`.
-pub fn write_flamegraph(snap: &Snapshot, path: &Path) -> anyhow::Result<()> {
+/// Writes an in-use memory flame graph (SVG) to `path`; false when no site
+/// holds memory (inferno refuses an empty graph; nothing held is no failure).
+pub fn write_flamegraph(snap: &Snapshot, path: &Path) -> anyhow::Result<bool> {
     let lines = folded(snap);
     if lines.is_empty() {
-        // inferno refuses an empty input; nothing held is no failure.
         log::warn!("no call site holds memory: {} not written", path.display());
-        return Ok(());
+        return Ok(false);
     }
     let mut opts = inferno::flamegraph::Options::default();
     opts.title = format!("in-use memory, pid {}", snap.pid);
     opts.count_name = "bytes".into();
     let f = std::io::BufWriter::new(std::fs::File::create(path)?);
     inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), f)?;
-    Ok(())
+    Ok(true)
 }

@@ -2,28 +2,31 @@
 
 use std::{io, time::SystemTime};
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{bpf::AttachedProbe, collect::Snapshot};
 
+pub mod export;
 pub mod flame;
 pub mod json;
+pub mod pprof;
+pub mod prometheus;
 pub mod table;
 
 /// What the user is told once every probe is live.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Attached {
     pub pid: u32,
     pub comm: String,
     pub exe: String,
     /// The Go release that built the target, for Go programs.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub go_version: Option<String>,
     pub probes: Vec<AttachedProbe>,
 }
 
 /// Why tracing ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
     /// `--duration` elapsed.
@@ -32,6 +35,9 @@ pub enum EndReason {
     Interrupted,
     /// The target process exited.
     TargetExited,
+    /// `tracer report`: the recording stops without a final report (the
+    /// tracer was killed or the stream cut).
+    Recorded,
 }
 
 impl EndReason {
@@ -40,12 +46,13 @@ impl EndReason {
             Self::Duration => "duration elapsed",
             Self::Interrupted => "interrupted",
             Self::TargetExited => "target exited",
+            Self::Recorded => "the recording ends without a final report",
         }
     }
 }
 
 /// How the traced process ended, when it did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Exit {
     pub pid: u32,
     /// Exit code, when known (we are its parent in `tracer run`).
@@ -67,6 +74,46 @@ pub trait Sink {
     fn oom_kill(&mut self, kill: &crate::alert::OomKill) -> io::Result<()>;
     /// The final report; `elapsed_s` is the time traced.
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()>;
+}
+
+/// Sends everything to several sinks (the terminal or JSON, and metrics).
+pub struct Tee(pub Vec<Box<dyn Sink>>);
+
+impl Tee {
+    fn each(&mut self, mut f: impl FnMut(&mut dyn Sink) -> io::Result<()>) -> io::Result<()> {
+        // Every sink gets the event even when an earlier one failed.
+        let mut first_err = None;
+        for s in &mut self.0 {
+            if let Err(e) = f(s.as_mut()) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Sink for Tee {
+    fn attached(&mut self, info: &Attached) -> io::Result<()> {
+        self.each(|s| s.attached(info))
+    }
+    fn snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
+        self.each(|s| s.snapshot(snap))
+    }
+    fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {
+        self.each(|s| s.target_exited(exit))
+    }
+    fn notice(&mut self, pid: u32, message: &str) -> io::Result<()> {
+        self.each(|s| s.notice(pid, message))
+    }
+    fn alert(&mut self, alert: &crate::alert::Alert) -> io::Result<()> {
+        self.each(|s| s.alert(alert))
+    }
+    fn oom_kill(&mut self, kill: &crate::alert::OomKill) -> io::Result<()> {
+        self.each(|s| s.oom_kill(kill))
+    }
+    fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()> {
+        self.each(|s| s.finish(snap, reason, elapsed_s))
+    }
 }
 
 /// RFC 3339 timestamps with millisecond precision, UTC.

@@ -110,6 +110,11 @@ pub fn lost_line(lost: &Lost) -> String {
             lost.pending_map_full,
             "calls lost (thread map full, raise --max-threads)",
         ),
+        (
+            lost.go_map_full,
+            "Go goroutines/timers/samples untracked (Go map full, raise --max-goroutines or --max-sites)",
+        ),
+        (lost.go_read_errors, "Go runtime structures unreadable"),
         (lost.unmatched_returns, "returns unmatched"),
         (lost.truncated_stacks, "sites with truncated stacks"),
     ]

@@ -1,0 +1,580 @@
+//! The ecosystem's formats, read back by the ecosystem's own tools: a real
+//! Prometheus server scrapes `--prometheus`, `go tool pprof` reads
+//! `--pprof`, `tracer report` replays a recording, the flame graph is SVG.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tracer_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("tracer-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One sample of `go tool pprof -raw`: its values, the functions of its
+/// stack (innermost first, inlined lines included) and its labels.
+#[derive(Debug)]
+struct RawSample {
+    values: Vec<i64>,
+    functions: Vec<String>,
+    labels: String,
+}
+
+/// A profile as `go tool pprof -raw` prints it.
+struct RawProfile {
+    text: String,
+    samples: Vec<RawSample>,
+}
+
+impl RawProfile {
+    fn read(path: &Path) -> Self {
+        let out = Command::new(go_tool())
+            .args(["tool", "pprof", "-raw"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "go tool pprof -raw {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let section = |name: &str| -> Vec<&str> {
+            text.lines()
+                .skip_while(|l| *l != name)
+                .skip(1)
+                .take_while(|l| l.starts_with(' '))
+                .collect()
+        };
+        // "     1: 0x55.. M=1 leak_malloc /src/allocs.c:33:0 s=0", then one
+        // indented line per frame inlined into it.
+        let mut locations: std::collections::HashMap<u64, Vec<String>> = Default::default();
+        let mut current = 0;
+        for l in section("Locations") {
+            let t = l.trim();
+            let func = |rest: &str| rest.split_whitespace().next().unwrap_or("").to_string();
+            match t.split_once(": 0x") {
+                Some((id, rest)) if id.chars().all(|c| c.is_ascii_digit()) => {
+                    current = id.parse().unwrap();
+                    let after_mapping = rest.split_once(' ').map_or("", |x| x.1);
+                    let after_mapping = after_mapping
+                        .strip_prefix("M=")
+                        .and_then(|r| r.split_once(' '))
+                        .map_or(after_mapping, |x| x.1);
+                    locations
+                        .entry(current)
+                        .or_default()
+                        .push(func(after_mapping));
+                }
+                _ => locations.entry(current).or_default().push(func(t)),
+            }
+        }
+        // Sample lines "  10 10000 10 10000: 1 2 3 " each followed by a
+        // line of labels.
+        let mut samples = Vec::new();
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| *l != "Samples:")
+            .skip(2)
+            .take_while(|l| *l != "Locations")
+            .collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let Some((vals, ids)) = lines[i].split_once(':') else {
+                i += 1;
+                continue;
+            };
+            let values: Vec<i64> = vals
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
+            let functions = ids
+                .split_whitespace()
+                .flat_map(|id| locations[&id.parse::<u64>().unwrap()].clone())
+                .collect();
+            let labels = lines
+                .get(i + 1)
+                .filter(|l| !l.contains(": ") || l.contains(":["))
+                .map_or(String::new(), |l| l.trim().to_string());
+            i += if labels.is_empty() { 1 } else { 2 };
+            samples.push(RawSample {
+                values,
+                functions,
+                labels,
+            });
+        }
+        Self { text, samples }
+    }
+
+    /// The sample whose innermost frame is `function`.
+    fn at(&self, function: &str) -> &RawSample {
+        let found: Vec<&RawSample> = self
+            .samples
+            .iter()
+            .filter(|s| s.functions.first().is_some_and(|f| f == function))
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "one sample at {function} in:\n{}",
+            self.text
+        );
+        found[0]
+    }
+}
+
+#[test]
+fn pprof_profile_and_report_replay() {
+    if !privileged("pprof_profile_and_report_replay") {
+        return;
+    }
+    let dir = TempDir::new("pprof");
+    let (profile, recording) = (dir.join("heap.pb.gz"), dir.join("rec.jsonl"));
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args(["run", "--format", "json", "-o"])
+            .arg(&recording)
+            .arg("--pprof")
+            .arg(&profile)
+            .arg("--")
+            .arg(fixture("allocs-fp"))
+            .arg("now"),
+    );
+    assert_eq!(tracer.wait(T), Some(0));
+
+    let raw = RawProfile::read(&profile);
+    assert!(
+        raw.text.contains(
+            "alloc_objects/count alloc_space/bytes inuse_objects/count inuse_space/bytes[dflt]"
+        ),
+        "{}",
+        raw.text
+    );
+    // Exact figures, as the JSON reports them (libc.rs checks those).
+    let leak = raw.at("leak_malloc");
+    assert_eq!(leak.values, [10, 10000, 10, 10000], "{}", raw.text);
+    assert_eq!(leak.functions[1..3], ["run_all", "main"]);
+    assert!(leak.labels.contains("kind:[heap]"), "{leak:?}");
+    let mapped = raw.at("leak_mmap");
+    assert_eq!(mapped.values[2..], [2, 131072], "{}", raw.text);
+    assert!(mapped.labels.contains("kind:[mmap]"), "{mapped:?}");
+    // inline_alloc was inlined into leak_inlined: both are lines of one
+    // location, innermost first.
+    let inlined = raw.at("inline_alloc");
+    assert_eq!(inlined.values[3], 2100);
+    assert_eq!(inlined.functions[..2], ["inline_alloc", "leak_inlined"]);
+    assert!(
+        raw.text
+            .lines()
+            .any(|l| l.trim_start().starts_with("leak_inlined ")),
+        "leak_inlined is a continuation line of inline_alloc's location:\n{}",
+        raw.text
+    );
+    let allocs_fp = fixture("allocs-fp");
+    let mappings: Vec<&str> = raw.text.lines().skip_while(|l| *l != "Mappings").collect();
+    assert!(
+        mappings
+            .iter()
+            .any(|l| l.ends_with(&format!("{}  [FN][FL][LN][IN]", allocs_fp.display()))),
+        "a mapping for the executable: {mappings:?}"
+    );
+    let top = Command::new(go_tool())
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-nodefraction=0",
+            "-sample_index=inuse_space",
+        ])
+        .arg(&profile)
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&top.stdout);
+    assert!(top.starts_with("File: allocs-fp\n"), "{top}");
+    assert!(top.contains("leak_malloc"), "{top}");
+
+    // The recording replayed afterwards gives the same report and profile.
+    let recorded = parse_lines(&std::fs::read_to_string(&recording).unwrap());
+    let original = recorded.iter().find(|v| v["type"] == "report").unwrap();
+    let replay_profile = dir.join("replay.pb.gz");
+    let out = Command::new(tracer_bin())
+        .args(["report", "-f", "json"])
+        .arg(&recording)
+        .arg("--pprof")
+        .arg(&replay_profile)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed = parse_lines(&String::from_utf8_lossy(&out.stdout));
+    let kinds: Vec<&Value> = replayed.iter().map(|v| &v["type"]).collect();
+    assert_eq!(kinds, ["attached", "target_exited", "report"]);
+    let report = &replayed[2];
+    assert_eq!(report["sites"], original["sites"]);
+    assert_eq!(report["reason"], "target_exited");
+    assert_eq!(report["ts"], original["ts"]);
+    assert_eq!(
+        std::fs::read(&replay_profile).unwrap(),
+        std::fs::read(&profile).unwrap(),
+        "the replayed profile is the live one"
+    );
+    let table = Command::new(tracer_bin())
+        .arg("report")
+        .arg(&recording)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("ended: target exited"), "{table}");
+    assert!(table.contains("leak_big"), "{table}");
+}
+
+#[test]
+fn report_of_a_cut_recording_uses_its_last_snapshot() {
+    if !privileged("report_of_a_cut_recording_uses_its_last_snapshot") {
+        return;
+    }
+    let dir = TempDir::new("cut");
+    let recording = dir.join("rec.jsonl");
+    let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
+    target.expect_line("ready", T);
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args([
+                "attach",
+                &target.pid().to_string(),
+                "-f",
+                "json",
+                "-i",
+                "0.2",
+                "-o",
+            ])
+            .arg(&recording),
+    );
+    // The recording goes to a file: wait for its first snapshot there.
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + T;
+        while !std::fs::read_to_string(&recording).is_ok_and(|t| t.contains(what)) {
+            assert!(Instant::now() < deadline, "no {what} in the recording");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("\"type\":\"attached\"");
+    target.send("go");
+    target.expect_line("done", T);
+    let line = marker_line(&source("c/allocs.c"), "leak_malloc");
+    let deadline = Instant::now() + T;
+    loop {
+        let text = std::fs::read_to_string(&recording).unwrap();
+        let held = text.lines().filter(|l| l.ends_with('}')).any(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["type"] == "snapshot"
+                && sites_at(&v, "heap", "leak_malloc", line)
+                    .first()
+                    .is_some_and(|s| s["outstanding_bytes"] == 10000)
+        });
+        if held {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leak_malloc never held 10000 B");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // As the OOM killer or `kill -9` would: no final report.
+    tracer.signal(libc::SIGKILL);
+    tracer.wait(T);
+    let out = Command::new(tracer_bin())
+        .args(["report", "-f", "json"])
+        .arg(&recording)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed = parse_lines(&String::from_utf8_lossy(&out.stdout));
+    let notice = replayed.iter().find(|v| v["type"] == "notice").unwrap();
+    assert!(
+        notice["message"]
+            .as_str()
+            .unwrap()
+            .contains("no final report"),
+        "{notice}"
+    );
+    let report = replayed.last().unwrap();
+    assert_eq!(report["type"], "report");
+    assert_eq!(report["reason"], "recorded");
+    assert_eq!(
+        site_at(report, "heap", "leak_malloc", line)["outstanding_bytes"],
+        10000
+    );
+}
+
+#[test]
+fn prometheus_scrapes_bounded_site_series() {
+    if !privileged("prometheus_scrapes_bounded_site_series") {
+        return;
+    }
+    let dir = TempDir::new("prometheus");
+    let (metrics_port, prom_port) = (free_port(), free_port());
+    let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
+    target.expect_line("ready", T);
+    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+        "attach",
+        &target.pid().to_string(),
+        "-f",
+        "json",
+        "-i",
+        "0.2",
+        "--prometheus",
+        &format!("127.0.0.1:{metrics_port}"),
+        // allocs holds 13 heap sites; leak_malloc is the 4th largest.
+        "--prometheus-sites",
+        "4",
+    ]));
+    let mut stream = Stream::new(&mut tracer);
+    stream.next_of("attached", T);
+    target.send("go");
+    target.expect_line("done", T);
+
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: tracer\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let _prometheus = Proc::spawn(
+        Command::new(prometheus_bin())
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stderr(Stdio::from(log)),
+    );
+    let query = |q: &str| -> Vec<Value> {
+        let url = format!("http://127.0.0.1:{prom_port}/api/v1/query");
+        let Ok(mut resp) = ureq::get(&url).query("query", q).call() else {
+            return Vec::new();
+        };
+        let body: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let value = |r: &Value| r["value"][1].as_str().unwrap().parse::<f64>().unwrap();
+    // Prometheus starts, scrapes every second; wait for the leak's series.
+    let leak_q =
+        "tracer_site_outstanding_bytes{job=\"tracer\",kind=\"heap\",function=\"leak_malloc\"}";
+    let deadline = Instant::now() + T;
+    let leak = loop {
+        let r = query(leak_q);
+        if let Some(first) = r.first()
+            && value(first) == 10000.0
+        {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never saw leak_malloc at 10000 B (last: {r:?}); its log:\n{}",
+            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(leak.len(), 1, "{leak:?}");
+    let labels = &leak[0]["metric"];
+    assert_eq!(labels["pid"], target.pid().to_string());
+    assert_eq!(labels["site"].as_str().unwrap().len(), 12, "{labels}");
+    let objects = query("tracer_site_outstanding_objects{function=\"leak_malloc\"}");
+    assert_eq!(value(&objects[0]), 10.0);
+    let up = query("up{job=\"tracer\"}");
+    assert_eq!(value(&up[0]), 1.0, "the scrape succeeds: {up:?}");
+    // Bounded: 4 heap sites and one aggregate, which loses nothing.
+    let heap = query("tracer_site_outstanding_bytes{kind=\"heap\"}");
+    assert_eq!(heap.len(), 5, "{heap:?}");
+    let other: Vec<&Value> = heap
+        .iter()
+        .filter(|r| r["metric"]["site"] == "other")
+        .collect();
+    assert_eq!(other.len(), 1, "{heap:?}");
+    assert_eq!(other[0]["metric"]["function"], "[9 other sites]");
+    let sum: f64 = heap.iter().map(value).sum();
+    let total = query("tracer_outstanding_bytes{kind=\"heap\"}");
+    assert_eq!(sum, value(&total[0]));
+    assert_eq!(value(&query("tracer_sites{kind=\"heap\"}")[0]), 13.0);
+    // The tracer's health is there too.
+    let lost = query("tracer_lost_total");
+    assert!(lost.len() >= 7, "{lost:?}");
+    assert!(lost.iter().all(|r| value(r) == 0.0), "{lost:?}");
+    let hits = query("tracer_probe_events_total{event=\"alloc_calls\"}");
+    assert!(value(&hits[0]) >= 10000.0, "{hits:?}");
+    assert_eq!(value(&query("tracer_target_up")[0]), 1.0);
+
+    target.close_stdin();
+    assert_eq!(target.wait(T), Some(0));
+    stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+}
+
+#[test]
+fn sigusr1_writes_go_profiles_while_tracing() {
+    if !privileged("sigusr1_writes_go_profiles_while_tracing") {
+        return;
+    }
+    let dir = TempDir::new("sigusr1");
+    let profile = dir.join("go.pb.gz");
+    let mut target = Proc::spawn(Command::new(fixture("leaky-go1.27")).arg("wait"));
+    target.expect_line("ready", T);
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args([
+                "attach",
+                &target.pid().to_string(),
+                "-f",
+                "json",
+                "-i",
+                "0.2",
+            ])
+            .arg("--pprof")
+            .arg(&profile),
+    );
+    let mut stream = Stream::new(&mut tracer);
+    stream.next_of("attached", T);
+    target.send("go");
+    target.expect_line("done", T);
+    loop {
+        let snap = stream.next_of("snapshot", T);
+        let blocked = snap["sites"].as_array().unwrap().iter().any(|s| {
+            s["kind"] == "goroutine"
+                && s["start_function"]["function"] == "main.consumer"
+                && s["outstanding_count"] == 50
+        });
+        if blocked {
+            break;
+        }
+    }
+    tracer.signal(libc::SIGUSR1);
+    let notice = stream.next_of("notice", T);
+    let message = notice["message"].as_str().unwrap();
+    assert!(message.starts_with("SIGUSR1: wrote "), "{message}");
+    let goroutines = dir.join("go.goroutines.pb.gz");
+    let timers = dir.join("go.timers.pb.gz");
+    for f in [&profile, &goroutines, &timers] {
+        assert!(message.contains(&f.display().to_string()), "{message}");
+    }
+
+    // Read while the tracer still runs.
+    let g = RawProfile::read(&goroutines);
+    assert!(g.text.contains("goroutine/count[dflt]"), "{}", g.text);
+    let consumers = g.at("main.startConsumers");
+    assert_eq!(consumers.values, [50]);
+    assert!(
+        consumers.labels.contains("start_function:[main.consumer]"),
+        "{consumers:?}"
+    );
+    let t = RawProfile::read(&timers);
+    let seed: Vec<&RawSample> = t
+        .samples
+        .iter()
+        .filter(|s| s.functions.iter().any(|f| f == "main.leakTimers"))
+        .collect();
+    assert_eq!(
+        seed.iter().map(|s| s.values[0]).sum::<i64>(),
+        100,
+        "the WithTimeout leak's 100 timers: {}",
+        t.text
+    );
+    let m = RawProfile::read(&profile);
+    assert!(
+        m.samples.iter().any(|s| s.labels.contains("kind:[heap]")
+            && s.functions.iter().any(|f| f == "main.fillCache")
+            && s.values[3] > 0),
+        "the cache's sampled heap: {}",
+        m.text
+    );
+    assert!(tracer.child.try_wait().unwrap().is_none(), "still tracing");
+
+    target.close_stdin();
+    assert_eq!(target.wait(T), Some(0));
+    stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+}
+
+#[test]
+fn folded_stacks_and_flame_graph() {
+    if !privileged("folded_stacks_and_flame_graph") {
+        return;
+    }
+    let dir = TempDir::new("flame");
+    let folded = dir.join("stacks.folded");
+    let svg = dir.join("flame.svg");
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args(["run", "--format", "json", "-o", "/dev/null", "--folded"])
+            .arg(&folded)
+            .arg("--flamegraph")
+            .arg(&svg)
+            .arg("--")
+            .arg(fixture("allocs-fp"))
+            .arg("now"),
+    );
+    assert_eq!(tracer.wait(T), Some(0));
+    let text = std::fs::read_to_string(&folded).unwrap();
+    let image = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "heap;main;run_all;leak_malloc 10000"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "mmap;main;run_all;leak_mmap 131072"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(";churn "),
+        "a site holding nothing is no stack"
+    );
+    // inferno writes the standard SVG DOCTYPE.
+    let opts = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(&image, opts).expect("well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    for f in ["leak_malloc", "grow_realloc", "leak_big"] {
+        assert!(image.contains(f), "the flame graph names {f}");
+    }
+}

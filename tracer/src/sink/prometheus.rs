@@ -1,0 +1,615 @@
+//! `/metrics` in the Prometheus/OpenMetrics text format while attached.
+//!
+//! Every snapshot is rendered once into a fresh registry and the text is
+//! swapped in whole, so a scrape always sees one consistent snapshot and sites
+//! that fall out of the top N disappear instead of going stale. Label
+//! cardinality is bounded: per kind, the `top` sites holding the most get a
+//! series of their own, the rest are summed into `site="other"`.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::UNIX_EPOCH,
+};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+
+use super::{Attached, EndReason, Exit, Sink};
+use crate::{
+    alert::{Alert, Level, OomKill},
+    collect::{SiteReport, Snapshot},
+};
+
+type Labels = Vec<(&'static str, String)>;
+type FGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves the latest snapshot's metrics over HTTP.
+pub struct PrometheusSink {
+    page: Arc<Mutex<String>>,
+    state: State,
+    server: tokio::task::JoinHandle<()>,
+    addr: SocketAddr,
+}
+
+/// What the metrics are rendered from, kept between events.
+#[derive(Default)]
+struct State {
+    top: usize,
+    pid: u32,
+    attached: Option<Attached>,
+    snapshot: Option<Snapshot>,
+    level: Option<Level>,
+    alerts: u64,
+    oom_kills: u64,
+    target_up: bool,
+}
+
+impl PrometheusSink {
+    /// Listens on `addr` (must be called inside the tokio runtime). `top`
+    /// sites per kind get series of their own.
+    pub fn bind(addr: SocketAddr, top: usize) -> io::Result<Self> {
+        let std_listener = std::net::TcpListener::bind(addr)?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        let page = Arc::new(Mutex::new(String::from("# EOF\n")));
+        let server = tokio::spawn(serve(listener, page.clone()));
+        Ok(Self {
+            page,
+            state: State {
+                top,
+                ..State::default()
+            },
+            server,
+            addr,
+        })
+    }
+
+    /// The address actually bound (port 0 picks one).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn publish(&self) -> io::Result<()> {
+        let text = render(&self.state).map_err(|_| io::Error::other("cannot render metrics"))?;
+        *self.page.lock().unwrap_or_else(|e| e.into_inner()) = text;
+        Ok(())
+    }
+}
+
+impl Drop for PrometheusSink {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, page: Arc<Mutex<String>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // EMFILE and the like: back off rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let page = page.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let page = page.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &page)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                log::debug!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+fn respond<B>(req: &Request<B>, page: &Mutex<String>) -> Response<Full<Bytes>> {
+    let reply = |status, ctype: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => {
+            let text = page.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            reply(StatusCode::OK, CONTENT_TYPE, text)
+        }
+        (&hyper::Method::GET, "/") => reply(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "tracer: metrics at /metrics\n".into(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found; metrics are at /metrics\n".into(),
+        ),
+    }
+}
+
+/// The series of one snapshot, per kind: the top sites, then the rest summed.
+fn bounded_sites(sites: &[SiteReport], top: usize) -> Vec<(Labels, SiteSums)> {
+    let mut kinds: Vec<&str> = sites.iter().map(|s| s.kind).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let mut out = Vec::new();
+    for kind in kinds {
+        let mut of_kind: Vec<&SiteReport> = sites.iter().filter(|s| s.kind == kind).collect();
+        // Bytes first; goroutines and timers hold counts, not bytes.
+        of_kind.sort_by(|a, b| {
+            (b.outstanding_bytes, b.outstanding_count, &a.site_id).cmp(&(
+                a.outstanding_bytes,
+                a.outstanding_count,
+                &b.site_id,
+            ))
+        });
+        let mut rest = SiteSums::default();
+        let mut others = 0;
+        for (i, s) in of_kind.iter().enumerate() {
+            if i < top {
+                let function = s
+                    .culprit()
+                    .map_or_else(|| "[unknown]".to_string(), |f| f.function.clone());
+                out.push((
+                    vec![
+                        ("kind", kind.to_string()),
+                        ("site", s.site_id.clone()),
+                        ("function", function),
+                    ],
+                    SiteSums::of(s),
+                ));
+            } else {
+                rest.add(&SiteSums::of(s));
+                others += 1;
+            }
+        }
+        if others > 0 {
+            out.push((
+                vec![
+                    ("kind", kind.to_string()),
+                    ("site", "other".into()),
+                    ("function", format!("[{others} other sites]")),
+                ],
+                rest,
+            ));
+        }
+    }
+    out
+}
+
+#[derive(Default)]
+struct SiteSums {
+    bytes: f64,
+    objects: f64,
+    growth_bytes: f64,
+    growth_objects: f64,
+}
+
+impl SiteSums {
+    fn of(s: &SiteReport) -> Self {
+        Self {
+            bytes: s.outstanding_bytes as f64,
+            objects: s.outstanding_count as f64,
+            growth_bytes: s.growth_bytes_per_s,
+            growth_objects: s.growth_count_per_s,
+        }
+    }
+
+    fn add(&mut self, o: &Self) {
+        self.bytes += o.bytes;
+        self.objects += o.objects;
+        self.growth_bytes += o.growth_bytes;
+        self.growth_objects += o.growth_objects;
+    }
+}
+
+/// Registers a gauge family and fills it.
+fn gauges(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    values: impl IntoIterator<Item = (Labels, f64)>,
+) {
+    let family = Family::<Labels, FGauge>::default();
+    for (labels, v) in values {
+        family.get_or_create(&labels).set(v);
+    }
+    match unit {
+        Some(u) => reg.register_with_unit(name, help, u, family),
+        None => reg.register(name, help, family),
+    }
+}
+
+/// Registers a counter family (the `_total` suffix is added) and fills it.
+fn counters(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (Labels, u64)>,
+) {
+    let family = Family::<Labels, Counter>::default();
+    for (labels, v) in values {
+        family.get_or_create(&labels).inc_by(v);
+    }
+    reg.register(name, help, family);
+}
+
+fn render(st: &State) -> Result<String, std::fmt::Error> {
+    let mut reg = Registry::with_prefix("tracer");
+    let pid = st.pid.to_string();
+    let with_pid = |mut l: Labels| {
+        l.insert(0, ("pid", pid.clone()));
+        l
+    };
+    gauges(
+        &mut reg,
+        "target_up",
+        "1 while the target is alive and traced",
+        None,
+        [(with_pid(vec![]), f64::from(u8::from(st.target_up)))],
+    );
+    if let Some(a) = &st.attached {
+        gauges(
+            &mut reg,
+            "target_info",
+            "The traced process (value 1)",
+            None,
+            [(
+                with_pid(vec![
+                    ("comm", a.comm.clone()),
+                    ("exe", a.exe.clone()),
+                    ("go_version", a.go_version.clone().unwrap_or_default()),
+                ]),
+                1.0,
+            )],
+        );
+        gauges(
+            &mut reg,
+            "probes_attached",
+            "Uprobes live in the target",
+            None,
+            [(with_pid(vec![]), a.probes.len() as f64)],
+        );
+    }
+    counters(
+        &mut reg,
+        "alerts",
+        "OOM-risk alerts raised (warning, critical or resolved)",
+        [(with_pid(vec![]), st.alerts)],
+    );
+    counters(
+        &mut reg,
+        "oom_kills",
+        "OOM kills of the target seen",
+        [(with_pid(vec![]), st.oom_kills)],
+    );
+    if let Some(level) = st.level {
+        gauges(
+            &mut reg,
+            "alert_level",
+            "Current OOM-risk level: 0 ok, 1 warning, 2 critical",
+            None,
+            [(with_pid(vec![]), level as u8 as f64)],
+        );
+    }
+    let Some(snap) = &st.snapshot else {
+        let mut text = String::new();
+        encode(&mut text, &reg)?;
+        return Ok(text);
+    };
+    let series = bounded_sites(&snap.sites, st.top);
+    let site_gauge = |reg: &mut Registry, name, help, unit, pick: fn(&SiteSums) -> f64| {
+        gauges(
+            reg,
+            name,
+            help,
+            unit,
+            series.iter().map(|(l, s)| (with_pid(l.clone()), pick(s))),
+        );
+    };
+    site_gauge(
+        &mut reg,
+        "site_outstanding",
+        "Bytes held by a call site (allocated, not yet freed)",
+        Some(Unit::Bytes),
+        |s| s.bytes,
+    );
+    site_gauge(
+        &mut reg,
+        "site_outstanding_objects",
+        "Blocks, goroutines or timers held by a call site",
+        None,
+        |s| s.objects,
+    );
+    site_gauge(
+        &mut reg,
+        "site_growth_bytes_per_second",
+        "Growth of a site's outstanding bytes over the trend window",
+        None,
+        |s| s.growth_bytes,
+    );
+    site_gauge(
+        &mut reg,
+        "site_growth_objects_per_second",
+        "Growth of a site's outstanding objects over the trend window",
+        None,
+        |s| s.growth_objects,
+    );
+    let mut per_kind: Vec<(&str, usize, u64)> = Vec::new();
+    for s in &snap.sites {
+        match per_kind.iter_mut().find(|k| k.0 == s.kind) {
+            Some(k) => {
+                k.1 += 1;
+                k.2 += s.outstanding_bytes;
+            }
+            None => per_kind.push((s.kind, 1, s.outstanding_bytes)),
+        }
+    }
+    gauges(
+        &mut reg,
+        "sites",
+        "Distinct call sites seen, per kind (series beyond the top are summed as site=\"other\")",
+        None,
+        per_kind
+            .iter()
+            .map(|k| (with_pid(vec![("kind", k.0.to_string())]), k.1 as f64)),
+    );
+    gauges(
+        &mut reg,
+        "outstanding",
+        "Bytes held over all sites, per kind",
+        Some(Unit::Bytes),
+        per_kind
+            .iter()
+            .map(|k| (with_pid(vec![("kind", k.0.to_string())]), k.2 as f64)),
+    );
+    if let Some(m) = &snap.memory {
+        gauges(
+            &mut reg,
+            "memory_usage",
+            "Working set of the target's memory cgroup (or the system)",
+            Some(Unit::Bytes),
+            [(with_pid(vec![]), m.state.usage_bytes as f64)],
+        );
+        if let Some(limit) = m.state.limit_bytes {
+            gauges(
+                &mut reg,
+                "memory_limit",
+                "Memory limit that applies to the target",
+                Some(Unit::Bytes),
+                [(with_pid(vec![]), limit as f64)],
+            );
+        }
+        if let Some(g) = m.growth_bytes_per_s {
+            gauges(
+                &mut reg,
+                "memory_growth_bytes_per_second",
+                "Robust trend of memory usage",
+                None,
+                [(with_pid(vec![]), g)],
+            );
+        }
+        if let Some(eta) = m.eta_s {
+            gauges(
+                &mut reg,
+                "oom_eta",
+                "Estimated time until the memory limit is reached (absent: not growing)",
+                Some(Unit::Seconds),
+                [(with_pid(vec![]), eta)],
+            );
+        }
+    }
+    let lost = &snap.lost;
+    counters(
+        &mut reg,
+        "lost",
+        "What the kernel side could not account, by reason (see the README)",
+        [
+            ("addr_map_full", lost.addr_map_full),
+            ("site_map_full", lost.site_map_full),
+            ("stacks_lost", lost.stacks_lost),
+            ("pending_map_full", lost.pending_map_full),
+            ("unmatched_returns", lost.unmatched_returns),
+            ("go_map_full", lost.go_map_full),
+            ("go_read_errors", lost.go_read_errors),
+        ]
+        .map(|(r, v)| (with_pid(vec![("reason", r.to_string())]), v)),
+    );
+    gauges(
+        &mut reg,
+        "truncated_stacks",
+        "Sites whose recorded stack lacks its outer frames",
+        None,
+        [(with_pid(vec![]), lost.truncated_stacks as f64)],
+    );
+    let act = &snap.activity;
+    gauges(
+        &mut reg,
+        "map_fill_ratio",
+        "Fill of the kernel maps (0 to 1)",
+        None,
+        [
+            ("addresses", act.addr_map_fill),
+            ("sites", act.site_map_fill),
+        ]
+        .map(|(m, v)| (with_pid(vec![("map", m.to_string())]), v)),
+    );
+    counters(
+        &mut reg,
+        "probe_events",
+        "Probe hits and what they saw, by event",
+        [
+            ("alloc_calls", act.alloc_calls),
+            ("free_calls", act.free_calls),
+            ("failed_allocs", act.failed_allocs),
+            ("nested_calls", act.nested_calls),
+            ("untracked_frees", act.untracked_frees),
+            ("stale_entries", act.stale_entries),
+            ("partial_unmaps", act.partial_unmaps),
+            ("unsampled", act.unsampled),
+            ("goroutines_created", act.goroutines_created),
+            ("goroutines_exited", act.goroutines_exited),
+            ("go_samples", act.go_samples),
+            ("go_sample_frees", act.go_sample_frees),
+            ("timers_created", act.timers_created),
+            ("timers_retired", act.timers_retired),
+        ]
+        .map(|(e, v)| (with_pid(vec![("event", e.to_string())]), v)),
+    );
+    let ts = snap
+        .ts
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    gauges(
+        &mut reg,
+        "snapshot_timestamp",
+        "When the kernel maps behind these values were read",
+        Some(Unit::Seconds),
+        [(with_pid(vec![]), ts)],
+    );
+    let mut text = String::new();
+    encode(&mut text, &reg)?;
+    Ok(text)
+}
+
+impl Sink for PrometheusSink {
+    fn attached(&mut self, info: &Attached) -> io::Result<()> {
+        self.state.pid = info.pid;
+        self.state.attached = Some(info.clone());
+        self.state.target_up = true;
+        self.publish()
+    }
+
+    fn snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
+        self.state.pid = snap.pid;
+        self.state.snapshot = Some(snap.clone());
+        if let Some(m) = &snap.memory {
+            self.state.level = Some(m.level);
+        }
+        self.publish()
+    }
+
+    fn target_exited(&mut self, _exit: &Exit) -> io::Result<()> {
+        self.state.target_up = false;
+        self.publish()
+    }
+
+    fn notice(&mut self, _pid: u32, _message: &str) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn alert(&mut self, alert: &Alert) -> io::Result<()> {
+        self.state.alerts += 1;
+        self.state.level = Some(alert.severity);
+        self.publish()
+    }
+
+    fn oom_kill(&mut self, _kill: &OomKill) -> io::Result<()> {
+        self.state.oom_kills += 1;
+        self.state.target_up = false;
+        self.publish()
+    }
+
+    fn finish(&mut self, snap: &Snapshot, _reason: EndReason, _elapsed_s: f64) -> io::Result<()> {
+        self.state.snapshot = Some(snap.clone());
+        self.publish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symbolize::Frame;
+
+    fn site(kind: &'static str, id: &str, func: &str, bytes: u64, count: u64) -> SiteReport {
+        SiteReport {
+            site_id: id.into(),
+            kind,
+            outstanding_bytes: bytes,
+            outstanding_count: count,
+            allocs: count,
+            frees: 0,
+            alloc_bytes: bytes,
+            growth_bytes_per_s: 1.5,
+            growth_count_per_s: 0.0,
+            start_function: None,
+            sampled: false,
+            truncated: false,
+            frames: vec![Frame {
+                function: func.into(),
+                file: None,
+                line: Some(1),
+                module: None,
+                addr: 0,
+                inlined: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn labels_stay_bounded_and_nothing_is_dropped() {
+        let mut sites: Vec<SiteReport> = (0..1000)
+            .map(|i| site("heap", &format!("{i:012x}"), &format!("f{i}"), i, 1))
+            .collect();
+        sites.push(site("goroutine", "g1", "main.worker", 0, 50));
+        let series = bounded_sites(&sites, 5);
+        let heap: Vec<_> = series.iter().filter(|(l, _)| l[0].1 == "heap").collect();
+        assert_eq!(heap.len(), 6, "5 top sites and one aggregate");
+        assert_eq!(heap[0].0[2].1, "f999");
+        let other = heap.iter().find(|(l, _)| l[1].1 == "other").unwrap();
+        assert_eq!(other.0[2].1, "[995 other sites]");
+        let total: f64 = heap.iter().map(|(_, s)| s.bytes).sum();
+        assert_eq!(total, (0..1000).sum::<u64>() as f64);
+        let g = series.iter().find(|(l, _)| l[0].1 == "goroutine").unwrap();
+        assert_eq!(g.1.objects, 50.0);
+    }
+
+    #[test]
+    fn renders_openmetrics_text() {
+        let mut snap = Snapshot {
+            ts: UNIX_EPOCH,
+            pid: 42,
+            sites: vec![site("heap", "abc", "leak", 10000, 10)],
+            lost: Default::default(),
+            activity: Default::default(),
+            total_outstanding_bytes: 10000,
+            memory: None,
+            mappings: vec![],
+        };
+        snap.lost.stacks_lost = 3;
+        let st = State {
+            top: 10,
+            pid: 42,
+            snapshot: Some(snap),
+            target_up: true,
+            ..State::default()
+        };
+        let text = render(&st).unwrap();
+        assert!(text.contains(
+            "tracer_site_outstanding_bytes{pid=\"42\",kind=\"heap\",site=\"abc\",function=\"leak\"} 10000.0"
+        ), "{text}");
+        assert!(
+            text.contains("tracer_lost_total{pid=\"42\",reason=\"stacks_lost\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("tracer_target_up{pid=\"42\"} 1.0"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
