@@ -125,11 +125,15 @@ impl Source {
 
     /// Reads usage and limit now.
     pub fn read(&self) -> std::io::Result<MemoryState> {
-        match self {
-            Source::V2 { dir, mount } => read_v2(dir, mount),
-            Source::V1 { dir } => read_v1(dir),
-            Source::System => read_system(Path::new("/proc/meminfo")),
+        let cgroup = match self {
+            Source::V2 { dir, mount } => read_v2(dir, mount)?,
+            Source::V1 { dir } => read_v1(dir)?,
+            Source::System => return read_system(Path::new("/proc/meminfo")),
+        };
+        if cgroup.limit_bytes.is_some() {
+            return Ok(cgroup);
         }
+        Ok(unlimited_cgroup(cgroup, read_system(Path::new("/proc/meminfo"))?))
     }
 }
 
@@ -229,6 +233,19 @@ fn read_v1(dir: &Path) -> std::io::Result<MemoryState> {
         oom_kills: keyed(&oom).get("oom_kill").copied(),
         pressure_some_avg10: psi_some_avg10(&pressure),
     })
+}
+
+/// A cgroup without a limit is bounded by the system: the global OOM killer
+/// fires when the machine runs out, so the machine's usage and size are what
+/// count. The cgroup's own kill counter and pressure are kept.
+fn unlimited_cgroup(cgroup: MemoryState, system: MemoryState) -> MemoryState {
+    MemoryState {
+        oom_kills: cgroup.oom_kills,
+        high_bytes: cgroup.high_bytes,
+        pressure_some_avg10: cgroup.pressure_some_avg10.or(system.pressure_some_avg10),
+        cgroup: cgroup.cgroup,
+        ..system
+    }
 }
 
 /// The system as a whole: usage = MemTotal - MemAvailable (+ swap in use),
@@ -331,9 +348,17 @@ mod tests {
         let svc = root.join("sys/fs/cgroup/unified/a");
         write(&svc, "memory.max", "max\n");
         write(&svc, "memory.current", "1000\n");
-        let st = Source::resolve("0::/a\n", MOUNTS, &root).read().unwrap();
+        let src = Source::resolve("0::/a\n", MOUNTS, &root);
+        let Source::V2 { dir, mount } = &src else {
+            panic!("{src:?}")
+        };
+        let st = read_v2(dir, mount).unwrap();
         assert_eq!(st.limit_bytes, None);
         assert_eq!(st.usage_bytes, 1000);
+        // Read as a whole, the machine bounds it.
+        let bounded = src.read().unwrap();
+        assert_eq!(bounded.scope, Scope::System);
+        assert!(bounded.limit_bytes.is_some());
         std::fs::remove_dir_all(root).unwrap();
     }
 
@@ -368,7 +393,23 @@ mod tests {
             "hierarchical_memory_limit 9223372036854771712\n",
         );
         write(&grp, "memory.limit_in_bytes", "9223372036854771712\n");
-        assert_eq!(src.read().unwrap().limit_bytes, None, "v1 'unlimited'");
+        let unlimited = read_v1(&grp).unwrap();
+        assert_eq!(unlimited.limit_bytes, None, "v1 'unlimited'");
+        // The system bounds an unlimited cgroup.
+        let sys_dir = tmp("sys-bound");
+        write(
+            &sys_dir,
+            "meminfo",
+            "MemTotal: 1000 kB\nMemAvailable: 400 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n",
+        );
+        let sys = read_system(&sys_dir.join("meminfo")).unwrap();
+        let st = unlimited_cgroup(unlimited, sys);
+        assert_eq!(st.scope, Scope::System);
+        assert_eq!(st.limit_bytes, Some(1000 * 1024));
+        assert_eq!(st.usage_bytes, 600 * 1024);
+        assert_eq!(st.oom_kills, Some(2), "the cgroup's kill counter is kept");
+        assert_eq!(st.cgroup.as_deref(), Some(grp.as_path()));
+        std::fs::remove_dir_all(sys_dir).unwrap();
         std::fs::remove_dir_all(root).unwrap();
     }
 
