@@ -93,6 +93,12 @@ impl Op {
 /// only releases what it replaces (realloc) and records nothing.
 pub const OP_UNSAMPLED: u32 = 1 << 16;
 
+/// Bit of [`Pending::op`] marking a call whose return is not probed (a
+/// uprobe session skipped it: sampling left the call out). Nothing retires
+/// the entry; it stays only to recognise the allocator's own calls inside it
+/// (see [`Pending::ret_addr`]).
+pub const OP_NO_RETURN: u32 = 1 << 17;
+
 /// Stack id used when the kernel could not record the stack (table full or a
 /// hash collision). The bytes are still accounted, under an "unknown stack" site.
 pub const STACK_ID_NONE: u32 = u32::MAX;
@@ -117,6 +123,9 @@ pub struct Pending {
     /// Probed functions tail-called by this one (same stack pointer): each
     /// adds a return to skip before the final one accounts the call.
     pub tail_calls: u32,
+    /// For [`OP_NO_RETURN`] entries: the return address at `sp` at entry. The
+    /// call is still running while that stack slot holds it.
+    pub ret_addr: u64,
 }
 
 /// Value of the address map: one live block or mapping.

@@ -17,20 +17,23 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    EbpfContext,
+    bindings::pt_regs,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_func_ip, bpf_get_prandom_u32,
+        bpf_probe_read_user,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, StackTrace},
     programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
 };
 use aya_log_ebpf::{info, warn};
 use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
     DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, Kind,
-    OP_UNSAMPLED, OomVictim, Op, Pending, STACK_ID_NONE, SiteKey, SiteStats,
+    OP_NO_RETURN, OP_UNSAMPLED, OomVictim, Op, Pending, STACK_ID_NONE, SiteKey, SiteStats,
 };
 
 /// Process (tgid) whose events count; 0 accepts every process. Set before load.
@@ -82,8 +85,12 @@ static GO_SITES: HashMap<GoSiteKey, SiteStats> = HashMap::with_max_entries(DEFAU
 #[map]
 static GO_BUCKETS: HashMap<u64, SiteStats> = HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
 
+/// Allocator calls in flight, per thread. LRU: entries whose return is not
+/// probed (OP_NO_RETURN) are never removed, and threads that exit leave theirs
+/// behind; the least recently used go first, never a call in flight unless
+/// more threads than the map holds are inside the allocator at once.
 #[map]
-static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(DEFAULT_MAX_THREADS, 0);
+static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(DEFAULT_MAX_THREADS, 0);
 
 #[map]
 static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
@@ -138,52 +145,91 @@ fn is_target(pid_tgid: u64) -> bool {
 }
 
 #[inline(always)]
-fn sp_of(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
+fn sp_of(regs: *mut pt_regs) -> u64 {
     unsafe { (*regs).rsp }
 }
 
 // ---------------------------------------------------------------- entries
 
-/// Remembers an allocator call until its return probe.
+/// A session entry's verdict: the kernel runs the return half only after 0.
+const RETURN_WANTED: u32 = 0;
+const NO_RETURN: u32 = 1;
+
+/// Remembers an allocator call until its return probe. With `session` (the
+/// entry half of a uprobe session), the verdict says whether the return half
+/// must run: a call left out by sampling needs none, which saves the return
+/// trap, the dearest part of an unsampled call.
 #[inline(always)]
-fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32> {
+fn remember<C: EbpfContext>(
+    ctx: &C,
+    regs: *mut pt_regs,
+    op: Op,
+    size: u64,
+    addr: u64,
+    session: bool,
+) -> Result<u32, u32> {
     let id = bpf_get_current_pid_tgid();
     if !is_target(id) {
-        return Ok(0);
+        return Ok(NO_RETURN);
     }
     count(Counter::AllocCalls);
-    let sp = sp_of(ctx.regs);
+    let sp = sp_of(regs);
     if let Some(outer) = PENDING.get_ptr_mut(&id) {
-        let outer_sp = unsafe { (*outer).sp };
-        if outer_sp > sp {
+        let o = unsafe { *outer };
+        // An entry with no return probe is live while its frame is: its
+        // return address still in the slot it was read from.
+        let no_return = o.op & OP_NO_RETURN != 0;
+        let frame_intact = !no_return || read_stack(o.sp) == Some(o.ret_addr);
+        if frame_intact && o.sp > sp {
             // Called from inside another probed allocator call on this thread
             // (malloc → mmap for a large block): the outer call accounts it.
             count(Counter::NestedCalls);
-            return Ok(0);
+            return Ok(NO_RETURN);
         }
-        if outer_sp == sp {
-            // A tail call from one probed function into another (glibc:
-            // reallocarray → realloc → malloc): one logical call, whose return
-            // will fire once per probed function. The outer entry accounts it.
-            unsafe { (*outer).tail_calls += 1 };
+        // A tail call from one probed function into another (glibc:
+        // reallocarray → realloc → malloc): one logical call. Without a return
+        // probe of its own, the next call from the same site at the same depth
+        // looks the same; it calls the same function, a tail call another.
+        let tail_call = frame_intact && o.sp == sp && (!no_return || o.op & 0xffff != op as u32);
+        if tail_call {
             count(Counter::NestedCalls);
-            return Ok(0);
+            if session || no_return {
+                // The outer call's return (if probed) fires once, when the
+                // inner one returns to its caller.
+                return Ok(NO_RETURN);
+            }
+            // Classic uretprobes fire once per probed function: the last
+            // one accounts the call.
+            unsafe { (*outer).tail_calls += 1 };
+            return Ok(RETURN_WANTED);
         }
-        // An entry below our frame never returned (longjmp out of the
-        // allocator, or its return probe was lost): replace it.
-        if count(Counter::StalePending) == 0 {
+        if !no_return && count(Counter::StalePending) == 0 {
+            // An entry below our frame never returned (longjmp out of the
+            // allocator, or its return probe was lost): replace it.
             info!(
                 ctx,
                 "replacing an allocator entry whose return was never seen"
             );
         }
     }
-    let op_bits = if is_sampled(op, size) {
-        op as u32
-    } else {
+    let sampled = is_sampled(op, size);
+    if !sampled {
         count(Counter::Unsampled);
-        op as u32 | OP_UNSAMPLED
-    };
+    }
+    // An unsampled realloc still releases the block it replaces, if tracked.
+    let replaces_tracked = matches!(op, Op::Realloc | Op::ReallocArray)
+        && addr != 0
+        && unsafe { ALLOCS.get(&addr) }.is_some();
+    let wants_return = !session || sampled || replaces_tracked;
+    let mut op_bits = op as u32;
+    if !sampled {
+        op_bits |= OP_UNSAMPLED;
+    }
+    let mut ret_addr = 0;
+    if !wants_return {
+        op_bits |= OP_NO_RETURN;
+        ret_addr = read_stack(sp).unwrap_or(0);
+    }
     // Unsampled calls are remembered too, so that the allocator's own mmap
     // calls inside them are still recognised as nested.
     let pending = Pending {
@@ -192,6 +238,7 @@ fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32
         sp,
         op: op_bits,
         tail_calls: 0,
+        ret_addr,
     };
     if PENDING.insert(&id, &pending, 0).is_err() {
         if count(Counter::PendingMapFull) == 0 {
@@ -200,9 +247,67 @@ fn remember(ctx: &ProbeContext, op: Op, size: u64, addr: u64) -> Result<u32, u32
                 "per-thread pending map full: allocations are being lost"
             );
         }
-        return Err(1);
+        return Err(NO_RETURN);
     }
-    Ok(0)
+    Ok(if wants_return {
+        RETURN_WANTED
+    } else {
+        NO_RETURN
+    })
+}
+
+/// A word of the target's stack.
+#[inline(always)]
+fn read_stack(addr: u64) -> Option<u64> {
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Entry and return of every allocating function in one program, for uprobe
+/// sessions (Linux 6.13+, loaded by the tracer itself: aya cannot yet). The
+/// entry's verdict decides whether the return half runs at all, so the
+/// program's return value matters: written without `#[uprobe]`, whose
+/// wrapper always returns 0.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
+    match try_alloc_session(&ProbeContext::new(ctx)) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_alloc_session(ctx: &ProbeContext) -> Result<u32, u32> {
+    let regs = ctx.regs;
+    // The entry runs at the probed instruction, the return at the caller.
+    let ip = unsafe { core::ptr::read_volatile(&(*regs).rip) };
+    let entry_ip = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
+    if ip != entry_ip {
+        let _ = on_return(ctx, regs);
+        return Ok(0);
+    }
+    let Some(op) = cookie_op(ctx) else {
+        return Err(NO_RETURN);
+    };
+    // Loaded unconditionally: the verifier rejects context reads under
+    // branches that it cannot prove in bounds.
+    let (a0, a1, a2) = unsafe {
+        (
+            core::ptr::read_volatile(&(*regs).rdi),
+            core::ptr::read_volatile(&(*regs).rsi),
+            core::ptr::read_volatile(&(*regs).rdx),
+        )
+    };
+    let (size, addr) = match op {
+        Op::Malloc | Op::Valloc => (a0, 0),
+        Op::Pvalloc => (round_up_page(if a0 == 0 { 1 } else { a0 }), 0),
+        Op::AlignedAlloc | Op::Memalign => (a1, 0),
+        Op::Calloc => (mul_or_max(a0, a1), 0),
+        Op::Realloc => (a1, a0),
+        Op::ReallocArray => (mul_or_max(a1, a2), a0),
+        Op::PosixMemalign => (a2, a0),
+        Op::Mmap => (round_up_page(a1), 0),
+        Op::Mremap => (round_up_page(a2), a0),
+    };
+    remember(ctx, regs, op, size, addr, true)
 }
 
 #[inline(always)]
@@ -268,7 +373,7 @@ fn try_size_arg(ctx: &ProbeContext, n: usize) -> Result<u32, u32> {
     } else {
         size
     };
-    remember(ctx, op, size, 0)
+    remember(ctx, ctx.regs, op, size, 0, false).map(|_| 0)
 }
 
 /// calloc(n, size).
@@ -285,7 +390,7 @@ fn try_calloc(ctx: &ProbeContext) -> Result<u32, u32> {
     };
     // An overflowing product makes calloc fail; remember it anyway so the
     // return (NULL) is matched and counted as a failed allocation.
-    remember(ctx, Op::Calloc, mul_or_max(n, size), 0)
+    remember(ctx, ctx.regs, Op::Calloc, mul_or_max(n, size), 0, false).map(|_| 0)
 }
 
 /// `a * b`, or `u64::MAX` on overflow. `checked_mul` (and the `MAX / a` test,
@@ -318,7 +423,7 @@ fn try_realloc(ctx: &ProbeContext) -> Result<u32, u32> {
     let (Some(ptr), Some(size)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return Err(1);
     };
-    remember(ctx, Op::Realloc, size, ptr)
+    remember(ctx, ctx.regs, Op::Realloc, size, ptr, false).map(|_| 0)
 }
 
 /// reallocarray(ptr, n, size).
@@ -335,7 +440,15 @@ fn try_reallocarray(ctx: &ProbeContext) -> Result<u32, u32> {
     else {
         return Err(1);
     };
-    remember(ctx, Op::ReallocArray, mul_or_max(n, size), ptr)
+    remember(
+        ctx,
+        ctx.regs,
+        Op::ReallocArray,
+        mul_or_max(n, size),
+        ptr,
+        false,
+    )
+    .map(|_| 0)
 }
 
 /// posix_memalign(memptr, align, size).
@@ -350,7 +463,7 @@ fn try_posix_memalign(ctx: &ProbeContext) -> Result<u32, u32> {
     let (Some(memptr), Some(size)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(2)) else {
         return Err(1);
     };
-    remember(ctx, Op::PosixMemalign, size, memptr)
+    remember(ctx, ctx.regs, Op::PosixMemalign, size, memptr, false).map(|_| 0)
 }
 
 /// mmap(addr, len, prot, flags, fd, off).
@@ -365,7 +478,7 @@ fn try_mmap(ctx: &ProbeContext) -> Result<u32, u32> {
     let Some(len) = ctx.arg::<u64>(1) else {
         return Err(1);
     };
-    remember(ctx, Op::Mmap, round_up_page(len), 0)
+    remember(ctx, ctx.regs, Op::Mmap, round_up_page(len), 0, false).map(|_| 0)
 }
 
 /// mremap(old, old_len, new_len, flags, ...).
@@ -380,7 +493,15 @@ fn try_mremap(ctx: &ProbeContext) -> Result<u32, u32> {
     let (Some(old), Some(new_len)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(2)) else {
         return Err(1);
     };
-    remember(ctx, Op::Mremap, round_up_page(new_len), old)
+    remember(
+        ctx,
+        ctx.regs,
+        Op::Mremap,
+        round_up_page(new_len),
+        old,
+        false,
+    )
+    .map(|_| 0)
 }
 
 #[inline(always)]
@@ -402,6 +523,13 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 }
 
 fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
+    on_return(ctx, ctx.regs)
+}
+
+/// The return half of an allocator call: matches the pending entry and
+/// accounts the result (in `regs`).
+#[inline(always)]
+fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32> {
     let id = bpf_get_current_pid_tgid();
     if !is_target(id) {
         return Ok(0);
@@ -411,8 +539,13 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         count(Counter::UnmatchedReturns);
         return Ok(0);
     };
+    if pending.op & OP_NO_RETURN != 0 {
+        // Nothing of that call is due: this return matches no entry.
+        count(Counter::UnmatchedReturns);
+        return Ok(0);
+    }
     // `ret` popped the return address: sp is 8 above the entry's.
-    let sp = sp_of(ctx.regs);
+    let sp = sp_of(regs);
     if pending.sp > sp {
         // Return of a nested call skipped at its entry; the outer one is pending.
         return Ok(0);
@@ -429,7 +562,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
         count(Counter::UnmatchedReturns);
         return Ok(0);
     }
-    let ret: u64 = ctx.ret();
+    let ret: u64 = unsafe { core::ptr::read_volatile(&(*regs).rax) };
     let Some(op) = Op::from_u64(u64::from(pending.op & !OP_UNSAMPLED)) else {
         return Err(1);
     };
@@ -496,7 +629,7 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<u32, u32> {
 
 /// Accounts a new block at `addr` to the current user stack.
 #[inline(always)]
-fn record(ctx: &RetProbeContext, addr: u64, size: u64, kind: Kind) {
+fn record<C: StackIdContext>(ctx: &C, addr: u64, size: u64, kind: Kind) {
     // At the return probe the registers are the caller's, so the frame-pointer
     // walk starts at the call site itself.
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {

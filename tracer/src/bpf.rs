@@ -4,7 +4,7 @@
 //! before the object reaches the kernel; probes attach last, so no event
 //! arrives before the maps are ready.
 
-use std::{collections::HashMap as StdHashMap, num::NonZeroU32};
+use std::{collections::HashMap as StdHashMap, num::NonZeroU32, os::fd::OwnedFd, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,7 +16,7 @@ use aya::{
 };
 use tracer_common::{COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, SiteKey, SiteStats};
 
-use crate::{error::TracerError, probes::PlannedProbe};
+use crate::{error::TracerError, probes::PlannedProbe, uprobe_session::SessionProgram};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
@@ -71,6 +71,11 @@ pub struct Kernel {
     go_buckets: HashMap<MapData, u64, SiteStats>,
     oom_victim: Array<MapData, OomVictim>,
     pub sizes: MapSizes,
+    /// With sampling, allocator entries and returns run as uprobe sessions
+    /// (see [`crate::uprobe_session`]); else why not.
+    session: Result<SessionProgram, String>,
+    /// The session links, live while held.
+    session_links: Vec<OwnedFd>,
 }
 
 /// Counter totals summed over CPUs, indexed by [`Counter`].
@@ -107,6 +112,14 @@ impl Kernel {
             .map_max_entries("PENDING", sizes.threads)
             .load(EBPF_OBJECT)
             .map_err(load_err)?;
+        // Before any map is taken out of `ebpf`: the program shares them all.
+        let session = if sizes.sample_bytes == 0 {
+            Err("not sampling (every call needs its return)".to_string())
+        } else if std::env::var_os("TRACER_UPROBE_SESSION").is_some_and(|v| v == "0") {
+            Err("turned off by TRACER_UPROBE_SESSION=0".to_string())
+        } else {
+            SessionProgram::load(EBPF_OBJECT, "alloc_session", &ebpf)
+        };
         // The logger must stay alive: dropping it closes the log map's fd.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -164,7 +177,17 @@ impl Kernel {
             go_buckets,
             oom_victim,
             sizes,
+            session,
+            session_links: Vec::new(),
         })
+    }
+
+    /// Why sampled calls still pay for a return probe, when they do.
+    pub fn session_unavailable(&self) -> Option<&str> {
+        match &self.session {
+            Err(why) if self.sizes.sample_bytes > 0 => Some(why),
+            _ => None,
+        }
     }
 
     /// Attaches every planned probe to process `pid`. Returns what is live.
@@ -178,7 +201,23 @@ impl Kernel {
             None => UProbeScope::AllProcesses,
         };
         let mut attached = Vec::new();
+        // Entries of allocating functions become sessions: one link per file,
+        // attached after the frees (which the plan puts first).
+        let mut sessions: Vec<(PathBuf, Vec<&PlannedProbe>)> = Vec::new();
         for probe in plan {
+            if self.session.is_ok() {
+                if probe.program == "alloc_return" {
+                    continue;
+                }
+                if probe.op.is_some() {
+                    let path = &probe.object.open_path;
+                    match sessions.iter_mut().find(|(p, _)| p == path) {
+                        Some((_, v)) => v.push(probe),
+                        None => sessions.push((path.clone(), vec![probe])),
+                    }
+                    continue;
+                }
+            }
             let attach_err = |reason: String| TracerError::Attach {
                 function: probe.function.clone(),
                 path: probe.object.path.clone(),
@@ -202,6 +241,33 @@ impl Kernel {
                 offset: probe.offset,
                 program: probe.program.into(),
             });
+        }
+        if let Ok(program) = &self.session {
+            for (path, probes) in sessions {
+                let offsets: Vec<u64> = probes.iter().map(|p| p.offset).collect();
+                let cookies: Vec<u64> = probes
+                    .iter()
+                    .map(|p| p.op.map_or(0, |o| o as u64))
+                    .collect();
+                let link = program
+                    .attach(&path, &offsets, &cookies, pid)
+                    .map_err(|e| TracerError::Attach {
+                        function: probes
+                            .iter()
+                            .map(|p| p.function.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        path: probes[0].object.path.clone(),
+                        reason: format!("uprobe session: {e}"),
+                    })?;
+                self.session_links.push(link);
+                attached.extend(probes.iter().map(|p| AttachedProbe {
+                    function: p.function.clone(),
+                    path: p.object.path.display().to_string(),
+                    offset: p.offset,
+                    program: "alloc_session".into(),
+                }));
+            }
         }
         Ok(attached)
     }

@@ -22,5 +22,6 @@ pub mod session;
 pub mod sink;
 pub mod symbolize;
 pub mod target;
+pub mod uprobe_session;
 
 pub use error::TracerError;

@@ -133,7 +133,10 @@ impl Source {
         if cgroup.limit_bytes.is_some() {
             return Ok(cgroup);
         }
-        Ok(unlimited_cgroup(cgroup, read_system(Path::new("/proc/meminfo"))?))
+        Ok(unlimited_cgroup(
+            cgroup,
+            read_system(Path::new("/proc/meminfo"))?,
+        ))
     }
 }
 

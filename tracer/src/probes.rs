@@ -98,6 +98,24 @@ impl Hook {
         }
     }
 
+    /// The operation of an allocating function (None for frees).
+    pub fn op(self) -> Option<Op> {
+        Some(match self {
+            Hook::Malloc => Op::Malloc,
+            Hook::Calloc => Op::Calloc,
+            Hook::Realloc => Op::Realloc,
+            Hook::ReallocArray => Op::ReallocArray,
+            Hook::PosixMemalign => Op::PosixMemalign,
+            Hook::AlignedAlloc => Op::AlignedAlloc,
+            Hook::Memalign => Op::Memalign,
+            Hook::Valloc => Op::Valloc,
+            Hook::Pvalloc => Op::Pvalloc,
+            Hook::Mmap => Op::Mmap,
+            Hook::Mremap => Op::Mremap,
+            Hook::Free | Hook::Munmap => return None,
+        })
+    }
+
     fn from_symbol(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|h| h.symbol() == name)
     }
@@ -127,6 +145,10 @@ pub struct PlannedProbe {
     pub cookie: Option<u64>,
     /// Whether this probe frees (attached before anything that allocates).
     pub frees: bool,
+    /// For the entry probe of an allocating function: its operation. With
+    /// uprobe sessions the entry and the return become one probe here (see
+    /// [`crate::uprobe_session`]).
+    pub op: Option<Op>,
 }
 
 impl PlannedProbe {
@@ -149,11 +171,17 @@ impl PlannedProbe {
             program,
             cookie,
             frees: matches!(hook, Hook::Free | Hook::Munmap),
+            op: None,
         };
         if w.needs_return {
-            out.push(probe("alloc_return", None, offset));
+            // At the entry probe's instruction: placement keeps the stack
+            // pointer as at entry, so the return address is still on top, and
+            // one trap serves both.
+            out.push(probe("alloc_return", None, offset + shift));
         }
-        out.push(probe(w.entry, w.cookie.map(|o| o as u64), offset + shift));
+        let mut entry = probe(w.entry, w.cookie.map(|o| o as u64), offset + shift);
+        entry.op = hook.op();
+        out.push(entry);
         out
     }
 }
@@ -321,6 +349,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         program,
         cookie: None,
         frees,
+        op: None,
     };
     let file_off = |f: &golang::Function, va: u64| f.file_offset + (va - f.addr);
     // An "entry" probe on the first push rbp past the stack-growth prologue.

@@ -316,6 +316,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
         .unwrap_or_default();
     let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
     let probes = kernel.attach(&plan.probes, pid)?;
+    session_notice(&kernel, sink, pid)?;
     let info = Attached {
         pid,
         comm: target.comm.clone(),
@@ -398,6 +399,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
             .unwrap_or_default();
         let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
         let probes = kernel.attach(&plan.probes, pid)?;
+        session_notice(&kernel, sink, pid)?;
         let info = Attached {
             pid,
             comm: exe
@@ -436,6 +438,20 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
         reap(pid);
     }
     result
+}
+
+/// Tells the user when sampling cannot skip the return trap of left-out
+/// calls (uprobe sessions need Linux 6.13+).
+fn session_notice(kernel: &Kernel, sink: &mut dyn Sink, pid: u32) -> std::io::Result<()> {
+    match kernel.session_unavailable() {
+        Some(why) => sink.notice(
+            pid,
+            &format!(
+                "sampled-out calls still pay a return probe: uprobe sessions are unavailable ({why})"
+            ),
+        ),
+        None => Ok(()),
+    }
 }
 
 /// The collector, with the Go runtime's memory when the target is Go.

@@ -173,15 +173,23 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
     let pid = target.child.id();
     let started = Instant::now();
     let tool = match mode {
-        "tracer" | "sampled" => {
+        "tracer" | "sampled" | "sampled-uretprobe" => {
             let out = out_dir.join("tracer.jsonl");
             let _ = std::fs::remove_file(&out);
-            let sampling: &[&str] = if mode == "sampled" {
+            let sampling: &[&str] = if mode.starts_with("sampled") {
                 &["--sample-bytes", "524288"]
             } else {
                 &[]
             };
+            // Sampling without uprobe sessions: every call still pays its
+            // return trap (what kernels before 6.13 get).
+            let sessions = if mode == "sampled-uretprobe" {
+                "0"
+            } else {
+                "1"
+            };
             let child = Command::new(tracer_bin())
+                .env("TRACER_UPROBE_SESSION", sessions)
                 .args([
                     "attach",
                     &pid.to_string(),
@@ -349,7 +357,14 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let bench = fixtures_dir().join("bench");
     let gobench = fixtures_dir().join("gobench-go1.27");
-    let modes = ["untraced", "tracer", "sampled", "bpftrace", "heaptrack"];
+    let modes = [
+        "untraced",
+        "tracer",
+        "sampled",
+        "sampled-uretprobe",
+        "bpftrace",
+        "heaptrack",
+    ];
     let mut c: Vec<(&str, Vec<Run>)> = modes.iter().map(|m| (*m, Vec::new())).collect();
     // Allocation-heavy (2 goroutines+timers per 20k allocations), then
     // goroutine/timer-heavy (50 per round) to show the per-event cost.
@@ -417,11 +432,12 @@ fn report(
         let cpu = med(runs, &|r| r.tool_cpu_s);
         let rss = med(runs, &|r| r.tool_maxrss_kb.map(|k| k as f64));
         let attach = med(runs, &|r| r.attach_s);
-        let ratio_to_tracer = if ["tracer", "sampled", "untraced"].contains(mode) {
-            String::new()
-        } else {
-            format!("{:.2}", added("tracer") / (ns - base))
-        };
+        let ratio_to_tracer =
+            if ["tracer", "sampled", "sampled-uretprobe", "untraced"].contains(mode) {
+                String::new()
+            } else {
+                format!("{:.2}", added("tracer") / (ns - base))
+            };
         let accuracy = runs
             .last()
             .and_then(|r| Some((r.truth?, r.reported?)))
@@ -473,9 +489,11 @@ fn report(
     }
     let peer = added("bpftrace");
     println!(
-        "tracer added cost ÷ bpftrace's: exact {:.2}, sampled (512 KiB) {:.2}",
+        "tracer added cost ÷ bpftrace's: exact {:.2}, sampled (512 KiB) {:.2}, \
+         sampled without uprobe sessions {:.2}",
         added("tracer") / peer,
-        added("sampled") / peer
+        added("sampled") / peer,
+        added("sampled-uretprobe") / peer
     );
     let gbase = med(&go[0].1, &|r| Some(r.cost));
     let gtr = med(&go[1].1, &|r| Some(r.cost));

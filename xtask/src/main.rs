@@ -254,7 +254,7 @@ fn test(args: &[String]) -> Result<()> {
     let go = go_toolchain(GO_VERSIONS[GO_VERSIONS.len() - 1])?;
     run(Command::new("cargo")
         .current_dir(root())
-        .args(["test", "--workspace", "--release"])
+        .args(["test", "--workspace", "--release", "--no-fail-fast"])
         .args(args)
         .env("TRACER_BIN", tracer_bin())
         .env("TRACER_FIXTURES", fixtures_dir())

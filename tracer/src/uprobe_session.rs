@@ -1,0 +1,203 @@
+//! Uprobe sessions (Linux 6.13+): one probe runs a program at a function's
+//! entry and, only if that run returned 0, again at the function's return.
+//!
+//! Sampling needs exactly that. A classic uretprobe traps at every return,
+//! whether or not the call was sampled; a session skips the return trap of
+//! every call sampling leaves out, the dearest part of such a call.
+//!
+//! aya 0.14 can neither load a program for sessions (it needs the expected
+//! attach type `BPF_TRACE_UPROBE_SESSION`) nor create their `uprobe_multi`
+//! link, so this module does both with bpf(2): the program comes from the
+//! same object aya loaded, relocated against the maps aya created, so both
+//! sides share every map.
+
+use std::{
+    collections::HashSet,
+    ffi::CString,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+};
+
+use aya::{Ebpf, maps::Map};
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_KPROBE: u32 = 2;
+/// `enum bpf_attach_type` of Linux 6.13+ (newer than aya's bindings).
+const BPF_TRACE_UPROBE_SESSION: u32 = 57;
+
+/// `union bpf_attr` for BPF_PROG_LOAD, up to the fields we set.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `union bpf_attr` for BPF_LINK_CREATE of a uprobe_multi link.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    path: u64,
+    offsets: u64,
+    ref_ctr_offsets: u64,
+    cookies: u64,
+    cnt: u32,
+    multi_flags: u32,
+    pid: u32,
+    _pad: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of its size;
+    // the kernel zero-extends the rest.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The file descriptor behind an aya map, for the kinds the tracer uses.
+fn map_fd(map: &Map) -> Option<RawFd> {
+    let data = match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::StackTraceMap(d)
+        | Map::RingBuf(d)
+        | Map::PerfEventArray(d) => d,
+        _ => return None,
+    };
+    Some(data.fd().as_fd().as_raw_fd())
+}
+
+/// A program loaded for uprobe sessions.
+pub struct SessionProgram {
+    fd: OwnedFd,
+}
+
+impl SessionProgram {
+    /// Loads program `name` of `object` for sessions, its maps those aya
+    /// created in `ebpf` (call before any map is taken out of it). An error
+    /// says why (e.g. EINVAL: a kernel before 6.13).
+    pub fn load(object: &[u8], name: &str, ebpf: &Ebpf) -> Result<Self, String> {
+        let mut obj = aya_obj::Object::parse(object).map_err(|e| e.to_string())?;
+        let defs = obj.maps.clone();
+        let maps: Vec<(String, RawFd, aya_obj::Map)> = ebpf
+            .maps()
+            .filter_map(|(n, m)| Some((n.to_string(), map_fd(m)?, defs.get(n)?.clone())))
+            .collect();
+        let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
+        obj.relocate_maps(
+            maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)),
+            &text_sections,
+        )
+        .map_err(|e| e.to_string())?;
+        obj.relocate_calls(&text_sections)
+            .map_err(|e| e.to_string())?;
+        let prog = obj
+            .programs
+            .get(name)
+            .ok_or_else(|| format!("program {name} missing from the object"))?;
+        let insns = &obj.functions[&prog.function_key()].instructions;
+        let license = CString::new(obj.license.as_bytes()).map_err(|e| e.to_string())?;
+        let mut prog_name = [0u8; 16];
+        for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
+            *d = s;
+        }
+        let mut attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_KPROBE,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name,
+            expected_attach_type: BPF_TRACE_UPROBE_SESSION,
+            ..Default::default()
+        };
+        match bpf(BPF_PROG_LOAD, &mut attr) {
+            Ok(fd) => Ok(Self { fd }),
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                // The verifier refused: load again for its log.
+                let mut log = vec![0u8; 1 << 20];
+                attr.log_level = 1;
+                attr.log_size = log.len() as u32;
+                attr.log_buf = log.as_mut_ptr() as u64;
+                let _ = bpf(BPF_PROG_LOAD, &mut attr);
+                let text = String::from_utf8_lossy(&log);
+                let tail: Vec<&str> = text.trim_end_matches('\0').lines().rev().take(8).collect();
+                Err(format!(
+                    "verifier: {e}: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                ))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Attaches the program to `offsets` of `path` (file offsets), each with
+    /// its cookie, in process `pid` only. The link lives as long as the fd.
+    pub fn attach(
+        &self,
+        path: &Path,
+        offsets: &[u64],
+        cookies: &[u64],
+        pid: u32,
+    ) -> std::io::Result<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut attr = LinkCreateAttr {
+            prog_fd: self.fd.as_raw_fd() as u32,
+            attach_type: BPF_TRACE_UPROBE_SESSION,
+            path: c_path.as_ptr() as u64,
+            offsets: offsets.as_ptr() as u64,
+            cookies: cookies.as_ptr() as u64,
+            cnt: offsets.len().min(cookies.len()) as u32,
+            pid,
+            ..Default::default()
+        };
+        bpf(BPF_LINK_CREATE, &mut attr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_layouts_match_the_kernel() {
+        // Offsets of union bpf_attr's fields in include/uapi/linux/bpf.h.
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, log_buf), 32);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_name), 48);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, path), 16);
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, cookies), 40);
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, cnt), 48);
+        assert_eq!(std::mem::offset_of!(LinkCreateAttr, pid), 56);
+    }
+}
