@@ -114,6 +114,14 @@ fn trace_binary(binary: &str, version: &str, extra: &[&str]) -> Vec<Value> {
     );
     let mut stream = Stream::new(&mut tracer);
     let attached = stream.next_of("attached", T);
+    // Heap probes only where the runtime's profile cannot be read (no
+    // symbol table or DWARF).
+    let heap_probes = attached["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["program"] == "go_profile_bucket");
+    assert_eq!(heap_probes, binary.ends_with("-stripped"), "{binary}");
     assert!(
         attached["go_version"]
             .as_str()
@@ -529,5 +537,52 @@ fn steady_state_counts_stay_flat() {
             "go{version}: the target died"
         );
         assert!(Path::new(&format!("/proc/{}/exe", target.pid())).exists());
+    }
+}
+
+/// A binary with symbols and DWARF has its heap profile read from the
+/// runtime's own records, like `runtime.MemProfile`: no probe on the sampling
+/// path, and a leak sampled before the tracer attached is there at once.
+#[test]
+fn heap_sampled_before_attach_is_read_from_the_runtime() {
+    if !privileged("heap_sampled_before_attach_is_read_from_the_runtime") {
+        return;
+    }
+    for version in VERSIONS {
+        let mut target =
+            Proc::spawn(Command::new(fixture(&format!("leaky-go{version}"))).arg("early"));
+        target.expect_line("ready", T);
+        let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
+            "attach",
+            &target.pid().to_string(),
+            "--format",
+            "json",
+            "--interval",
+            "0.2",
+        ]));
+        let mut stream = Stream::new(&mut tracer);
+        let attached = stream.next_of("attached", T);
+        let programs: Vec<&str> = attached["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["program"].as_str().unwrap())
+            .collect();
+        assert!(
+            !programs.iter().any(|p| p.starts_with("go_profile")),
+            "go{version}: no heap probes: {programs:?}"
+        );
+        let snap = stream.next_of("snapshot", T);
+        let cache = heap_sites_through(&snap, "main.fillCache", "cache");
+        assert_eq!(cache.len(), 1, "go{version}:\n{}", describe_sites(&snap));
+        let est = cache[0]["outstanding_bytes"].as_f64().unwrap();
+        assert!(
+            (est - CACHE_BYTES).abs() <= 0.25 * CACHE_BYTES,
+            "go{version}: cache estimate {est} vs {CACHE_BYTES}"
+        );
+        target.close_stdin();
+        assert_eq!(target.wait(T), Some(0));
+        stream.next_of("report", T);
+        assert_eq!(tracer.wait(T), Some(0));
     }
 }

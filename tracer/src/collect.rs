@@ -279,23 +279,37 @@ impl Collector {
                 alloc_bytes: 0,
             });
         }
-        let buckets = kernel.go_buckets()?;
         let Some(go) = self.go.as_mut() else {
             return Ok(());
+        };
+        // (bucket, sampled allocs, sampled frees, sampled live objects)
+        let buckets: Vec<(u64, u64, u64, u64)> = if go.plan.mem_profile.is_some() {
+            // Read from the runtime's own records; none yet in `run` before
+            // the executable is mapped.
+            go.mem
+                .mem_buckets()
+                .iter()
+                .map(|b| (b.addr, b.allocs, b.frees, b.allocs.saturating_sub(b.frees)))
+                .collect()
+        } else {
+            kernel
+                .go_buckets()?
+                .into_iter()
+                .map(|(addr, s)| (addr, s.allocs, s.frees, s.outstanding_count.max(0) as u64))
+                .collect()
         };
         if let Some(rate) = go.mem.rate() {
             go.rate = rate;
         }
         let rate = go.rate;
-        for (addr, stats) in buckets {
+        for (addr, sampled_allocs, sampled_frees, live) in buckets {
             let Some(bucket) = go.mem.bucket(addr).cloned() else {
                 continue;
             };
-            let live = stats.outstanding_count.max(0) as u64;
             let (objs, bytes) = crate::golang::scale_sample(live, bucket.size, rate);
             let (allocs, alloc_bytes) =
-                crate::golang::scale_sample(stats.allocs, bucket.size, rate);
-            let (frees, _) = crate::golang::scale_sample(stats.frees, bucket.size, rate);
+                crate::golang::scale_sample(sampled_allocs, bucket.size, rate);
+            let (frees, _) = crate::golang::scale_sample(sampled_frees, bucket.size, rate);
             let mut frames = self.symbols.symbolize_stack(&bucket.stack);
             // The allocator's own frames say nothing about the call site.
             let internal = frames

@@ -440,14 +440,47 @@ pub struct RuntimeMem {
     /// Address of `runtime.MemProfileRate` in the target.
     rate_addr: Option<u64>,
     buckets: std::collections::HashMap<u64, Bucket>,
+    /// Address of `runtime.mbuckets` in the target and the record layout.
+    profile: Option<(u64, MemProfileLayout)>,
+    /// The last complete read of the profile: what the final report shows
+    /// once the target has exited and its memory is gone.
+    last_profile: Vec<BucketCounts>,
 }
 
 // runtime.bucket layout, all versions: next, allnext, typ, hash, size, nstk,
-// then nstk PCs.
+// then nstk PCs, then (memory-profile buckets) the memRecord.
 const BUCKET_SIZE_OFF: u64 = 32;
 const BUCKET_NSTK_OFF: u64 = 40;
 const BUCKET_STK_OFF: u64 = 48;
 const MAX_BUCKET_STACK: u64 = 128;
+/// `bucketType` of memory-profile buckets (memProfile = 1 + iota).
+const MEM_PROFILE: u64 = 1;
+/// The runtime's `profstackdepth` limit: a larger nstk is a torn read.
+const MAX_PROFILE_DEPTH: u64 = 1024;
+/// Buckets walked per read at most: the list only grows, but a torn read
+/// must not loop forever.
+const MAX_BUCKETS: usize = 1 << 20;
+
+/// Where the target's memory profile lives, to read it as
+/// `runtime.MemProfile` does instead of probing the runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemProfileLayout {
+    /// Virtual address of `runtime.mbuckets` in the executable.
+    pub mbuckets: u64,
+    /// Size of `runtime.memRecordCycle`; its first two words are the
+    /// sampled allocation and free counts.
+    pub cycle_size: u64,
+}
+
+/// One memory-profile bucket's sampled counts, summed over the published
+/// cycle and the three in progress (so allocations show at once and frees
+/// as the sweeper records them, as with probes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketCounts {
+    pub addr: u64,
+    pub allocs: u64,
+    pub frees: u64,
+}
 
 impl RuntimeMem {
     pub fn open(pid: u32, rate_addr: Option<u64>) -> Self {
@@ -461,7 +494,63 @@ impl RuntimeMem {
             mem,
             rate_addr,
             buckets: std::collections::HashMap::new(),
+            profile: None,
+            last_profile: Vec::new(),
         }
+    }
+
+    /// Reads the memory profile from `mbuckets_addr` (the runtime address of
+    /// `runtime.mbuckets`) from now on.
+    pub fn set_profile(&mut self, mbuckets_addr: u64, layout: MemProfileLayout) {
+        self.profile = Some((mbuckets_addr, layout));
+    }
+
+    pub fn has_profile(&self) -> bool {
+        self.profile.is_some()
+    }
+
+    /// Every memory-profile bucket and its counts, walked from
+    /// `runtime.mbuckets` along `allnext` like `runtime.MemProfile`; the last
+    /// complete walk when this one fails (the target exited). Reads race with
+    /// the runtime, harmlessly: counts only grow, buckets are never freed, a
+    /// new bucket is linked in at the head.
+    pub fn mem_buckets(&mut self) -> &[BucketCounts] {
+        if let Some(walk) = self.walk_buckets() {
+            self.last_profile = walk;
+        }
+        &self.last_profile
+    }
+
+    fn walk_buckets(&self) -> Option<Vec<BucketCounts>> {
+        let (head, layout) = self.profile?;
+        let word = |b: &[u8], i: usize| {
+            u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+        };
+        let mut out = Vec::new();
+        let mut b = self.read_u64(head)?;
+        while b != 0 && out.len() < MAX_BUCKETS {
+            let hdr = self.read_bytes(b, BUCKET_STK_OFF as usize)?;
+            let (allnext, typ, nstk) = (word(&hdr, 1), word(&hdr, 2), word(&hdr, 5));
+            if typ == MEM_PROFILE && nstk <= MAX_PROFILE_DEPTH {
+                let rec = self.read_bytes(
+                    b + BUCKET_STK_OFF + 8 * nstk,
+                    4 * layout.cycle_size as usize,
+                )?;
+                let cycle = layout.cycle_size as usize / 8;
+                let (mut allocs, mut frees) = (0u64, 0u64);
+                for c in 0..4 {
+                    allocs = allocs.wrapping_add(word(&rec, c * cycle));
+                    frees = frees.wrapping_add(word(&rec, c * cycle + 1));
+                }
+                out.push(BucketCounts {
+                    addr: b,
+                    allocs,
+                    frees,
+                });
+            }
+            b = allnext;
+        }
+        Some(out)
     }
 
     pub fn rate_addr(&self) -> Option<u64> {
@@ -518,6 +607,20 @@ impl RuntimeMem {
 /// Runtime struct offsets read from the binary's DWARF, which is right for
 /// any release (the per-version table is the fallback for stripped binaries).
 pub fn offsets_from_dwarf(file: &object::File) -> Option<GoOffsets> {
+    dwarf_facts(file).map(|f| f.offsets)
+}
+
+/// What the binary's DWARF says about the runtime's structures.
+#[derive(Clone, Copy, Debug)]
+pub struct DwarfFacts {
+    pub offsets: GoOffsets,
+    /// Size of `runtime.memRecordCycle` (32 bytes up to 1.25, 16 since the
+    /// byte counts were dropped), needed to read memory-profile records.
+    pub mem_record_cycle: Option<u64>,
+}
+
+/// Reads [`DwarfFacts`] in one pass over the DWARF units.
+pub fn dwarf_facts(file: &object::File) -> Option<DwarfFacts> {
     use gimli::{AttributeValue, EndianSlice, LittleEndian};
     let sections =
         gimli::DwarfSections::load(|id| -> Result<std::borrow::Cow<[u8]>, gimli::Error> {
@@ -532,7 +635,9 @@ pub fn offsets_from_dwarf(file: &object::File) -> Option<GoOffsets> {
     let wanted: &[(&str, &[&str])] = &[
         ("runtime.g", &["goid", "gopc", "startpc"]),
         ("runtime.timer", &["period"]),
+        ("runtime.memRecordCycle", &[]),
     ];
+    let mut sizes: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     let mut units = dwarf.units();
     while let Ok(Some(header)) = units.next() {
         let Ok(unit) = dwarf.unit(header) else {
@@ -556,6 +661,9 @@ pub fn offsets_from_dwarf(file: &object::File) -> Option<GoOffsets> {
             else {
                 continue;
             };
+            if let Some(AttributeValue::Udata(size)) = entry.attr_value(gimli::DW_AT_byte_size) {
+                sizes.insert(strukt, size);
+            }
             let mut members_iter = node.children();
             while let Ok(Some(m)) = members_iter.next() {
                 let e = m.entry();
@@ -576,11 +684,14 @@ pub fn offsets_from_dwarf(file: &object::File) -> Option<GoOffsets> {
             }
         }
     }
-    Some(GoOffsets {
-        g_goid: *fields.get(&("runtime.g", "goid"))?,
-        g_gopc: *fields.get(&("runtime.g", "gopc"))?,
-        g_startpc: *fields.get(&("runtime.g", "startpc"))?,
-        timer_period: *fields.get(&("runtime.timer", "period"))?,
-        ..GoOffsets::default()
+    Some(DwarfFacts {
+        offsets: GoOffsets {
+            g_goid: *fields.get(&("runtime.g", "goid"))?,
+            g_gopc: *fields.get(&("runtime.g", "gopc"))?,
+            g_startpc: *fields.get(&("runtime.g", "startpc"))?,
+            timer_period: *fields.get(&("runtime.timer", "period"))?,
+            ..GoOffsets::default()
+        },
+        mem_record_cycle: sizes.get("runtime.memRecordCycle").copied(),
     })
 }

@@ -295,6 +295,9 @@ pub struct GoPlan {
     pub probes: Vec<PlannedProbe>,
     /// Virtual address of `runtime.MemProfileRate`, when the symbol table has it.
     pub mem_profile_rate: Option<u64>,
+    /// Where the memory profile is read from, when the binary has symbols
+    /// and DWARF; else heap samples come from probes.
+    pub mem_profile: Option<crate::golang::MemProfileLayout>,
     /// The executable, to translate its virtual addresses.
     pub object: ObjectRef,
     /// (virtual address, file offset) of its first loadable segment.
@@ -331,13 +334,26 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     }
     // Offsets from DWARF when the binary has it: right for any release. The
     // per-release table serves stripped binaries.
-    let (offsets, known_version) = match golang::offsets_from_dwarf(&file) {
-        Some(o) => {
+    let (offsets, known_version, cycle) = match golang::dwarf_facts(&file) {
+        Some(f) => {
             log::debug!("{}: Go runtime offsets from DWARF", obj.path.display());
-            (o, true)
+            (f.offsets, true, f.mem_record_cycle)
         }
-        None => golang::offsets_for(&version),
+        None => {
+            let (o, known) = golang::offsets_for(&version);
+            (o, known, None)
+        }
     };
+    // With the symbol table and DWARF, the heap profile is read from the
+    // runtime's own records (as runtime.MemProfile does): no probe on the
+    // sampling path at all. Stripped binaries get the two heap probes.
+    let mem_profile = golang::data_symbol(&file, "runtime.mbuckets")
+        .zip(cycle)
+        .filter(|(_, cycle)| *cycle >= 16 && cycle % 8 == 0)
+        .map(|((mbuckets, _), cycle_size)| golang::MemProfileLayout {
+            mbuckets,
+            cycle_size,
+        });
     let pclntab = crate::gopclntab::Pclntab::parse(&file);
     let pcln = pclntab.as_ref();
     let mut probes = Vec::new();
@@ -361,8 +377,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     // Exits before creations, frees before allocations.
     let exit = golang::function(&file, pcln, "runtime.gdestroy")
         .or_else(|| golang::function(&file, pcln, "runtime.goexit0"));
-    for (f, program, frees, name) in [
-        (exit, "go_goexit", true, "runtime.gdestroy/goexit0"),
+    let heap_probes = [
         (
             golang::function(&file, pcln, "runtime.mProf_Free"),
             "go_profile_free",
@@ -375,7 +390,16 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
             false,
             "runtime.setprofilebucket",
         ),
-    ] {
+    ];
+    let heap_probes = if mem_profile.is_some() {
+        &heap_probes[..0]
+    } else {
+        &heap_probes[..]
+    };
+    for (f, program, frees, name) in
+        std::iter::once(&(exit, "go_goexit", true, "runtime.gdestroy/goexit0")).chain(heap_probes)
+    {
+        let (f, program, frees, name) = (f, *program, *frees, *name);
         match f.as_ref().and_then(|f| entry_probe(f, program, frees)) {
             Some(p) => probes.push(p),
             None => missing.push(name),
@@ -458,6 +482,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         mem_profile_rate: golang::data_symbol(&file, "runtime.MemProfileRate")
             .map(|s| s.0)
             .or_else(|| golang::find_mem_profile_rate(&file, &data, pcln?)),
+        mem_profile,
         object: obj.clone(),
         first_segment,
         newtimer,

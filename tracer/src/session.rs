@@ -475,13 +475,20 @@ fn go_collector(
     collector.with_go(state)
 }
 
-/// Finds `runtime.MemProfileRate` in the target once its executable is mapped.
+/// Finds `runtime.MemProfileRate` and the memory profile in the target once
+/// its executable is mapped.
 fn resolve_rate_addr(go: &mut GoState, maps: &Maps) {
     if go.mem.rate_addr().is_none()
         && let Some(va) = go.plan.mem_profile_rate
         && let Some(addr) = runtime_address(&go.plan, maps, va)
     {
         go.mem.set_rate_addr(addr);
+    }
+    if !go.mem.has_profile()
+        && let Some(layout) = go.plan.mem_profile
+        && let Some(addr) = runtime_address(&go.plan, maps, layout.mbuckets)
+    {
+        go.mem.set_profile(addr, layout);
     }
 }
 

@@ -263,6 +263,10 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
     Ok(run)
 }
 
+/// gobench rounds per run: ~4 s, long enough that scheduling noise on a
+/// small VM does not swamp a 2% effect (100 rounds, 0.4 s, varied by ±10%).
+const GO_ROUNDS: u64 = 1000;
+
 fn go_run(mode: &str, bin: &Path, rounds: u64, goroutines: u64, out_dir: &Path) -> Result<Run> {
     let mut run = Run::default();
     let mut target = Target::start(
@@ -288,6 +292,9 @@ fn go_run(mode: &str, bin: &Path, rounds: u64, goroutines: u64, out_dir: &Path) 
             .spawn()?;
         wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
         run.attach_s = Some(started.elapsed().as_secs_f64());
+        // Steady state, as in a long-running service: past the first
+        // snapshot, whose one-time symbolization would compete for the CPU.
+        wait_for_line(&out, "\"snapshot\"", Duration::from_secs(30))?;
         Some(child)
     } else {
         None
@@ -386,7 +393,7 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
                 m => (m, 2),
             };
             runs.push(
-                go_run(tool, &gobench, 100, goroutines, &out_dir)
+                go_run(tool, &gobench, GO_ROUNDS, goroutines, &out_dir)
                     .with_context(|| format!("Go {mode}"))?,
             );
         }
@@ -500,13 +507,27 @@ fn report(
     let cbase = med(&go[2].1, &|r| Some(r.cost));
     let ctr = med(&go[3].1, &|r| Some(r.cost));
     println!(
-        "\nGo 1.27 gobench, 100 rounds of 20k allocations + 2 goroutines with context timers:\n  \
+        "\nGo 1.27 gobench, {GO_ROUNDS} rounds of 20k allocations + 2 goroutines with context timers:\n  \
          untraced {gbase:.1} ms, traced {gtr:.1} ms: {:+.1}% (tracer CPU {:.2} s)",
         (gtr / gbase - 1.0) * 100.0,
         med(&go[1].1, &|r| r.tool_cpu_s)
     );
+    // Runs of one round are adjacent in time: their ratios cancel slow drift
+    // of the machine's speed, which the medians alone do not.
+    let ratios: Vec<f64> = go[1]
+        .1
+        .iter()
+        .zip(&go[0].1)
+        .map(|(t, u)| (t.cost / u.cost - 1.0) * 100.0)
+        .collect();
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    println!(
+        "  paired by round: median {:+.1}% (rounds from {lo:+.1}% to {hi:+.1}%)",
+        median(ratios.clone())
+    );
     // 48 more goroutine+timer lifecycles per round in the churn variant.
-    let per_event_us = ((ctr - cbase) - (gtr - gbase)) * 1000.0 / (100.0 * 48.0);
+    let per_event_us = ((ctr - cbase) - (gtr - gbase)) * 1000.0 / (GO_ROUNDS as f64 * 48.0);
     println!(
         "  with 50 goroutines+timers per round: untraced {cbase:.1} ms, traced {ctr:.1} ms: {:+.1}%; \
          ≈ {per_event_us:.1} µs per traced goroutine+timer lifecycle",
