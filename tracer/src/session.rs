@@ -331,14 +331,16 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
     sink.attached(&info)?;
     let go_pending = plan.go.is_some() && !settled;
     trace_loop(
-        pid,
+        Traced {
+            pid,
+            kernel: &mut kernel,
+            collector: &mut collector,
+            exit_fd,
+            own_child: None,
+            go_pending,
+        },
         opts,
-        &mut kernel,
-        &mut collector,
         sink,
-        exit_fd,
-        None,
-        go_pending,
     )
     .await
 }
@@ -362,14 +364,16 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Res
     let mut collector = Collector::new(pid, symbols, opts.trend_window);
     sink.attached(&info)?;
     trace_loop(
-        pid,
+        Traced {
+            pid,
+            kernel: &mut kernel,
+            collector: &mut collector,
+            exit_fd,
+            own_child: None,
+            go_pending: false,
+        },
         opts,
-        &mut kernel,
-        &mut collector,
         sink,
-        exit_fd,
-        None,
-        false,
     )
     .await
 }
@@ -420,14 +424,16 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
         let mut collector = go_collector(pid, &plan, &Maps::default(), symbols, opts);
         let go_pending = plan.go.is_some();
         trace_loop(
-            pid,
+            Traced {
+                pid,
+                kernel: &mut kernel,
+                collector: &mut collector,
+                exit_fd,
+                own_child: Some(watcher),
+                go_pending,
+            },
             opts,
-            &mut kernel,
-            &mut collector,
             sink,
-            exit_fd,
-            Some(watcher),
-            go_pending,
         )
         .await
     }
@@ -492,17 +498,28 @@ fn resolve_rate_addr(go: &mut GoState, maps: &Maps) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn trace_loop(
+/// What one session traces: the target and the stages set up for it.
+struct Traced<'a> {
     pid: u32,
-    opts: &Options,
-    kernel: &mut Kernel,
-    collector: &mut Collector,
-    sink: &mut dyn Sink,
+    kernel: &'a mut Kernel,
+    collector: &'a mut Collector,
+    /// Readable when the target exits.
     exit_fd: PidFd,
+    /// In `run` mode, the watcher of our own child.
     own_child: Option<ExitWatcher>,
-    mut go_pending: bool,
-) -> anyhow::Result<()> {
+    /// The Go sampling policy still waits for the executable to be mapped.
+    go_pending: bool,
+}
+
+async fn trace_loop(t: Traced<'_>, opts: &Options, sink: &mut dyn Sink) -> anyhow::Result<()> {
+    let Traced {
+        pid,
+        kernel,
+        collector,
+        exit_fd,
+        own_child,
+        mut go_pending,
+    } = t;
     let started = Instant::now();
     let mut watch = opts.alerts.as_ref().map(|a| MemoryWatch::new(pid, a));
     if watch.is_some()

@@ -116,6 +116,23 @@ fn wait_rusage(child: Child) -> (f64, u64) {
 }
 
 /// Polls `file` until it has a line containing `needle`.
+/// `tracer attach PID` as every bench run starts it: JSON to `out`, no
+/// memory watch (alerts would add work unrelated to the probes).
+fn tracer_attach(pid: u32, out: &Path) -> Command {
+    let mut cmd = Command::new(tracer_bin());
+    cmd.args([
+        "attach",
+        &pid.to_string(),
+        "--format",
+        "json",
+        "--no-alerts",
+        "-o",
+    ])
+    .arg(out)
+    .stderr(Stdio::null());
+    cmd
+}
+
 fn wait_for_line(file: &Path, needle: &str, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -188,19 +205,9 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
             } else {
                 "1"
             };
-            let child = Command::new(tracer_bin())
+            let child = tracer_attach(pid, &out)
                 .env("TRACER_UPROBE_SESSION", sessions)
-                .args([
-                    "attach",
-                    &pid.to_string(),
-                    "--format",
-                    "json",
-                    "--no-alerts",
-                    "-o",
-                ])
-                .arg(&out)
                 .args(sampling)
-                .stderr(Stdio::null())
                 .spawn()?;
             wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
             run.attach_s = Some(started.elapsed().as_secs_f64());
@@ -278,18 +285,7 @@ fn go_run(mode: &str, bin: &Path, rounds: u64, goroutines: u64, out_dir: &Path) 
         let out = out_dir.join("tracer-go.jsonl");
         let _ = std::fs::remove_file(&out);
         let started = Instant::now();
-        let child = Command::new(tracer_bin())
-            .args([
-                "attach",
-                &target.child.id().to_string(),
-                "--format",
-                "json",
-                "--no-alerts",
-                "-o",
-            ])
-            .arg(&out)
-            .stderr(Stdio::null())
-            .spawn()?;
+        let child = tracer_attach(target.child.id(), &out).spawn()?;
         wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
         run.attach_s = Some(started.elapsed().as_secs_f64());
         // Steady state, as in a long-running service: past the first
@@ -328,18 +324,7 @@ fn steady_cpu(bench: &Path, rate: u64, secs: u64) -> Result<(f64, f64)> {
         .stdout(Stdio::null())
         .spawn()?;
     let pid = target.id();
-    let mut tracer = Command::new(tracer_bin())
-        .args([
-            "attach",
-            &pid.to_string(),
-            "--format",
-            "json",
-            "--no-alerts",
-            "-o",
-            "/dev/null",
-        ])
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut tracer = tracer_attach(pid, Path::new("/dev/null")).spawn()?;
     std::thread::sleep(Duration::from_secs(5));
     let (c0, t0) = (cpu_secs(tracer.id()), Instant::now());
     let target0 = cpu_secs(pid);
