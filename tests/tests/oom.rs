@@ -131,6 +131,33 @@ fn c_leak_is_alerted_well_before_the_oom_kill() {
     assert!(kill["anon_rss_bytes"].as_u64().unwrap() > 40 << 20);
     let report = stream.last().unwrap();
     assert_eq!(report["reason"], "target_exited");
+    // The post-mortem: `tracer report` on the recording replays the alert
+    // and the kill with who held the memory.
+    let recording = std::env::temp_dir().join(format!("tracer-oom-{}.jsonl", std::process::id()));
+    let lines: Vec<String> = stream.iter().map(Value::to_string).collect();
+    std::fs::write(&recording, lines.join("\n") + "\n").unwrap();
+    let out = Command::new(tracer_bin())
+        .arg("report")
+        .arg(&recording)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&recording);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("was killed by the kernel's OOM killer"),
+        "{text}"
+    );
+    let killed = text
+        .lines()
+        .skip_while(|l| !l.contains("was killed by the kernel's OOM killer"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(killed.contains("grow_session_cache"), "{text}");
     // --alert-exec got the alert's JSON on stdin.
     let exec_text = std::fs::read_to_string(&exec_out).unwrap_or_default();
     let _ = std::fs::remove_file(&exec_out);

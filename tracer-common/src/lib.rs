@@ -312,7 +312,7 @@ mod tests {
     // sum of the fields prove there is none.
     #[test]
     fn no_hidden_padding() {
-        assert_eq!(size_of::<Pending>(), 8 * 3 + 4 + 4);
+        assert_eq!(size_of::<Pending>(), 8 * 3 + 4 + 4 + 8);
         assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<SiteKey>(), 4 + 4);
         assert_eq!(size_of::<SiteStats>(), 8 * 6);
