@@ -179,7 +179,8 @@ fn remember<C: EbpfContext>(
         // An entry with no return probe is live while its frame is: its
         // return address still in the slot it was read from.
         let no_return = o.op & OP_NO_RETURN != 0;
-        let frame_intact = !no_return || read_stack(o.sp) == Some(o.ret_addr);
+        let frame_intact = !no_return
+            || read_stack(o.sp).is_some_and(|v| v == o.ret_addr || is_return_trampoline(v));
         if frame_intact && o.sp > sp {
             // Called from inside another probed allocator call on this thread
             // (malloc → mmap for a large block): the outer call accounts it.
@@ -254,6 +255,16 @@ fn remember<C: EbpfContext>(
     } else {
         NO_RETURN
     })
+}
+
+/// Whether a stack word is the kernel's return-probe trampoline: another
+/// consumer's uretprobe on the same function (another tool, or another
+/// tracer) swaps the return address for it right after our entry ran. It is
+/// the start of the task's page-aligned `[uprobes]` area; a real return
+/// address follows a call instruction and is practically never page-aligned.
+#[inline(always)]
+fn is_return_trampoline(v: u64) -> bool {
+    v != 0 && v & 0xfff == 0
 }
 
 /// A word of the target's stack.
