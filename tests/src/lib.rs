@@ -253,6 +253,38 @@ impl Stream {
     }
 }
 
+/// Starts `tracer attach PID` with JSON on its stdout, snapshots every 0.2 s,
+/// `extra` arguments and `env`; returns the tracer, its stream and the
+/// `attached` event, once every probe is live.
+pub fn attach_json(pid: u32, extra: &[&str], env: &[(&str, &str)]) -> (Proc, Stream, Value) {
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .envs(env.iter().copied())
+            .args([
+                "attach",
+                &pid.to_string(),
+                "--format",
+                "json",
+                "--interval",
+                "0.2",
+            ])
+            .args(extra),
+    );
+    let mut stream = Stream::new(&mut tracer);
+    let attached = stream.next_of("attached", Duration::from_secs(60));
+    (tracer, stream, attached)
+}
+
+/// The eBPF program of every probe an `attached` event lists.
+pub fn probe_programs(attached: &Value) -> Vec<String> {
+    attached["probes"]
+        .as_array()
+        .expect("probes is an array")
+        .iter()
+        .map(|p| p["program"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// Parses JSON Lines text.
 pub fn parse_lines(text: &str) -> Vec<Value> {
     text.lines()

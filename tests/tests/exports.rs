@@ -348,21 +348,13 @@ fn prometheus_scrapes_bounded_site_series() {
     let (metrics_port, prom_port) = (free_port(), free_port());
     let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
     target.expect_line("ready", T);
-    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
-        "attach",
-        &target.pid().to_string(),
-        "-f",
-        "json",
-        "-i",
-        "0.2",
-        "--prometheus",
-        &format!("127.0.0.1:{metrics_port}"),
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let (mut tracer, mut stream, _) = attach_json(
+        target.pid(),
         // allocs holds 13 heap sites; leak_malloc is the 4th largest.
-        "--prometheus-sites",
-        "4",
-    ]));
-    let mut stream = Stream::new(&mut tracer);
-    stream.next_of("attached", T);
+        &["--prometheus", &metrics_addr, "--prometheus-sites", "4"],
+        &[],
+    );
     target.send("go");
     target.expect_line("done", T);
 
@@ -459,21 +451,8 @@ fn sigusr1_writes_go_profiles_while_tracing() {
     let profile = dir.join("go.pb.gz");
     let mut target = Proc::spawn(Command::new(fixture("leaky-go1.27")).arg("wait"));
     target.expect_line("ready", T);
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            .args([
-                "attach",
-                &target.pid().to_string(),
-                "-f",
-                "json",
-                "-i",
-                "0.2",
-            ])
-            .arg("--pprof")
-            .arg(&profile),
-    );
-    let mut stream = Stream::new(&mut tracer);
-    stream.next_of("attached", T);
+    let (mut tracer, mut stream, _) =
+        attach_json(target.pid(), &["--pprof", profile.to_str().unwrap()], &[]);
     target.send("go");
     target.expect_line("done", T);
     loop {

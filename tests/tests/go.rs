@@ -100,27 +100,12 @@ fn trace(version: &str, extra: &[&str]) -> Vec<Value> {
 fn trace_binary(binary: &str, version: &str, extra: &[&str]) -> Vec<Value> {
     let mut target = Proc::spawn(Command::new(fixture(binary)).arg("wait"));
     target.expect_line("ready", T);
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            .args([
-                "attach",
-                &target.pid().to_string(),
-                "--format",
-                "json",
-                "--interval",
-                "0.2",
-            ])
-            .args(extra),
-    );
-    let mut stream = Stream::new(&mut tracer);
-    let attached = stream.next_of("attached", T);
+    let (mut tracer, mut stream, attached) = attach_json(target.pid(), extra, &[]);
     // Heap probes only where the runtime's profile cannot be read (no
     // symbol table or DWARF).
-    let heap_probes = attached["probes"]
-        .as_array()
-        .unwrap()
+    let heap_probes = probe_programs(&attached)
         .iter()
-        .any(|p| p["program"] == "go_profile_bucket");
+        .any(|p| p == "go_profile_bucket");
     assert_eq!(heap_probes, binary.ends_with("-stripped"), "{binary}");
     assert!(
         attached["go_version"]
@@ -552,22 +537,8 @@ fn heap_sampled_before_attach_is_read_from_the_runtime() {
         let mut target =
             Proc::spawn(Command::new(fixture(&format!("leaky-go{version}"))).arg("early"));
         target.expect_line("ready", T);
-        let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
-            "attach",
-            &target.pid().to_string(),
-            "--format",
-            "json",
-            "--interval",
-            "0.2",
-        ]));
-        let mut stream = Stream::new(&mut tracer);
-        let attached = stream.next_of("attached", T);
-        let programs: Vec<&str> = attached["probes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["program"].as_str().unwrap())
-            .collect();
+        let (mut tracer, mut stream, attached) = attach_json(target.pid(), &[], &[]);
+        let programs = probe_programs(&attached);
         assert!(
             !programs.iter().any(|p| p.starts_with("go_profile")),
             "go{version}: no heap probes: {programs:?}"

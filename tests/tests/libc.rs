@@ -219,21 +219,7 @@ fn attach_until_exit_env(
 ) -> (Vec<Value>, u32) {
     let mut target = Proc::spawn(cmd);
     target.expect_line("ready", T);
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            .envs(env.iter().copied())
-            .args([
-                "attach",
-                &target.pid().to_string(),
-                "--format",
-                "json",
-                "--interval",
-                "0.2",
-            ])
-            .args(extra),
-    );
-    let mut stream = Stream::new(&mut tracer);
-    stream.next_of("attached", T);
+    let (mut tracer, mut stream, _) = attach_json(target.pid(), extra, env);
     target.send("go");
     target.expect_line("done", T);
     target.close_stdin();
