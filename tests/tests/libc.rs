@@ -725,3 +725,46 @@ impl Drop for ForeignUretprobe {
         Self::append(&format!("-:{}/malloc", self.name));
     }
 }
+
+/// The kernel's stack table refuses a second stack hashed to an occupied
+/// bucket. With 16 buckets for allocs.c's ~15 stacks several collide (with
+/// all 15 in distinct buckets about once in a million runs); they must land
+/// in the tracer's own table, with their whole stacks, and none be lost.
+#[test]
+fn colliding_stacks_fall_back_to_the_tracers_own_table() {
+    if !privileged("colliding_stacks_fall_back_to_the_tracers_own_table") {
+        return;
+    }
+    let (stream, _) = attach_until_exit(
+        Command::new(fixture("allocs-fp")).arg("wait"),
+        &["--max-stacks", "16"],
+    );
+    let report = stream.last().unwrap();
+    assert_eq!(report["lost"]["stacks_lost"], 0, "{}", report["lost"]);
+    assert!(
+        report["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["frames"][0]["function"] != "[unknown stack]"),
+        "{}",
+        describe_sites(report)
+    );
+    let src = allocs_src();
+    for (function, marker, bytes) in [
+        ("leak_malloc", "leak_malloc", 10_000),
+        ("leak_calloc", "leak_calloc", 5_120),
+        ("leak_posix_memalign", "posix_memalign", 8_192),
+        ("leak_memalign", "memalign", 1_000),
+    ] {
+        let site = site_at(report, "heap", function, marker_line(&src, marker));
+        assert_eq!(site["outstanding_bytes"], bytes, "{function}");
+        let frames: Vec<&str> = site["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["function"].as_str().unwrap())
+            .collect();
+        assert_eq!(frames, [function, "run_all", "main"], "whole stacks");
+    }
+}

@@ -237,8 +237,9 @@ pub enum Counter {
     AddrMapFull = 3,
     /// Sites that could not be created because the site map was full (lost).
     SiteMapFull = 4,
-    /// Stacks the kernel could not record (stack table full or hash collision);
-    /// accounted under the unknown-stack site.
+    /// Stacks that could not be recorded (the kernel's stack table and the
+    /// tracer's own both full, or a rare collision in the latter); accounted
+    /// under the unknown-stack site.
     StackLost = 5,
     /// Entries that could not be remembered until their return: the per-thread
     /// map was full (lost).
@@ -291,6 +292,18 @@ pub const DEFAULT_MAX_GOROUTINES: u32 = 1 << 20;
 /// Depth of the stacks the kernel records (the kernel's own maximum).
 pub const MAX_STACK_DEPTH: usize = 127;
 
+/// Stack ids with this bit come from the tracer's own stack table (a stack
+/// the kernel's table refused for a hash collision), not the kernel's.
+pub const STACK_ID_OWN: u32 = 1 << 30;
+
+/// A user stack in the tracer's own table: return addresses, innermost first,
+/// zero-filled after the last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackBuf {
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are repr(C), made of plain integers, without padding.
@@ -300,6 +313,7 @@ mod user {
     unsafe impl aya::Pod for super::SiteStats {}
     unsafe impl aya::Pod for super::GoSiteKey {}
     unsafe impl aya::Pod for super::GoOffsets {}
+    unsafe impl aya::Pod for super::StackBuf {}
     unsafe impl aya::Pod for super::OomVictim {}
 }
 
@@ -319,6 +333,7 @@ mod tests {
         assert_eq!(size_of::<GoSiteKey>(), 16);
         assert_eq!(size_of::<OomVictim>(), 8 * 6);
         assert_eq!(size_of::<GoOffsets>(), 8 * 8);
+        assert_eq!(size_of::<StackBuf>(), 8 * MAX_STACK_DEPTH);
     }
 
     #[test]

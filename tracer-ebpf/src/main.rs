@@ -33,7 +33,8 @@ use aya_log_ebpf::{info, warn};
 use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
     DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, Kind,
-    OP_NO_RETURN, OP_UNSAMPLED, OomVictim, Op, Pending, STACK_ID_NONE, SiteKey, SiteStats,
+    MAX_STACK_DEPTH, OP_NO_RETURN, OP_UNSAMPLED, OomVictim, Op, Pending, STACK_ID_NONE,
+    STACK_ID_OWN, SiteKey, SiteStats, StackBuf,
 };
 
 /// Process (tgid) whose events count; 0 accepts every process. Set before load.
@@ -100,6 +101,18 @@ static SITES: HashMap<SiteKey, SiteStats> = HashMap::with_max_entries(DEFAULT_MA
 
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+// The kernel's stack table refuses a stack whose hash lands in a bucket
+// another stack holds (with S stacks in N buckets, about S - N(1 - e^-S/N)
+// of them). Those go to the tracer's own table, keyed by 30 bits of a 64-bit
+// hash of the whole stack (compared in full on every hit).
+
+/// Scratch for one stack, per CPU (too large for the BPF stack).
+#[map]
+static STACK_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static OWN_STACKS: HashMap<u32, StackBuf> = HashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
@@ -638,23 +651,75 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
     Ok(0)
 }
 
+/// The id of the current user stack: the kernel's table, else (a hash
+/// collision there) the tracer's own; `STACK_ID_NONE` when both fail.
+#[inline(always)]
+fn stack_id_of<C: StackIdContext>(ctx: &C) -> u32 {
+    const EEXIST: i32 = 17;
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => return id as u32,
+        Err(e) if -e == EEXIST => {
+            if let Some(id) = own_stack_id(ctx) {
+                return id;
+            }
+        }
+        Err(_) => {}
+    }
+    if count(Counter::StackLost) == 0 {
+        warn!(ctx, "stack tables full: stacks are being lost");
+    }
+    STACK_ID_NONE
+}
+
+/// The stack in the tracer's own table, added if new.
+#[inline(never)]
+fn own_stack_id<C: EbpfContext>(ctx: &C) -> Option<u32> {
+    let buf = STACK_SCRATCH.get_ptr_mut(0)?;
+    let size = core::mem::size_of::<StackBuf>() as u32;
+    // SAFETY: `buf` points at a per-CPU map value of `size` bytes.
+    let len = unsafe {
+        aya_ebpf::helpers::bpf_get_stack(ctx.as_ptr(), buf.cast(), size, BPF_F_USER_STACK as u64)
+    };
+    if len <= 0 {
+        return None;
+    }
+    let n = (len as usize / 8).min(MAX_STACK_DEPTH);
+    // FNV-1a over the addresses; the rest of the buffer is zeroed so the
+    // stored stack ends where the walk did.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..MAX_STACK_DEPTH {
+        // SAFETY: i < MAX_STACK_DEPTH, inside the buffer.
+        let slot = unsafe { (*buf).ips.as_mut_ptr().add(i) };
+        if i >= n {
+            unsafe { *slot = 0 };
+        } else {
+            h = (h ^ unsafe { *slot }).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let id = STACK_ID_OWN | (h as u32 & (STACK_ID_OWN - 1));
+    if unsafe { OWN_STACKS.get(&id) }.is_none() {
+        // NOEXIST: if another CPU stores a stack under this id first, the
+        // comparison below decides.
+        let _ = OWN_STACKS.insert(&id, unsafe { &*buf }, BPF_NOEXIST as u64);
+    }
+    let stored = OWN_STACKS.get_ptr(&id)?;
+    for i in 0..MAX_STACK_DEPTH {
+        // SAFETY: both point at live buffers of MAX_STACK_DEPTH addresses.
+        let (a, b) = unsafe { (*(*stored).ips.as_ptr().add(i), *(*buf).ips.as_ptr().add(i)) };
+        if a != b {
+            // Two stacks with the same 30 bits: lost, not confused.
+            return None;
+        }
+    }
+    Some(id)
+}
+
 /// Accounts a new block at `addr` to the current user stack.
 #[inline(always)]
 fn record<C: StackIdContext>(ctx: &C, addr: u64, size: u64, kind: Kind) {
     // At the return probe the registers are the caller's, so the frame-pointer
     // walk starts at the call site itself.
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as u32,
-        Err(_) => {
-            if count(Counter::StackLost) == 0 {
-                warn!(
-                    ctx,
-                    "stack table full or hash collision: stacks are being lost"
-                );
-            }
-            STACK_ID_NONE
-        }
-    };
+    let stack_id = stack_id_of(ctx);
     // A block at this address that we still hold was freed by a path we do not
     // see; drop it so its bytes are not reported as leaked forever.
     if unsafe { ALLOCS.get(&addr) }.is_some() {
@@ -967,13 +1032,7 @@ fn timer_created(ctx: &ProbeContext, t: u64) {
     }
     // The probe sits on a `push rbp`, where the kernel's walk also reports
     // the direct caller.
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as u32,
-        Err(_) => {
-            count(Counter::StackLost);
-            STACK_ID_NONE
-        }
-    };
+    let stack_id = stack_id_of(ctx);
     let key = SiteKey {
         stack_id,
         kind: Kind::Timer as u32,

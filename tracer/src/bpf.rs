@@ -14,7 +14,10 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
-use tracer_common::{COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, SiteKey, SiteStats};
+use tracer_common::{
+    COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, STACK_ID_OWN, SiteKey, SiteStats,
+    StackBuf,
+};
 
 use crate::{error::TracerError, probes::PlannedProbe, uprobe_session::SessionProgram};
 
@@ -66,6 +69,8 @@ pub struct Kernel {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     sites: HashMap<MapData, SiteKey, SiteStats>,
     stacks: StackTraceMap<MapData>,
+    /// Stacks the kernel's table refused for a hash collision.
+    own_stacks: HashMap<MapData, u32, StackBuf>,
     counters: PerCpuArray<MapData, u64>,
     go_sites: HashMap<MapData, GoSiteKey, SiteStats>,
     go_buckets: HashMap<MapData, u64, SiteStats>,
@@ -109,6 +114,7 @@ impl Kernel {
             .map_max_entries("ALLOCS", sizes.allocs)
             .map_max_entries("SITES", sizes.sites)
             .map_max_entries("STACKS", sizes.stacks)
+            .map_max_entries("OWN_STACKS", sizes.stacks)
             .map_max_entries("PENDING", sizes.threads)
             .load(EBPF_OBJECT)
             .map_err(load_err)?;
@@ -163,6 +169,7 @@ impl Kernel {
         };
         let sites = HashMap::try_from(take(&mut ebpf, "SITES")?).map_err(load_err)?;
         let stacks = StackTraceMap::try_from(take(&mut ebpf, "STACKS")?).map_err(load_err)?;
+        let own_stacks = HashMap::try_from(take(&mut ebpf, "OWN_STACKS")?).map_err(load_err)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
         let go_sites = HashMap::try_from(take(&mut ebpf, "GO_SITES")?).map_err(load_err)?;
         let go_buckets = HashMap::try_from(take(&mut ebpf, "GO_BUCKETS")?).map_err(load_err)?;
@@ -172,6 +179,7 @@ impl Kernel {
             logger,
             sites,
             stacks,
+            own_stacks,
             counters,
             go_sites,
             go_buckets,
@@ -318,6 +326,10 @@ impl Kernel {
 
     /// Instruction pointers of a recorded stack, innermost first.
     pub fn stack(&self, stack_id: u32) -> Option<Vec<u64>> {
+        if stack_id & STACK_ID_OWN != 0 {
+            let buf = self.own_stacks.get(&stack_id, 0).ok()?;
+            return Some(buf.ips.iter().copied().take_while(|&ip| ip != 0).collect());
+        }
         let trace = self.stacks.get(&stack_id, 0).ok()?;
         Some(trace.frames().iter().map(|f| f.ip).collect())
     }
