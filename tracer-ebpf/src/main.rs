@@ -19,7 +19,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_func_ip, bpf_get_prandom_u32,
@@ -111,8 +111,10 @@ static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 
+/// Not preallocated: 1 KiB per entry, and only colliding stacks come here.
 #[map]
-static OWN_STACKS: HashMap<u32, StackBuf> = HashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+static OWN_STACKS: HashMap<u32, StackBuf> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
