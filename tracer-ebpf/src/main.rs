@@ -232,11 +232,13 @@ fn remember<C: EbpfContext>(
     if !sampled {
         count(Counter::Unsampled);
     }
-    // An unsampled realloc still releases the block it replaces, if tracked.
-    let replaces_tracked = matches!(op, Op::Realloc | Op::ReallocArray)
-        && addr != 0
-        && unsafe { ALLOCS.get(&addr) }.is_some();
-    let wants_return = !session || sampled || replaces_tracked;
+    // An unsampled realloc still releases the block it replaces, if tracked
+    // (looked up only then: realloc is on the hot path of exact mode too).
+    let wants_return = !session
+        || sampled
+        || (matches!(op, Op::Realloc | Op::ReallocArray)
+            && addr != 0
+            && unsafe { ALLOCS.get(&addr) }.is_some());
     let mut op_bits = op as u32;
     if !sampled {
         op_bits |= OP_UNSAMPLED;
