@@ -377,29 +377,23 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     // Exits before creations, frees before allocations.
     let exit = golang::function(&file, pcln, "runtime.gdestroy")
         .or_else(|| golang::function(&file, pcln, "runtime.goexit0"));
-    let heap_probes = [
-        (
+    let mut entries = vec![(exit, "go_goexit", true, "runtime.gdestroy/goexit0")];
+    if mem_profile.is_none() {
+        // Heap samples through probes only where the profile cannot be read.
+        entries.push((
             golang::function(&file, pcln, "runtime.mProf_Free"),
             "go_profile_free",
             true,
             "runtime.mProf_Free",
-        ),
-        (
+        ));
+        entries.push((
             golang::function(&file, pcln, "runtime.setprofilebucket"),
             "go_profile_bucket",
             false,
             "runtime.setprofilebucket",
-        ),
-    ];
-    let heap_probes = if mem_profile.is_some() {
-        &heap_probes[..0]
-    } else {
-        &heap_probes[..]
-    };
-    for (f, program, frees, name) in
-        std::iter::once(&(exit, "go_goexit", true, "runtime.gdestroy/goexit0")).chain(heap_probes)
-    {
-        let (f, program, frees, name) = (f, *program, *frees, *name);
+        ));
+    }
+    for (f, program, frees, name) in entries {
         match f.as_ref().and_then(|f| entry_probe(f, program, frees)) {
             Some(p) => probes.push(p),
             None => missing.push(name),
