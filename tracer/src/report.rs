@@ -31,7 +31,10 @@ pub struct Replayed {
 /// Replays the events of `path` into `sink` in order (attached, notices,
 /// alerts, the OOM kill, the exit) and ends with the final report. Interval
 /// snapshots are not replayed; the last one stands in for a missing report.
-pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError> {
+///
+/// A bad recording is a [`TracerError::Recording`]; errors writing to the
+/// sink stay I/O errors (a closed pipe is no bad recording).
+pub fn replay(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<Replayed> {
     let bad = |reason: String| TracerError::Recording {
         path: path.to_path_buf(),
         reason,
@@ -67,7 +70,8 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
             Err(e) => {
                 return Err(bad(format!(
                     "line {n} is not JSON ({e}); is this a recording written with `-f json`?"
-                )));
+                ))
+                .into());
             }
         };
         let kind = value
@@ -78,13 +82,12 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
             .get("ts")
             .and_then(Value::as_str)
             .and_then(|t| humantime::parse_rfc3339(t).ok());
-        let io = |e: std::io::Error| bad(format!("cannot write the replay: {e}"));
         match kind {
             "attached" => {
                 let a: Attached = field(&value, *n).map_err(bad)?;
                 pid = a.pid;
                 start = start.or(ts);
-                sink.attached(&a).map_err(io)?;
+                sink.attached(&a)?;
             }
             "notice" => {
                 let p = value.get("pid").and_then(Value::as_u64).unwrap_or(0) as u32;
@@ -92,20 +95,20 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
                     .get("message")
                     .and_then(Value::as_str)
                     .unwrap_or_default();
-                sink.notice(p, m).map_err(io)?;
+                sink.notice(p, m)?;
             }
             "alert" => {
                 let mut a: Alert = field(&value, *n).map_err(bad)?;
                 a.ts = ts.unwrap_or(SystemTime::UNIX_EPOCH);
-                sink.alert(&a).map_err(io)?;
+                sink.alert(&a)?;
             }
             "oom_kill" => {
                 let k: OomKill = field(&value, *n).map_err(bad)?;
-                sink.oom_kill(&k).map_err(io)?;
+                sink.oom_kill(&k)?;
             }
             "target_exited" => {
                 let e: Exit = field(&value, *n).map_err(bad)?;
-                sink.target_exited(&e).map_err(io)?;
+                sink.target_exited(&e)?;
             }
             "snapshot" | "report" => {
                 let mut s: Snapshot = field(&value, *n).map_err(bad)?;
@@ -137,7 +140,8 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
             "" => {
                 return Err(bad(format!(
                     "line {n} has no `type`; is this a recording written with `-f json`?"
-                )));
+                ))
+                .into());
             }
             // Lines of a newer tracer: skip, the rest still replays.
             other => log::warn!(
@@ -153,8 +157,7 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
                 pid,
                 "the recording has no final report (the tracer was stopped early); \
                  showing its last snapshot",
-            )
-            .map_err(|e| bad(format!("cannot write the replay: {e}")))?;
+            )?;
             (s, None, e)
         }
         (None, None) => {
@@ -162,11 +165,11 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
                 "holds no snapshot; record with `tracer attach PID -f json -o FILE` and let \
                  it run at least one interval"
                     .into(),
-            ));
+            )
+            .into());
         }
     };
-    sink.finish(&snapshot, reason.unwrap_or(EndReason::Recorded), elapsed_s)
-        .map_err(|e| bad(format!("cannot write the replay: {e}")))?;
+    sink.finish(&snapshot, reason.unwrap_or(EndReason::Recorded), elapsed_s)?;
     Ok(Replayed {
         snapshot,
         reason,
@@ -176,7 +179,7 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
 
 /// The event of one line, minus its envelope.
 fn field<T: DeserializeOwned>(value: &Value, n: usize) -> Result<T, String> {
-    serde_json::from_value(value.clone()).map_err(|e| {
+    T::deserialize(value).map_err(|e| {
         format!(
             "line {n} is not a tracer `{}` event ({e}); was it written by another version?",
             value.get("type").and_then(Value::as_str).unwrap_or("?")
