@@ -563,10 +563,7 @@ async fn trace_loop(t: Traced<'_>, opts: &Options, sink: &mut dyn Sink) -> anyho
                 let message = if opts.exports.is_empty() {
                     "SIGUSR1: nothing to write (no --pprof, --folded or --flamegraph given)".to_string()
                 } else {
-                    let mut snap = collector.collect(kernel)?;
-                    if let Some(w) = watch.as_ref() {
-                        snap.memory = w.last.clone();
-                    }
+                    let snap = snapshot_now(collector, kernel, watch.as_ref())?;
                     match opts.exports.write(&snap) {
                         Ok(files) => format!(
                             "SIGUSR1: wrote {}",
@@ -590,11 +587,7 @@ async fn trace_loop(t: Traced<'_>, opts: &Options, sink: &mut dyn Sink) -> anyho
         collector.symbolizer_mut().update_maps(maps);
     }
     // The maps outlive the target: the final snapshot still holds everything.
-    let mut snap = collector.collect(kernel)?;
-    kernel.flush_logs();
-    if let Some(w) = watch.as_ref() {
-        snap.memory = w.last.clone();
-    }
+    let snap = snapshot_now(collector, kernel, watch.as_ref())?;
     if reason == EndReason::TargetExited {
         if let Some(kill) = watch.as_ref().and_then(|w| w.oom_kill(kernel, &snap)) {
             sink.oom_kill(&kill)?;
@@ -616,6 +609,19 @@ async fn trace_loop(t: Traced<'_>, opts: &Options, sink: &mut dyn Sink) -> anyho
         log::info!("pid {pid} keeps running after the tracer detached");
     }
     Ok(())
+}
+
+/// A snapshot outside the interval's (on demand, at the end), with the last
+/// memory status the watch saw.
+fn snapshot_now(
+    collector: &mut Collector,
+    kernel: &mut Kernel,
+    watch: Option<&MemoryWatch>,
+) -> Result<Snapshot, TracerError> {
+    let mut snap = collector.collect(kernel)?;
+    kernel.flush_logs();
+    snap.memory = watch.and_then(|w| w.last.clone());
+    Ok(snap)
 }
 
 fn refresh_maps(pid: u32, collector: &mut Collector) {
