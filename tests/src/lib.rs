@@ -275,6 +275,26 @@ pub fn attach_json(pid: u32, extra: &[&str], env: &[(&str, &str)]) -> (Proc, Str
     (tracer, stream, attached)
 }
 
+/// Ends a traced run the normal way: closes the target's stdin, expects it
+/// to exit 0, then the tracer to write its report and exit 0. Returns the
+/// report.
+pub fn end_normally(target: &mut Proc, tracer: &mut Proc, stream: &mut Stream) -> Value {
+    let t = Duration::from_secs(60);
+    target.close_stdin();
+    assert_eq!(
+        target.wait(t),
+        Some(0),
+        "the target runs normally while traced"
+    );
+    let report = stream.next_of("report", t);
+    assert_eq!(
+        tracer.wait(t),
+        Some(0),
+        "the tracer exits 0 when the target exits"
+    );
+    report
+}
+
 /// The eBPF program of every probe an `attached` event lists.
 pub fn probe_programs(attached: &Value) -> Vec<String> {
     attached["probes"]

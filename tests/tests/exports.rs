@@ -436,10 +436,7 @@ fn prometheus_scrapes_bounded_site_series() {
     assert!(value(&hits[0]) >= 10000.0, "{hits:?}");
     assert_eq!(value(&query("tracer_target_up")[0]), 1.0);
 
-    target.close_stdin();
-    assert_eq!(target.wait(T), Some(0));
-    stream.next_of("report", T);
-    assert_eq!(tracer.wait(T), Some(0));
+    end_normally(&mut target, &mut tracer, &mut stream);
 }
 
 #[test]
@@ -507,10 +504,7 @@ fn sigusr1_writes_go_profiles_while_tracing() {
     );
     assert!(tracer.child.try_wait().unwrap().is_none(), "still tracing");
 
-    target.close_stdin();
-    assert_eq!(target.wait(T), Some(0));
-    stream.next_of("report", T);
-    assert_eq!(tracer.wait(T), Some(0));
+    end_normally(&mut target, &mut tracer, &mut stream);
 }
 
 #[test]

@@ -360,22 +360,10 @@ fn collectable_channel_timers_are_not_counted() {
             "chantimers-go{version}"
         ))));
         target.expect_line("ready", T);
-        let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
-            "attach",
-            &target.pid().to_string(),
-            "--format",
-            "json",
-            "--interval",
-            "0.2",
-        ]));
-        let mut stream = Stream::new(&mut tracer);
-        stream.next_of("attached", T);
+        let (mut tracer, mut stream, _) = attach_json(target.pid(), &[], &[]);
         target.send("go");
         target.expect_line("done", T);
-        target.close_stdin();
-        assert_eq!(target.wait(T), Some(0));
-        let report = stream.next_of("report", T);
-        assert_eq!(tracer.wait(T), Some(0));
+        let report = end_normally(&mut target, &mut tracer, &mut stream);
         let func = timer_sites(&report, "main.timers", "func_timer", &src);
         assert_eq!(func.len(), 1, "go{version}:\n{}", describe_sites(&report));
         assert_eq!(func[0]["outstanding_count"], 10, "go{version} func timers");
@@ -551,9 +539,6 @@ fn heap_sampled_before_attach_is_read_from_the_runtime() {
             (est - CACHE_BYTES).abs() <= 0.25 * CACHE_BYTES,
             "go{version}: cache estimate {est} vs {CACHE_BYTES}"
         );
-        target.close_stdin();
-        assert_eq!(target.wait(T), Some(0));
-        stream.next_of("report", T);
-        assert_eq!(tracer.wait(T), Some(0));
+        end_normally(&mut target, &mut tracer, &mut stream);
     }
 }
