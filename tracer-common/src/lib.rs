@@ -221,66 +221,8 @@ pub struct OomVictim {
     pub ktime_ns: u64,
 }
 
-/// Indexes of the per-CPU counter array. Every path on which the kernel side
-/// drops or cannot attribute something has a counter, so the user is told.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// Allocation entry probes that fired.
-    AllocCalls = 0,
-    /// Free/munmap entry probes that fired.
-    FreeCalls = 1,
-    /// Allocations that failed in the target (NULL / MAP_FAILED): not counted.
-    FailedAllocs = 2,
-    /// Live blocks that could not be tracked because the address map was full.
-    /// Their bytes are missing from outstanding totals (lost).
-    AddrMapFull = 3,
-    /// Sites that could not be created because the site map was full (lost).
-    SiteMapFull = 4,
-    /// Stacks that could not be recorded (the kernel's stack table and the
-    /// tracer's own both full, or a rare collision in the latter); accounted
-    /// under the unknown-stack site.
-    StackLost = 5,
-    /// Entries that could not be remembered until their return: the per-thread
-    /// map was full (lost).
-    PendingMapFull = 6,
-    /// Returns whose entry was not seen (attached mid-call) or did not match.
-    UnmatchedReturns = 7,
-    /// Entries overwritten because their return was never seen (e.g. longjmp).
-    StalePending = 8,
-    /// Allocator calls made from inside another probed allocator call (malloc →
-    /// mmap) or tail-called by one (reallocarray → realloc): the outer call
-    /// accounts them.
-    NestedCalls = 9,
-    /// Frees of addresses not allocated since attach (allocated before attach,
-    /// or by an untraced allocator). Informational.
-    UntrackedFrees = 10,
-    /// munmap calls that covered only part of a tracked mapping away from its
-    /// start; the mapping stays accounted whole.
-    PartialUnmaps = 11,
-    /// Events dropped by the kernel because the target's tgid did not match.
-    OtherProcess = 12,
-    // (13.. are the Go counters below; sampling counts at the end.)
-    /// Goroutines created since attach.
-    GoroutinesCreated = 13,
-    /// Goroutines that exited since attach (including ones created before).
-    GoroutinesExited = 14,
-    /// Go goroutine/bucket map full (lost).
-    GoMapFull = 15,
-    /// Sampled Go heap objects recorded / freed.
-    GoSamples = 16,
-    GoSampleFrees = 17,
-    /// Failed reads of Go runtime structures (lost).
-    GoReadErrors = 18,
-    /// Timers created / retired (stopped or fired for good) since attach.
-    TimersCreated = 19,
-    TimersRetired = 20,
-    /// Allocations left out by sampling (`--sample-bytes`). Informational.
-    Unsampled = 21,
-}
-
-/// Number of entries in the counter array.
-pub const COUNTER_COUNT: u32 = 22;
+mod counters;
+pub use counters::{COUNTER_COUNT, COUNTERS, Counter, CounterClass, CounterInfo};
 
 /// Default sizes of the kernel maps; all configurable from the command line.
 pub const DEFAULT_MAX_ALLOCS: u32 = 1 << 20;
@@ -352,6 +294,5 @@ mod tests {
             assert_eq!(Op::from_u64(v).map(|o| o as u64), Some(v));
         }
         assert_eq!(Op::from_u64(0), None);
-        assert_eq!(Counter::Unsampled as u32 + 1, COUNTER_COUNT);
     }
 }

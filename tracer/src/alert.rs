@@ -3,12 +3,12 @@
 
 use std::{
     collections::VecDeque,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
 
-use crate::{collect::SiteReport, memlimit::MemoryState};
+pub use crate::schema::{Alert, Level, MemoryStatus, OomKill};
+use crate::schema::SiteReport;
 
 /// Robust growth trend of a memory series.
 ///
@@ -100,15 +100,6 @@ pub fn theil_sen(pts: &[(f64, f64)]) -> f64 {
     slopes[(slopes.len() - 1) / 2]
 }
 
-/// Alert severities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Level {
-    Ok,
-    Warning,
-    Critical,
-}
-
 /// Thresholds (flags of the command line).
 #[derive(Clone, Copy, Debug)]
 pub struct Thresholds {
@@ -131,56 +122,6 @@ impl Default for Thresholds {
             reminder: Duration::from_secs(60),
         }
     }
-}
-
-/// An alert, as the sinks receive it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Alert {
-    pub pid: u32,
-    /// `ok` marks the end of an alert (resolved).
-    pub severity: Level,
-    pub reason: String,
-    pub eta_s: Option<f64>,
-    pub usage_bytes: u64,
-    pub limit_bytes: Option<u64>,
-    pub memory: MemoryState,
-    /// Top growing call sites over the trend window.
-    pub top_sites: Vec<SiteReport>,
-    /// Taken from the JSON envelope.
-    #[serde(skip, default = "SystemTime::now")]
-    pub ts: SystemTime,
-}
-
-/// The memory status attached to every snapshot.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MemoryStatus {
-    #[serde(flatten)]
-    pub state: MemoryState,
-    /// Estimated seconds until the limit at the current trend.
-    pub eta_s: Option<f64>,
-    /// Robust (Theil–Sen) growth of usage over the window.
-    pub growth_bytes_per_s: Option<f64>,
-    pub level: Level,
-}
-
-/// The record of the kernel's OOM kill of the target.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct OomKill {
-    pub pid: u32,
-    /// `oom:mark_victim tracepoint` or `cgroup oom_kill counter`.
-    pub detected_by: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub anon_rss_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file_rss_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shmem_rss_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total_vm_bytes: Option<u64>,
-    /// The last memory status before the kill.
-    pub memory: Option<MemoryStatus>,
-    /// Who held the memory at the moment of death (the final snapshot's top sites).
-    pub top_sites: Vec<SiteReport>,
 }
 
 /// Decides when to alert: one alert per level change, a reminder at most

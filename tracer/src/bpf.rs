@@ -54,14 +54,7 @@ impl Default for MapSizes {
     }
 }
 
-/// A probe that is live in the kernel.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct AttachedProbe {
-    pub function: String,
-    pub path: String,
-    pub offset: u64,
-    pub program: String,
-}
+pub use crate::schema::AttachedProbe;
 
 /// Loaded programs, their links and maps.
 pub struct Kernel {

@@ -6,151 +6,16 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::{Deserialize, Deserializer, Serialize};
-use tracer_common::{Counter, Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
+use tracer_common::{Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
 
+pub use crate::schema::{
+    Activity, Lost, ModuleMapping, SiteKind, SiteReport, Snapshot, site_id,
+};
 use crate::{
     bpf::{Counters, Kernel},
     error::TracerError,
     symbolize::{Frame, Symbolizer, trim_at_root},
 };
-
-/// One call site in a snapshot.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SiteReport {
-    /// Stable short id of the site (hash of kind and frames).
-    pub site_id: String,
-    #[serde(deserialize_with = "de_kind")]
-    pub kind: KindName,
-    pub outstanding_bytes: u64,
-    pub outstanding_count: u64,
-    pub allocs: u64,
-    pub frees: u64,
-    pub alloc_bytes: u64,
-    /// Growth of outstanding bytes over the trend window, bytes per second.
-    pub growth_bytes_per_s: f64,
-    /// Growth of the outstanding count over the trend window, per second
-    /// (goroutines and timers grow in count).
-    pub growth_count_per_s: f64,
-    /// For goroutine sites: the goroutine's start function.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_function: Option<Frame>,
-    /// Figures are estimates scaled up from samples (Go's heap profile,
-    /// `--sample-bytes`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub sampled: bool,
-    /// The recorded stack lacks its outer frames (see README).
-    pub truncated: bool,
-    /// Innermost first.
-    pub frames: Vec<Frame>,
-}
-
-impl SiteReport {
-    /// The frame to name as the culprit: the program's own code nearest the
-    /// allocation, past allocator and standard-library frames.
-    pub fn culprit(&self) -> Option<&Frame> {
-        self.frames
-            .iter()
-            .find(|f| crate::symbolize::is_user_frame(&f.function))
-            .or(self.frames.first())
-    }
-}
-
-/// Everything the kernel side could not account, shown to the user.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct Lost {
-    /// Live blocks not tracked: the address map was full.
-    pub addr_map_full: u64,
-    /// Allocations not accounted: the site map was full.
-    pub site_map_full: u64,
-    /// Allocations whose stack could not be recorded (accounted as "[unknown stack]").
-    pub stacks_lost: u64,
-    /// Allocator calls lost: the per-thread map was full.
-    pub pending_map_full: u64,
-    /// Allocator returns that could not be matched to their call.
-    pub unmatched_returns: u64,
-    /// Sites whose stack is truncated.
-    pub truncated_stacks: u64,
-    /// Go goroutines, timers or heap samples not tracked: a Go map was full.
-    pub go_map_full: u64,
-    /// Go runtime structures that could not be read (goroutines, timers).
-    pub go_read_errors: u64,
-}
-
-/// Informational counters.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Activity {
-    pub alloc_calls: u64,
-    pub free_calls: u64,
-    pub failed_allocs: u64,
-    pub nested_calls: u64,
-    pub untracked_frees: u64,
-    pub stale_entries: u64,
-    pub partial_unmaps: u64,
-    /// Allocations left out by `--sample-bytes`.
-    pub unsampled: u64,
-    /// Goroutines created / exited since attach.
-    pub goroutines_created: u64,
-    pub goroutines_exited: u64,
-    /// Go heap samples recorded / freed since attach.
-    pub go_samples: u64,
-    pub go_sample_frees: u64,
-    /// Timers created / retired since attach.
-    pub timers_created: u64,
-    pub timers_retired: u64,
-    /// Fill of the address map, 0..1.
-    pub addr_map_fill: f64,
-    /// Fill of the site map, 0..1.
-    pub site_map_fill: f64,
-}
-
-/// The state of the target at one instant.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Snapshot {
-    /// When the maps were read (the JSON envelope's `ts`).
-    #[serde(skip, default = "SystemTime::now")]
-    pub ts: SystemTime,
-    pub pid: u32,
-    /// Sorted by outstanding bytes, descending.
-    pub sites: Vec<SiteReport>,
-    pub lost: Lost,
-    pub activity: Activity,
-    pub total_outstanding_bytes: u64,
-    /// The target's memory against its limit (set by the session).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<crate::alert::MemoryStatus>,
-    /// The executable mappings of the modules the sites' frames are in (for
-    /// pprof's mapping table).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mappings: Vec<ModuleMapping>,
-}
-
-/// Where a module's code was mapped in the target.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModuleMapping {
-    /// The path as the target sees it (frames' `module`).
-    pub path: String,
-    pub start: u64,
-    pub end: u64,
-    /// File offset of `start`.
-    pub offset: u64,
-}
-
-/// A site kind's name (`heap`, `goroutine`…). An alias keeps serde from
-/// tying deserialized snapshots to a `'static` input.
-pub type KindName = &'static str;
-
-/// Kinds are a closed set: map a recorded name back to its static name.
-fn de_kind<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
-    let name = String::deserialize(d)?;
-    (0..)
-        .map_while(Kind::from_u32)
-        .map(Kind::as_str)
-        .find(|k| *k == name)
-        .ok_or_else(|| serde::de::Error::custom(format!("unknown site kind `{name}`")))
-}
 
 struct SiteHistory {
     samples: VecDeque<(Instant, i64, i64)>,
@@ -158,7 +23,7 @@ struct SiteHistory {
 
 /// One site as read from a kernel map, before merging.
 struct Raw {
-    kind: &'static str,
+    kind: SiteKind,
     frames: Vec<Frame>,
     truncated: bool,
     start_function: Option<Frame>,
@@ -222,8 +87,12 @@ impl Collector {
         let now = Instant::now();
         let mut raw = Vec::new();
         for (key, stats) in kernel.sites()? {
+            let Some(kind) = Kind::from_u32(key.kind) else {
+                log::warn!("site of unknown kind {} in the kernel map: skipped", key.kind);
+                continue;
+            };
             let (mut frames, truncated) = self.frames_for(kernel, key.stack_id);
-            if key.kind == Kind::Timer as u32 {
+            if kind == Kind::Timer {
                 // The runtime's own timer frames say nothing about the site.
                 let internal = frames
                     .iter()
@@ -238,11 +107,11 @@ impl Collector {
                 }
             }
             raw.push(Raw {
-                kind: Kind::from_u32(key.kind).map_or("unknown", Kind::as_str),
+                kind: kind.into(),
                 frames,
                 truncated,
                 start_function: None,
-                sampled: kernel.sizes.sample_bytes > 0 && key.kind == Kind::Heap as u32,
+                sampled: kernel.sizes.sample_bytes > 0 && kind == Kind::Heap,
                 bytes: stats.outstanding_bytes,
                 count: stats.outstanding_count,
                 allocs: stats.allocs,
@@ -267,7 +136,7 @@ impl Collector {
             let frames = self.symbols.symbolize_stack(&[key.gopc]);
             let start = self.start_function(key.startpc);
             raw.push(Raw {
-                kind: Kind::Goroutine.as_str(),
+                kind: SiteKind::Goroutine,
                 frames,
                 truncated: false,
                 start_function: start,
@@ -329,7 +198,7 @@ impl Collector {
                 .dedup_by(|b, a| a.function == b.function && a.file == b.file && a.line == b.line);
             let truncated = trim_at_root(&mut frames, bucket.stack.len(), 128);
             raw.push(Raw {
-                kind: Kind::GoHeap.as_str(),
+                kind: SiteKind::Heap,
                 frames,
                 truncated,
                 start_function: None,
@@ -432,41 +301,15 @@ impl Collector {
                 .back()
                 .is_some_and(|(t, _, _)| now.duration_since(*t) < Duration::from_secs(600))
         });
-        reports.sort_by(|a, b| {
-            b.outstanding_bytes
-                .cmp(&a.outstanding_bytes)
-                .then(b.allocs.cmp(&a.allocs))
-                .then(a.site_id.cmp(&b.site_id))
-        });
+        reports.sort_by(SiteReport::rank);
         let mappings = self.mappings_of(&reports);
-        let lost = Lost {
-            addr_map_full: counters.get(Counter::AddrMapFull),
-            site_map_full: counters.get(Counter::SiteMapFull),
-            stacks_lost: counters.get(Counter::StackLost),
-            pending_map_full: counters.get(Counter::PendingMapFull),
-            unmatched_returns: counters.get(Counter::UnmatchedReturns),
-            truncated_stacks: reports.iter().filter(|r| r.truncated).count() as u64,
-            go_map_full: counters.get(Counter::GoMapFull),
-            go_read_errors: counters.get(Counter::GoReadErrors),
-        };
-        let activity = Activity {
-            alloc_calls: counters.get(Counter::AllocCalls),
-            free_calls: counters.get(Counter::FreeCalls),
-            failed_allocs: counters.get(Counter::FailedAllocs),
-            nested_calls: counters.get(Counter::NestedCalls),
-            untracked_frees: counters.get(Counter::UntrackedFrees),
-            stale_entries: counters.get(Counter::StalePending),
-            partial_unmaps: counters.get(Counter::PartialUnmaps),
-            unsampled: counters.get(Counter::Unsampled),
-            goroutines_created: counters.get(Counter::GoroutinesCreated),
-            goroutines_exited: counters.get(Counter::GoroutinesExited),
-            go_samples: counters.get(Counter::GoSamples),
-            go_sample_frees: counters.get(Counter::GoSampleFrees),
-            timers_created: counters.get(Counter::TimersCreated),
-            timers_retired: counters.get(Counter::TimersRetired),
-            addr_map_fill: live as f64 / f64::from(kernel.sizes.allocs.max(1)),
-            site_map_fill: reports.len() as f64 / f64::from(kernel.sizes.sites.max(1)),
-        };
+        let truncated = reports.iter().filter(|r| r.truncated).count() as u64;
+        let lost = Lost::from_counters(&counters.0, truncated);
+        let activity = Activity::from_counters(
+            &counters.0,
+            live as f64 / f64::from(kernel.sizes.allocs.max(1)),
+            reports.len() as f64 / f64::from(kernel.sizes.sites.max(1)),
+        );
         Snapshot {
             ts: SystemTime::now(),
             pid: self.pid,
@@ -568,24 +411,6 @@ pub fn slope(pts: &[(f64, f64)]) -> f64 {
     sxy / sxx
 }
 
-/// A short id that stays the same for a site across runs of the same binary.
-pub fn site_id(kind: &str, frames: &[Frame]) -> String {
-    // FNV-1a: stable across Rust versions, unlike DefaultHasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(kind.as_bytes());
-    for f in frames {
-        eat(f.function.as_bytes());
-        eat(&f.line.unwrap_or(0).to_le_bytes());
-    }
-    format!("{:012x}", h & 0xffff_ffff_ffff)
-}
-
 impl Frame {
     fn named(mut self, name: &str) -> Self {
         self.function = name.into();
@@ -607,22 +432,5 @@ mod tests {
         assert_eq!(slope(&[(1.0, 3.0), (1.0, 9.0)]), 0.0);
         let flat: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 7.0)).collect();
         assert_eq!(slope(&flat), 0.0);
-    }
-
-    #[test]
-    fn site_ids_are_stable_and_distinct() {
-        let fr = |n: &str, l| Frame {
-            function: n.into(),
-            file: None,
-            line: Some(l),
-            module: None,
-            addr: 0,
-            inlined: false,
-        };
-        let a = site_id("heap", &[fr("leak", 10), fr("main", 3)]);
-        assert_eq!(a, site_id("heap", &[fr("leak", 10), fr("main", 3)]));
-        assert_ne!(a, site_id("mmap", &[fr("leak", 10), fr("main", 3)]));
-        assert_ne!(a, site_id("heap", &[fr("leak", 11), fr("main", 3)]));
-        assert_eq!(a.len(), 12);
     }
 }

@@ -18,6 +18,7 @@ pub mod notify;
 pub mod placement;
 pub mod probes;
 pub mod report;
+pub mod schema;
 pub mod session;
 pub mod sink;
 pub mod symbolize;

@@ -10,41 +10,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::{Deserialize, Serialize};
 
 /// Values above this are "no limit" (v1 writes PAGE_COUNTER_MAX * page size).
 const UNLIMITED: u64 = 1 << 60;
 
-/// Which memory controller governs the target.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Scope {
-    CgroupV2,
-    CgroupV1,
-    System,
-}
-
-/// Memory usage and limit at one instant.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MemoryState {
-    pub scope: Scope,
-    /// The cgroup directory, for cgroups.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<PathBuf>,
-    /// Working set: charged memory minus reclaimable page cache.
-    pub usage_bytes: u64,
-    /// Hard limit (memory.max / limit_in_bytes / MemTotal+SwapTotal).
-    pub limit_bytes: Option<u64>,
-    /// v2 memory.high (throttling starts there).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub high_bytes: Option<u64>,
-    /// OOM kills counted by the cgroup (memory.events / memory.oom_control).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oom_kills: Option<u64>,
-    /// PSI "some" avg10, where the kernel has PSI live.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pressure_some_avg10: Option<f64>,
-}
+pub use crate::schema::{MemoryState, Scope};
 
 /// Where a process's memory limit lives.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,11 +12,22 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{
-    alert::{Alert, OomKill},
-    collect::Snapshot,
     error::TracerError,
-    sink::{Attached, EndReason, Exit, Sink},
+    schema::{EndReason, Envelope, Event, Rebuilder, SCHEMA_VERSION, Snapshot},
+    sink::Sink,
 };
+
+/// The `type`s this tracer writes (and so can replay).
+const KNOWN_EVENTS: &[&str] = &[
+    "attached",
+    "notice",
+    "site",
+    "snapshot",
+    "alert",
+    "oom_kill",
+    "target_exited",
+    "report",
+];
 
 /// What a replay found.
 pub struct Replayed {
@@ -53,7 +64,9 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<Replayed> {
     }
     let last = lines.last().map(|(n, _)| *n);
     let mut pid = 0;
+    let mut version = SCHEMA_VERSION;
     let mut start: Option<SystemTime> = None;
+    let mut sites = Rebuilder::new();
     let mut latest: Option<(Snapshot, f64)> = None;
     let mut report: Option<(Snapshot, EndReason, f64)> = None;
     for (n, line) in &lines {
@@ -74,80 +87,59 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<Replayed> {
                 .into());
             }
         };
-        let kind = value
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let ts = value
-            .get("ts")
-            .and_then(Value::as_str)
-            .and_then(|t| humantime::parse_rfc3339(t).ok());
-        match kind {
-            "attached" => {
-                let a: Attached = field(&value, *n).map_err(bad)?;
-                pid = a.pid;
-                start = start.or(ts);
-                sink.attached(&a)?;
-            }
-            "notice" => {
-                let p = value.get("pid").and_then(Value::as_u64).unwrap_or(0) as u32;
-                let m = value
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                sink.notice(p, m)?;
-            }
-            "alert" => {
-                let mut a: Alert = field(&value, *n).map_err(bad)?;
-                a.ts = ts.unwrap_or(SystemTime::UNIX_EPOCH);
-                sink.alert(&a)?;
-            }
-            "oom_kill" => {
-                let k: OomKill = field(&value, *n).map_err(bad)?;
-                sink.oom_kill(&k)?;
-            }
-            "target_exited" => {
-                let e: Exit = field(&value, *n).map_err(bad)?;
-                sink.target_exited(&e)?;
-            }
-            "snapshot" | "report" => {
-                let mut s: Snapshot = field(&value, *n).map_err(bad)?;
-                if let Some(ts) = ts {
-                    s.ts = ts;
-                }
-                pid = s.pid;
-                let elapsed = match (start, ts) {
-                    (Some(a), Some(b)) => b.duration_since(a).unwrap_or_default().as_secs_f64(),
-                    _ => 0.0,
-                };
-                if kind == "report" {
-                    let reason: EndReason = value
-                        .get("reason")
-                        .cloned()
-                        .map(serde_json::from_value)
-                        .transpose()
-                        .map_err(|e| bad(format!("line {n}: bad `reason`: {e}")))?
-                        .unwrap_or(EndReason::Interrupted);
-                    let elapsed = value
-                        .get("elapsed_s")
-                        .and_then(Value::as_f64)
-                        .unwrap_or(elapsed);
-                    report = Some((s, reason, elapsed));
-                } else {
-                    latest = Some((s, elapsed));
-                }
-            }
-            "" => {
+        match value.get("type").and_then(Value::as_str) {
+            None | Some("") => {
                 return Err(bad(format!(
                     "line {n} has no `type`; is this a recording written with `-f json`?"
                 ))
                 .into());
             }
             // Lines of a newer tracer: skip, the rest still replays.
-            other => log::warn!(
-                "{}: line {n}: unknown event `{other}` skipped",
-                path.display()
-            ),
+            Some(other) if !KNOWN_EVENTS.contains(&other) => {
+                log::warn!(
+                    "{}: line {n}: unknown event `{other}` skipped",
+                    path.display()
+                );
+                continue;
+            }
+            // Version 1 streams carried whole snapshots.
+            Some("snapshot") if version < 2 => {
+                let mut s: Snapshot = field(&value, *n).map_err(bad)?;
+                s.ts = ts_of(&value).unwrap_or(s.ts);
+                pid = s.pid;
+                latest = Some((s, since(start, ts_of(&value))));
+                continue;
+            }
+            Some(_) => {}
+        }
+        let Envelope { ts, event } = field(&value, *n).map_err(bad)?;
+        match event {
+            Event::Attached(a) => {
+                pid = a.pid;
+                version = a.schema_version;
+                start = start.or(Some(ts));
+                sink.attached(&a)?;
+            }
+            Event::Notice(notice) => sink.notice(notice.pid, &notice.message)?,
+            Event::Alert(mut a) => {
+                a.ts = ts;
+                sink.alert(&a)?;
+            }
+            Event::OomKill(k) => sink.oom_kill(&k)?,
+            Event::TargetExited(e) => sink.target_exited(&e)?,
+            Event::Site(info) => sites.site(info),
+            Event::Snapshot(delta) => {
+                let s = sites
+                    .snapshot(delta, ts)
+                    .map_err(|e| bad(format!("line {n}: {e}; is the recording complete?")))?;
+                pid = s.pid;
+                latest = Some((s, since(start, Some(ts))));
+            }
+            Event::Report(mut r) => {
+                r.snapshot.ts = ts;
+                pid = r.snapshot.pid;
+                report = Some((r.snapshot, r.reason, r.elapsed_s));
+            }
         }
     }
     let (snapshot, reason, elapsed_s) = match (report, latest) {
@@ -185,4 +177,19 @@ fn field<T: DeserializeOwned>(value: &Value, n: usize) -> Result<T, String> {
             value.get("type").and_then(Value::as_str).unwrap_or("?")
         )
     })
+}
+
+fn ts_of(value: &Value) -> Option<SystemTime> {
+    value
+        .get("ts")
+        .and_then(Value::as_str)
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+}
+
+/// Seconds from the start of the recording to `ts`.
+fn since(start: Option<SystemTime>, ts: Option<SystemTime>) -> f64 {
+    match (start, ts) {
+        (Some(a), Some(b)) => b.duration_since(a).unwrap_or_default().as_secs_f64(),
+        _ => 0.0,
+    }
 }

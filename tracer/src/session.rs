@@ -318,6 +318,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
     let probes = kernel.attach(&plan.probes, pid)?;
     session_notice(&kernel, sink, pid)?;
     let info = Attached {
+        schema_version: crate::schema::SCHEMA_VERSION,
         pid,
         comm: target.comm.clone(),
         exe: target.exe.display().to_string(),
@@ -354,6 +355,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Res
     let exit_fd = PidFd::open(pid)?;
     let mut kernel = Kernel::load(pid, opts.sizes, Default::default())?;
     let info = Attached {
+        schema_version: crate::schema::SCHEMA_VERSION,
         pid,
         comm: target.comm.clone(),
         exe: target.exe.display().to_string(),
@@ -405,6 +407,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow
         let probes = kernel.attach(&plan.probes, pid)?;
         session_notice(&kernel, sink, pid)?;
         let info = Attached {
+        schema_version: crate::schema::SCHEMA_VERSION,
             pid,
             comm: exe
                 .file_name()

@@ -13,75 +13,10 @@ use std::{
 };
 
 use blazesym::symbolize::{self, Input, Symbolized, source::Source};
-use serde::{Deserialize, Serialize};
 
 use crate::target::Maps;
 
-/// One frame of a symbolized stack.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Frame {
-    /// Function name (demangled), or `[unknown]`.
-    pub function: String,
-    /// Source file, when debug information has it.
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    /// Object file the address belongs to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<String>,
-    /// The recorded address (a return address, except in the innermost frame
-    /// of entry-probe stacks).
-    pub addr: u64,
-    /// This frame was inlined into the next (outer) one.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub inlined: bool,
-}
-
-impl Frame {
-    pub fn unknown(addr: u64, module: Option<String>) -> Self {
-        Self {
-            function: "[unknown]".into(),
-            file: None,
-            line: None,
-            module,
-            addr,
-            inlined: false,
-        }
-    }
-
-    /// `function (file:line)`, with the file's base name only.
-    pub fn short(&self) -> String {
-        match (&self.file, self.line) {
-            (Some(f), Some(l)) => {
-                let base = f.rsplit('/').next().unwrap_or(f);
-                format!("{} ({base}:{l})", self.function)
-            }
-            _ => match &self.module {
-                Some(m) if self.function == "[unknown]" => {
-                    format!("[unknown] ({})", m.rsplit('/').next().unwrap_or(m))
-                }
-                _ => self.function.clone(),
-            },
-        }
-    }
-}
-
-/// Whether a function is the program's own rather than its language's
-/// library: C functions, Go's `main` package, and Go packages under a domain
-/// (`github.com/...`), not Go's standard library (`time`, `context`, ...).
-pub fn is_user_frame(function: &str) -> bool {
-    if function.starts_with('[') {
-        return false;
-    }
-    // Go names are "import/path.Func": the package path ends at the first dot
-    // after its last slash.
-    let path_end = function.rfind('/').map_or(0, |i| i + 1);
-    let Some(dot) = function[path_end..].find('.') else {
-        return true; // C
-    };
-    let pkg = &function[..path_end + dot];
-    let first = pkg.split('/').next().unwrap_or(pkg);
-    pkg == "main" || first.contains('.')
-}
+pub use crate::schema::{Frame, is_user_frame};
 
 /// Functions in which a complete user stack ends.
 const STACK_ROOTS: &[&str] = &[

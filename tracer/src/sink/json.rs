@@ -1,51 +1,39 @@
-//! JSON Lines: one object per line, each with `type` and `ts` (schema in the README).
+//! JSON Lines: one event per line, each with `type` and `ts` (see
+//! [`crate::schema`] and `schema/events.schema.json`).
 
 use std::{
     io::{self, Write},
     time::SystemTime,
 };
 
-use serde::Serialize;
-
-use super::{Attached, EndReason, Exit, Sink, ser_ts};
-use crate::collect::Snapshot;
+use super::{Attached, EndReason, Exit, Sink};
+use crate::schema::{Alert, Encoder, Envelope, Event, Notice, OomKill, Report, Snapshot};
 
 pub struct JsonSink<W: Write> {
     out: W,
+    encoder: Encoder,
+}
+
+/// The JSON line of an event at `ts`.
+pub fn line(event: Event, ts: SystemTime) -> io::Result<String> {
+    Ok(serde_json::to_string(&Envelope { ts, event })?)
 }
 
 /// The JSON line of an alert, as `--alert-exec` receives it.
-pub fn alert_line(alert: &crate::alert::Alert) -> String {
-    let mut v = serde_json::to_value(alert).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("type".into(), "alert".into());
-        o.insert(
-            "ts".into(),
-            humantime::format_rfc3339_millis(alert.ts)
-                .to_string()
-                .into(),
-        );
-    }
-    v.to_string()
+pub fn alert_line(alert: &Alert) -> String {
+    line(Event::Alert(alert.clone()), alert.ts).unwrap_or_default()
 }
 
 impl<W: Write> JsonSink<W> {
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self {
+            out,
+            encoder: Encoder::new(),
+        }
     }
 
-    fn emit<T: Serialize>(&mut self, kind: &str, ts: SystemTime, body: &T) -> io::Result<()> {
-        #[derive(Serialize)]
-        struct Envelope<'a, T> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-            #[serde(serialize_with = "ser_ts")]
-            ts: SystemTime,
-            #[serde(flatten)]
-            body: &'a T,
-        }
-        let line = serde_json::to_string(&Envelope { kind, ts, body })?;
-        writeln!(self.out, "{line}")?;
+    fn emit(&mut self, event: Event, ts: SystemTime) -> io::Result<()> {
+        writeln!(self.out, "{}", line(event, ts)?)?;
         // Consumers react to lines as they come (e.g. start a workload on
         // "attached"): never leave one in a buffer.
         self.out.flush()
@@ -54,51 +42,47 @@ impl<W: Write> JsonSink<W> {
 
 impl<W: Write> Sink for JsonSink<W> {
     fn attached(&mut self, info: &Attached) -> io::Result<()> {
-        self.emit("attached", SystemTime::now(), info)
+        self.emit(Event::Attached(info.clone()), SystemTime::now())
     }
 
     fn snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
-        // Stamped with when the maps were read, not when the line is written.
-        self.emit("snapshot", snap.ts, snap)
+        // One write for the snapshot's `site` events and itself, stamped with
+        // when the maps were read, not when the lines are written.
+        let mut text = String::new();
+        for event in self.encoder.encode(snap) {
+            text.push_str(&line(event, snap.ts)?);
+            text.push('\n');
+        }
+        self.out.write_all(text.as_bytes())?;
+        self.out.flush()
     }
 
     fn notice(&mut self, pid: u32, message: &str) -> io::Result<()> {
-        #[derive(Serialize)]
-        struct Notice<'a> {
-            pid: u32,
-            message: &'a str,
-        }
-        self.emit("notice", SystemTime::now(), &Notice { pid, message })
+        let notice = Notice {
+            pid,
+            message: message.into(),
+        };
+        self.emit(Event::Notice(notice), SystemTime::now())
     }
 
-    fn alert(&mut self, alert: &crate::alert::Alert) -> io::Result<()> {
-        self.emit("alert", alert.ts, alert)
+    fn alert(&mut self, alert: &Alert) -> io::Result<()> {
+        self.emit(Event::Alert(alert.clone()), alert.ts)
     }
 
-    fn oom_kill(&mut self, kill: &crate::alert::OomKill) -> io::Result<()> {
-        self.emit("oom_kill", SystemTime::now(), kill)
+    fn oom_kill(&mut self, kill: &OomKill) -> io::Result<()> {
+        self.emit(Event::OomKill(kill.clone()), SystemTime::now())
     }
 
     fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {
-        self.emit("target_exited", SystemTime::now(), exit)
+        self.emit(Event::TargetExited(exit.clone()), SystemTime::now())
     }
 
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()> {
-        #[derive(Serialize)]
-        struct Report<'a> {
-            reason: EndReason,
-            elapsed_s: f64,
-            #[serde(flatten)]
-            snapshot: &'a Snapshot,
-        }
-        self.emit(
-            "report",
-            snap.ts,
-            &Report {
-                reason,
-                elapsed_s,
-                snapshot: snap,
-            },
-        )
+        let report = Report {
+            reason,
+            elapsed_s,
+            snapshot: snap.clone(),
+        };
+        self.emit(Event::Report(report), snap.ts)
     }
 }

@@ -1,10 +1,9 @@
 //! Stage 6: sinks — where snapshots go (the terminal table, the JSON stream).
 
-use std::{io, time::SystemTime};
+use std::io;
 
-use serde::{Deserialize, Serialize, Serializer};
-
-use crate::{bpf::AttachedProbe, collect::Snapshot};
+pub use crate::schema::{Attached, EndReason, Exit, ser_ts};
+use crate::schema::Snapshot;
 
 pub mod export;
 pub mod flame;
@@ -12,54 +11,6 @@ pub mod json;
 pub mod pprof;
 pub mod prometheus;
 pub mod table;
-
-/// What the user is told once every probe is live.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Attached {
-    pub pid: u32,
-    pub comm: String,
-    pub exe: String,
-    /// The Go release that built the target, for Go programs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub go_version: Option<String>,
-    pub probes: Vec<AttachedProbe>,
-}
-
-/// Why tracing ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EndReason {
-    /// `--duration` elapsed.
-    Duration,
-    /// Ctrl-C / SIGTERM.
-    Interrupted,
-    /// The target process exited.
-    TargetExited,
-    /// `tracer report`: the recording stops without a final report (the
-    /// tracer was killed or the stream cut).
-    Recorded,
-}
-
-impl EndReason {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Duration => "duration elapsed",
-            Self::Interrupted => "interrupted",
-            Self::TargetExited => "target exited",
-            Self::Recorded => "the recording ends without a final report",
-        }
-    }
-}
-
-/// How the traced process ended, when it did.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Exit {
-    pub pid: u32,
-    /// Exit code, when known (we are its parent in `tracer run`).
-    pub code: Option<i32>,
-    /// Terminating signal, when known.
-    pub signal: Option<i32>,
-}
 
 /// A destination for the tracer's output.
 pub trait Sink {
@@ -116,11 +67,6 @@ impl Sink for Tee {
     }
 }
 
-/// RFC 3339 timestamps with millisecond precision, UTC.
-pub fn ser_ts<S: Serializer>(ts: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_rfc3339_millis(*ts).to_string())
-}
-
 /// `1.5 MiB`, `512 B`.
 pub fn human_bytes(n: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -142,6 +88,8 @@ pub fn human_bytes(n: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Serialize;
+    use std::time::SystemTime;
 
     #[test]
     fn human_sizes() {

@@ -18,7 +18,7 @@ use flate2::{Compression, write::GzEncoder};
 use prost::Message;
 
 use crate::{
-    collect::{SiteReport, Snapshot},
+    schema::{SiteKind, SiteReport, Snapshot},
     symbolize::Frame,
 };
 
@@ -150,12 +150,12 @@ pub enum ProfileKind {
 }
 
 impl ProfileKind {
-    fn holds(self, kind: &str) -> bool {
+    fn holds(self, kind: SiteKind) -> bool {
         match self {
             // Go's sampled heap is "heap" too.
-            Self::Memory => matches!(kind, "heap" | "mmap"),
-            Self::Goroutines => kind == "goroutine",
-            Self::Timers => kind == "timer",
+            Self::Memory => matches!(kind, SiteKind::Heap | SiteKind::Mmap),
+            Self::Goroutines => kind == SiteKind::Goroutine,
+            Self::Timers => kind == SiteKind::Timer,
         }
     }
 
@@ -366,7 +366,7 @@ pub fn profile(snap: &Snapshot, kind: ProfileKind) -> Option<proto::Profile> {
         let mut label = vec![
             proto::Label {
                 key: kind_key,
-                str: b.string(s.kind),
+                str: b.string(s.kind.as_str()),
                 ..Default::default()
             },
             proto::Label {
@@ -451,7 +451,7 @@ mod tests {
             pid: 7,
             sites: vec![
                 site(
-                    "heap",
+                    SiteKind::Heap,
                     "s1",
                     vec![
                         frame("helper", 3, 0x1010, true),
@@ -462,14 +462,14 @@ mod tests {
                     10,
                 ),
                 site(
-                    "mmap",
+                    SiteKind::Mmap,
                     "s2",
                     vec![frame("main", 21, 0x1108, false)],
                     4096,
                     1,
                 ),
                 site(
-                    "goroutine",
+                    SiteKind::Goroutine,
                     "s3",
                     vec![frame("main", 22, 0x1110, false)],
                     0,

@@ -24,7 +24,7 @@ use prometheus_client::{
 use super::{Attached, EndReason, Exit, Sink};
 use crate::{
     alert::{Alert, Level, OomKill},
-    collect::{SiteReport, Snapshot},
+    schema::{SiteKind, SiteReport, Snapshot, TRUNCATED_STACKS},
 };
 
 type Labels = Vec<(&'static str, String)>;
@@ -144,7 +144,7 @@ fn respond<B>(req: &Request<B>, page: &Mutex<String>) -> Response<Full<Bytes>> {
 
 /// The series of one snapshot, per kind: the top sites, then the rest summed.
 fn bounded_sites(sites: &[SiteReport], top: usize) -> Vec<(Labels, SiteSums)> {
-    let mut kinds: Vec<&str> = sites.iter().map(|s| s.kind).collect();
+    let mut kinds: Vec<SiteKind> = sites.iter().map(|s| s.kind).collect();
     kinds.sort_unstable();
     kinds.dedup();
     let mut out = Vec::new();
@@ -351,7 +351,7 @@ fn render(st: &State) -> Result<String, std::fmt::Error> {
         None,
         |s| s.growth_objects,
     );
-    let mut per_kind: Vec<(&str, usize, u64)> = Vec::new();
+    let mut per_kind: Vec<(SiteKind, usize, u64)> = Vec::new();
     for s in &snap.sites {
         match per_kind.iter_mut().find(|k| k.0 == s.kind) {
             Some(k) => {
@@ -420,23 +420,16 @@ fn render(st: &State) -> Result<String, std::fmt::Error> {
         &mut reg,
         "lost",
         "What the kernel side could not account, by reason (see the README)",
-        [
-            ("addr_map_full", lost.addr_map_full),
-            ("site_map_full", lost.site_map_full),
-            ("stacks_lost", lost.stacks_lost),
-            ("pending_map_full", lost.pending_map_full),
-            ("unmatched_returns", lost.unmatched_returns),
-            ("go_map_full", lost.go_map_full),
-            ("go_read_errors", lost.go_read_errors),
-        ]
-        .map(|(r, v)| (with_pid(vec![("reason", r.to_string())]), v)),
+        lost.described()
+            .filter(|(name, _, _)| *name != TRUNCATED_STACKS)
+            .map(|(r, v, _)| (with_pid(vec![("reason", r.to_string())]), v)),
     );
     gauges(
         &mut reg,
         "truncated_stacks",
         "Sites whose recorded stack lacks its outer frames",
         None,
-        [(with_pid(vec![]), lost.truncated_stacks as f64)],
+        [(with_pid(vec![]), lost.get(TRUNCATED_STACKS) as f64)],
     );
     let act = &snap.activity;
     gauges(
@@ -454,23 +447,9 @@ fn render(st: &State) -> Result<String, std::fmt::Error> {
         &mut reg,
         "probe_events",
         "Probe hits and what they saw, by event",
-        [
-            ("alloc_calls", act.alloc_calls),
-            ("free_calls", act.free_calls),
-            ("failed_allocs", act.failed_allocs),
-            ("nested_calls", act.nested_calls),
-            ("untracked_frees", act.untracked_frees),
-            ("stale_entries", act.stale_entries),
-            ("partial_unmaps", act.partial_unmaps),
-            ("unsampled", act.unsampled),
-            ("goroutines_created", act.goroutines_created),
-            ("goroutines_exited", act.goroutines_exited),
-            ("go_samples", act.go_samples),
-            ("go_sample_frees", act.go_sample_frees),
-            ("timers_created", act.timers_created),
-            ("timers_retired", act.timers_retired),
-        ]
-        .map(|(e, v)| (with_pid(vec![("event", e.to_string())]), v)),
+        act.counts
+            .iter()
+            .map(|(e, v)| (with_pid(vec![("event", e.clone())]), *v)),
     );
     let ts = snap
         .ts
@@ -538,7 +517,7 @@ mod tests {
     use super::*;
     use crate::symbolize::Frame;
 
-    fn site(kind: &'static str, id: &str, func: &str, bytes: u64, count: u64) -> SiteReport {
+    fn site(kind: SiteKind, id: &str, func: &str, bytes: u64, count: u64) -> SiteReport {
         SiteReport {
             site_id: id.into(),
             kind,
@@ -566,9 +545,9 @@ mod tests {
     #[test]
     fn labels_stay_bounded_and_nothing_is_dropped() {
         let mut sites: Vec<SiteReport> = (0..1000)
-            .map(|i| site("heap", &format!("{i:012x}"), &format!("f{i}"), i, 1))
+            .map(|i| site(SiteKind::Heap, &format!("{i:012x}"), &format!("f{i}"), i, 1))
             .collect();
-        sites.push(site("goroutine", "g1", "main.worker", 0, 50));
+        sites.push(site(SiteKind::Goroutine, "g1", "main.worker", 0, 50));
         let series = bounded_sites(&sites, 5);
         let heap: Vec<_> = series.iter().filter(|(l, _)| l[0].1 == "heap").collect();
         assert_eq!(heap.len(), 6, "5 top sites and one aggregate");
@@ -586,14 +565,14 @@ mod tests {
         let mut snap = Snapshot {
             ts: UNIX_EPOCH,
             pid: 42,
-            sites: vec![site("heap", "abc", "leak", 10000, 10)],
+            sites: vec![site(SiteKind::Heap, "abc", "leak", 10000, 10)],
             lost: Default::default(),
             activity: Default::default(),
             total_outstanding_bytes: 10000,
             memory: None,
             mappings: vec![],
         };
-        snap.lost.stacks_lost = 3;
+        snap.lost.0.insert("stacks_lost".into(), 3);
         let st = State {
             top: 10,
             pid: 42,

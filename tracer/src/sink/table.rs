@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use super::{Attached, EndReason, Exit, Sink, human_bytes};
-use crate::collect::{Lost, SiteReport, Snapshot};
+use crate::schema::{Lost, SiteKind, SiteReport, Snapshot};
 
 pub struct TableSink<W: Write> {
     out: W,
@@ -93,32 +93,9 @@ pub use crate::symbolize::is_user_frame;
 
 /// One line naming every non-zero loss, or saying there is none.
 pub fn lost_line(lost: &Lost) -> String {
-    let parts: Vec<String> = [
-        (
-            lost.addr_map_full,
-            "blocks untracked (address map full, raise --max-allocs)",
-        ),
-        (
-            lost.site_map_full,
-            "allocations unaccounted (site map full, raise --max-sites)",
-        ),
-        (
-            lost.stacks_lost,
-            "stacks unrecorded (stack table full, raise --max-stacks)",
-        ),
-        (
-            lost.pending_map_full,
-            "calls lost (thread map full, raise --max-threads)",
-        ),
-        (
-            lost.go_map_full,
-            "Go goroutines/timers/samples untracked (Go map full, raise --max-goroutines or --max-sites)",
-        ),
-        (lost.go_read_errors, "Go runtime structures unreadable"),
-        (lost.unmatched_returns, "returns unmatched"),
-        (lost.truncated_stacks, "sites with truncated stacks"),
-    ]
-    .into_iter()
+    let parts: Vec<String> = lost
+        .described()
+        .map(|(_, n, what)| (n, what))
     .filter(|(n, _)| *n > 0)
     .map(|(n, what)| format!("{n} {what}"))
     .collect();
@@ -299,7 +276,7 @@ impl<W: Write> Sink for TableSink<W> {
                     site.allocs,
                     site.frees
                 ),
-                None if site.kind == "timer" => format!(
+                None if site.kind == SiteKind::Timer => format!(
                     "{} timers pending, growth {}, {} created / {} stopped or fired",
                     site.outstanding_count,
                     growth_of(site),
@@ -333,8 +310,8 @@ impl<W: Write> Sink for TableSink<W> {
             }
         }
         for (kind, what) in [
-            ("goroutine", "goroutines alive"),
-            ("timer", "timers pending"),
+            (SiteKind::Goroutine, "goroutines alive"),
+            (SiteKind::Timer, "timers pending"),
         ] {
             if let Some(top) = snap
                 .sites
