@@ -218,6 +218,7 @@ impl Drop for Proc {
 pub struct Stream {
     rx: mpsc::Receiver<String>,
     pub seen: Vec<Value>,
+    rebuild: Rebuild,
 }
 
 impl Stream {
@@ -226,10 +227,13 @@ impl Stream {
         Self {
             rx: proc.stdout.take().expect("stdout not taken yet"),
             seen: Vec::new(),
+            rebuild: Rebuild::default(),
         }
     }
 
     /// The next object of `type`, within `timeout`; every line read is kept.
+    /// Every line is checked against the shipped JSON Schema; snapshots come
+    /// back whole (see [`Rebuild`]).
     pub fn next_of(&mut self, kind: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
@@ -243,14 +247,108 @@ impl Stream {
                         .collect::<Vec<_>>()
                 )
             });
-            let v: Value = serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            let v = self.rebuild.line(&line);
             self.seen.push(v.clone());
             if v["type"] == kind {
                 return v;
             }
         }
     }
+}
+
+/// Turns the tracer's stream back into whole events, independently of the
+/// tracer's own code: a `snapshot` names only the sites that changed since
+/// the previous one, and each site's frames come once in a `site` event. A
+/// rebuilt snapshot lists every site known, whole, most outstanding bytes
+/// first, as version 1 of the stream did.
+#[derive(Default)]
+pub struct Rebuild {
+    sites: std::collections::HashMap<String, Value>,
+    numbers: std::collections::HashMap<String, Value>,
+}
+
+impl Rebuild {
+    /// One line of the stream, checked against the schema; a snapshot is
+    /// returned whole.
+    pub fn line(&mut self, line: &str) -> Value {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert_schema(&v);
+        match v["type"].as_str() {
+            Some("site") => {
+                let mut site = v.clone();
+                let o = site.as_object_mut().unwrap();
+                for k in ["type", "ts", "pid"] {
+                    o.remove(k);
+                }
+                self.sites
+                    .insert(v["site_id"].as_str().unwrap().to_string(), site);
+                v
+            }
+            Some("snapshot") => {
+                for id in v["removed"].as_array().into_iter().flatten() {
+                    self.numbers.remove(id.as_str().unwrap());
+                }
+                for n in v["sites"].as_array().unwrap() {
+                    let id = n["site_id"].as_str().unwrap();
+                    assert!(
+                        self.sites.contains_key(id),
+                        "snapshot names site {id} before any `site` event describes it"
+                    );
+                    self.numbers.insert(id.to_string(), n.clone());
+                }
+                let mut whole: Vec<Value> = self
+                    .numbers
+                    .iter()
+                    .map(|(id, n)| {
+                        let mut s = self.sites[id].clone();
+                        for (k, x) in n.as_object().unwrap() {
+                            s[k] = x.clone();
+                        }
+                        s
+                    })
+                    .collect();
+                whole.sort_by(|a, b| {
+                    let key = |s: &Value| {
+                        (
+                            std::cmp::Reverse(s["outstanding_bytes"].as_u64().unwrap()),
+                            std::cmp::Reverse(s["allocs"].as_u64().unwrap()),
+                            s["site_id"].as_str().unwrap().to_string(),
+                        )
+                    };
+                    key(a).cmp(&key(b))
+                });
+                assert_eq!(
+                    whole.len() as u64,
+                    v["site_count"].as_u64().unwrap(),
+                    "site_count disagrees with the sites the stream described"
+                );
+                let mut snap = v;
+                snap["sites"] = Value::Array(whole);
+                snap
+            }
+            _ => v,
+        }
+    }
+}
+
+/// Checks an event against `schema/events.schema.json`.
+pub fn assert_schema(event: &Value) {
+    static VALIDATOR: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let v = VALIDATOR.get_or_init(|| {
+        let path = workspace().join("schema/events.schema.json");
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        jsonschema::draft202012::new(&schema).expect("the shipped schema is valid")
+    });
+    let errors: Vec<String> = v
+        .iter_errors(event)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "event breaks schema/events.schema.json: {errors:#?}\n{event}"
+    );
 }
 
 /// Starts `tracer attach PID` with JSON on its stdout, snapshots every 0.2 s,
@@ -305,11 +403,13 @@ pub fn probe_programs(attached: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Parses JSON Lines text.
+/// Parses a recorded JSON Lines stream, each line checked against the
+/// schema, snapshots rebuilt whole.
 pub fn parse_lines(text: &str) -> Vec<Value> {
+    let mut rebuild = Rebuild::default();
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line ({e}): {l}")))
+        .map(|l| rebuild.line(l))
         .collect()
 }
 

@@ -128,7 +128,10 @@ impl Counter {
 const _: () = {
     let mut i = 0;
     while i < COUNTERS.len() {
-        assert!(COUNTERS[i].counter as usize == i, "counter rows out of index order");
+        assert!(
+            COUNTERS[i].counter as usize == i,
+            "counter rows out of index order"
+        );
         i += 1;
     }
 };
@@ -143,7 +146,12 @@ mod tests {
             for b in &COUNTERS[i + 1..] {
                 assert_ne!(a.name, b.name);
             }
-            assert_eq!(a.class == CounterClass::Lost, !a.what.is_empty(), "{}", a.name);
+            assert_eq!(
+                a.class == CounterClass::Lost,
+                !a.what.is_empty(),
+                "{}",
+                a.name
+            );
         }
         assert_eq!(Counter::Unsampled.info().name, "unsampled");
     }

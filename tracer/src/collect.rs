@@ -8,39 +8,16 @@ use std::{
 
 use tracer_common::{Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
 
-pub use crate::schema::{
-    Activity, Lost, ModuleMapping, SiteKind, SiteReport, Snapshot, site_id,
-};
+pub use crate::schema::{Activity, Lost, ModuleMapping, SiteKind, SiteReport, Snapshot, site_id};
 use crate::{
     bpf::{Counters, Kernel},
     error::TracerError,
-    symbolize::{Frame, Symbolizer, trim_at_root},
+    go::GoTarget,
+    symbolize::{Frame, RawSite, Symbolizer, trim_at_root},
 };
 
 struct SiteHistory {
     samples: VecDeque<(Instant, i64, i64)>,
-}
-
-/// One site as read from a kernel map, before merging.
-struct Raw {
-    kind: SiteKind,
-    frames: Vec<Frame>,
-    truncated: bool,
-    start_function: Option<Frame>,
-    sampled: bool,
-    bytes: i64,
-    count: i64,
-    allocs: u64,
-    frees: u64,
-    alloc_bytes: u64,
-}
-
-/// The Go side of a target: its runtime's memory and heap sampling rate.
-pub struct GoState {
-    pub mem: crate::golang::RuntimeMem,
-    /// Sampling rate last read from the target (for scaling).
-    pub rate: u64,
-    pub plan: crate::probes::GoPlan,
 }
 
 /// Reads the kernel maps and keeps what is needed across intervals.
@@ -50,9 +27,7 @@ pub struct Collector {
     symbols: Symbolizer,
     stacks: HashMap<u32, (Vec<Frame>, bool)>,
     history: HashMap<String, SiteHistory>,
-    go: Option<GoState>,
-    /// Resolved goroutine start functions by startpc.
-    starts: HashMap<u64, Frame>,
+    go: Option<GoTarget>,
 }
 
 impl Collector {
@@ -64,17 +39,16 @@ impl Collector {
             stacks: HashMap::new(),
             history: HashMap::new(),
             go: None,
-            starts: HashMap::new(),
         }
     }
 
     /// Enables the Go sites (goroutines, sampled heap) for a Go target.
-    pub fn with_go(mut self, go: GoState) -> Self {
+    pub fn with_go(mut self, go: GoTarget) -> Self {
         self.go = Some(go);
         self
     }
 
-    pub fn go_mut(&mut self) -> Option<&mut GoState> {
+    pub fn go_mut(&mut self) -> Option<&mut GoTarget> {
         self.go.as_mut()
     }
 
@@ -88,7 +62,10 @@ impl Collector {
         let mut raw = Vec::new();
         for (key, stats) in kernel.sites()? {
             let Some(kind) = Kind::from_u32(key.kind) else {
-                log::warn!("site of unknown kind {} in the kernel map: skipped", key.kind);
+                log::warn!(
+                    "site of unknown kind {} in the kernel map: skipped",
+                    key.kind
+                );
                 continue;
             };
             let (mut frames, truncated) = self.frames_for(kernel, key.stack_id);
@@ -106,7 +83,7 @@ impl Collector {
                     frames.drain(..internal);
                 }
             }
-            raw.push(Raw {
+            raw.push(RawSite {
                 kind: kind.into(),
                 frames,
                 truncated,
@@ -119,134 +96,17 @@ impl Collector {
                 alloc_bytes: stats.alloc_bytes,
             });
         }
-        if self.go.is_some() {
-            self.go_sites(kernel, &mut raw)?;
+        if let Some(go) = self.go.as_mut() {
+            raw.extend(go.sites(kernel, &mut self.symbols)?);
         }
         let counters = kernel.counters()?;
         Ok(self.build(kernel, raw, counters, now))
     }
 
-    /// Goroutine sites (exact counts) and sampled heap sites (scaled like
-    /// pprof's inuse_space).
-    fn go_sites(&mut self, kernel: &Kernel, raw: &mut Vec<Raw>) -> Result<(), TracerError> {
-        for (key, stats) in kernel.go_sites()? {
-            // gopc is the return address of the `go` statement's call to
-            // newproc; startpc is a function entry (+1 undoes the -1 applied
-            // to return addresses).
-            let frames = self.symbols.symbolize_stack(&[key.gopc]);
-            let start = self.start_function(key.startpc);
-            raw.push(Raw {
-                kind: SiteKind::Goroutine,
-                frames,
-                truncated: false,
-                start_function: start,
-                sampled: false,
-                bytes: 0,
-                count: stats.outstanding_count,
-                allocs: stats.allocs,
-                frees: stats.frees,
-                alloc_bytes: 0,
-            });
-        }
-        let Some(go) = self.go.as_mut() else {
-            return Ok(());
-        };
-        // (bucket, sampled allocs, sampled frees, sampled live objects)
-        let buckets: Vec<(u64, u64, u64, u64)> = if go.plan.mem_profile.is_some() {
-            // Read from the runtime's own records; none yet in `run` before
-            // the executable is mapped.
-            go.mem
-                .mem_buckets()
-                .iter()
-                .map(|b| (b.addr, b.allocs, b.frees, b.allocs.saturating_sub(b.frees)))
-                .collect()
-        } else {
-            kernel
-                .go_buckets()?
-                .into_iter()
-                .map(|(addr, s)| (addr, s.allocs, s.frees, s.outstanding_count.max(0) as u64))
-                .collect()
-        };
-        if let Some(rate) = go.mem.rate() {
-            go.rate = rate;
-        }
-        let rate = go.rate;
-        for (addr, sampled_allocs, sampled_frees, live) in buckets {
-            let Some(bucket) = go.mem.bucket(addr).cloned() else {
-                continue;
-            };
-            let (objs, bytes) = crate::golang::scale_sample(live, bucket.size, rate);
-            let (allocs, alloc_bytes) =
-                crate::golang::scale_sample(sampled_allocs, bucket.size, rate);
-            let (frees, _) = crate::golang::scale_sample(sampled_frees, bucket.size, rate);
-            let mut frames = self.symbols.symbolize_stack(&bucket.stack);
-            // The allocator's own frames say nothing about the call site.
-            let internal = frames
-                .iter()
-                .take_while(|f| {
-                    f.function.starts_with("runtime.malloc")
-                        || f.function.starts_with("runtime.mProf")
-                        || f.function == "runtime.profilealloc"
-                })
-                .count();
-            if internal < frames.len() {
-                frames.drain(..internal);
-            }
-            // The runtime already expanded inlined calls into PCs of their
-            // own, which DWARF expands again: drop the repeats.
-            frames
-                .dedup_by(|b, a| a.function == b.function && a.file == b.file && a.line == b.line);
-            let truncated = trim_at_root(&mut frames, bucket.stack.len(), 128);
-            raw.push(Raw {
-                kind: SiteKind::Heap,
-                frames,
-                truncated,
-                start_function: None,
-                sampled: true,
-                bytes: bytes.round() as i64,
-                count: objs.round() as i64,
-                allocs: allocs.round() as u64,
-                frees: frees.round() as u64,
-                alloc_bytes: alloc_bytes.round() as u64,
-            });
-        }
-        Ok(())
-    }
-
-    /// The function a goroutine runs. For `go f(x)` Go ≥ 1.22 starts a
-    /// generated `gowrapN` closure that calls f: report f, found by decoding
-    /// the wrapper's first call outside the runtime.
-    fn start_function(&mut self, startpc: u64) -> Option<Frame> {
-        if let Some(f) = self.starts.get(&startpc) {
-            return Some(f.clone());
-        }
-        // startpc is an entry, not a return address: +1 undoes the -1.
-        let start = self.symbols.symbolize_stack(&[startpc + 1]).pop()?;
-        let mut resolved = start.clone();
-        if crate::golang::is_go_wrapper(&start.function)
-            && let Some(code) = self
-                .go
-                .as_ref()
-                .and_then(|g| g.mem.read_bytes(startpc, 256))
-        {
-            for target in crate::golang::call_targets(&code, startpc) {
-                if let Some(f) = self.symbols.symbolize_stack(&[target + 1]).pop()
-                    && !f.function.starts_with("runtime.")
-                    && f.function != "[unknown]"
-                {
-                    resolved = f;
-                    break;
-                }
-            }
-        }
-        self.starts.insert(startpc, resolved.clone());
-        Some(resolved)
-    }
-
     fn build(
         &mut self,
         kernel: &Kernel,
-        sites: Vec<Raw>,
+        sites: Vec<RawSite>,
         counters: Counters,
         now: Instant,
     ) -> Snapshot {

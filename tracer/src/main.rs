@@ -15,8 +15,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracer::{
     TracerError,
     alert::Thresholds,
+    alert::watch::AlertOptions,
     bpf::MapSizes,
-    session::{self, AlertOptions, Options},
+    options::Options,
+    session,
     sink::{
         Sink, Tee, export::Exports, json::JsonSink, prometheus::PrometheusSink, table::TableSink,
     },
@@ -275,8 +277,10 @@ impl Common {
             duration: self.duration,
             trend_window: self.trend_window,
             exports: self.output.exports(),
-            go_sample_rate: self.go_sample_rate,
-            no_write: self.no_write,
+            go_sampling: tracer::go::SamplingPolicy {
+                rate: self.go_sample_rate,
+                no_write: self.no_write,
+            },
             alerts: (!self.no_alerts).then(|| AlertOptions {
                 thresholds: Thresholds {
                     warn_eta: self.warn_eta,

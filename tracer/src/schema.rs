@@ -815,7 +815,14 @@ pub(crate) mod tests {
     /// whole one, while unchanged sites are not written again.
     #[test]
     fn snapshots_rebuild_exactly_and_unchanged_sites_are_not_repeated() {
-        let leak = |b| site(SiteKind::Heap, vec![frame("leak", 3), frame("main", 9)], b, b / 10);
+        let leak = |b| {
+            site(
+                SiteKind::Heap,
+                vec![frame("leak", 3), frame("main", 9)],
+                b,
+                b / 10,
+            )
+        };
         let churn = site(SiteKind::Heap, vec![frame("churn", 5)], 0, 40);
         let mut late = site(SiteKind::Goroutine, vec![frame("main.go", 2)], 0, 3);
         late.start_function = Some(frame("main.worker", 20));
@@ -942,7 +949,12 @@ pub(crate) mod tests {
     #[test]
     fn every_event_matches_the_shipped_schema() {
         let v = validator();
-        let mut leak = site(SiteKind::Heap, vec![frame("leak", 3), frame("main", 9)], 100, 10);
+        let mut leak = site(
+            SiteKind::Heap,
+            vec![frame("leak", 3), frame("main", 9)],
+            100,
+            10,
+        );
         leak.frames[0].inlined = true;
         let mut g = site(SiteKind::Goroutine, vec![frame("main.main", 2)], 0, 3);
         g.start_function = Some(frame("main.worker", 20));

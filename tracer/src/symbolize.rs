@@ -16,7 +16,24 @@ use blazesym::symbolize::{self, Input, Symbolized, source::Source};
 
 use crate::target::Maps;
 
+use crate::schema::SiteKind;
 pub use crate::schema::{Frame, is_user_frame};
+
+/// One site as symbolized from a kernel map or the Go runtime, before the
+/// collector merges sites that symbolize alike and computes growth.
+pub struct RawSite {
+    pub kind: SiteKind,
+    pub frames: Vec<Frame>,
+    pub truncated: bool,
+    pub start_function: Option<Frame>,
+    pub sampled: bool,
+    /// Signed: a free can land an instant before its alloc's increment.
+    pub bytes: i64,
+    pub count: i64,
+    pub allocs: u64,
+    pub frees: u64,
+    pub alloc_bytes: u64,
+}
 
 /// Functions in which a complete user stack ends.
 const STACK_ROOTS: &[&str] = &[

@@ -131,6 +131,12 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
         ("demo.c", "demo", &["-fno-omit-frame-pointer"]),
         ("oomleak.c", "oomleak", &["-fno-omit-frame-pointer"]),
         ("bench.c", "bench", &["-fno-omit-frame-pointer"]),
+        // -O0: the two call lines per level must stay two calls.
+        (
+            "manysites.c",
+            "manysites",
+            &["-O0", "-fno-omit-frame-pointer"],
+        ),
     ]
 }
 

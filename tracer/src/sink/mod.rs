@@ -2,8 +2,8 @@
 
 use std::io;
 
-pub use crate::schema::{Attached, EndReason, Exit, ser_ts};
 use crate::schema::Snapshot;
+pub use crate::schema::{Attached, EndReason, Exit, ser_ts};
 
 pub mod export;
 pub mod flame;

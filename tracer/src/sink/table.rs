@@ -96,9 +96,9 @@ pub fn lost_line(lost: &Lost) -> String {
     let parts: Vec<String> = lost
         .described()
         .map(|(_, n, what)| (n, what))
-    .filter(|(n, _)| *n > 0)
-    .map(|(n, what)| format!("{n} {what}"))
-    .collect();
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
     if parts.is_empty() {
         "lost: nothing".into()
     } else {

@@ -1,14 +1,21 @@
 //! Alerts before the OOM kill: a robust growth trend of the target's memory,
 //! an estimated time to its limit, and alert levels with hysteresis.
+//!
+//! - [`memlimit`]: the target's memory and its limit (cgroup v2, v1, system).
+//! - [`watch`]: each interval, the memory state, trend and alerts.
+//! - [`notify`]: alerts to `--alert-exec` and `--alert-webhook`.
+
+pub mod memlimit;
+pub mod notify;
+pub mod watch;
 
 use std::{
     collections::VecDeque,
     time::{Duration, Instant},
 };
 
-
-pub use crate::schema::{Alert, Level, MemoryStatus, OomKill};
 use crate::schema::SiteReport;
+pub use crate::schema::{Alert, Level, MemoryStatus, OomKill};
 
 /// Robust growth trend of a memory series.
 ///

@@ -10,7 +10,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-
 /// Values above this are "no limit" (v1 writes PAGE_COUNTER_MAX * page size).
 const UNLIMITED: u64 = 1 << 60;
 

@@ -1,0 +1,279 @@
+//! Everything Go, behind one type: [`GoTarget`], the Go side of a traced
+//! process. The session asks it for the kernel's runtime offsets, lets it
+//! settle the heap sampling rate, and the collector asks it for Go sites.
+//!
+//! - [`version`]: which release built the binary; struct offsets (DWARF, or
+//!   the per-release table).
+//! - [`code`]: functions in the binary and where probes go in them.
+//! - [`pclntab`]: our own `.gopclntab` reader (names, lines, inlining) for
+//!   stripped binaries.
+//! - [`runtime`]: the target's runtime read through `/proc/PID/mem`.
+//! - [`sites`]: goroutine and sampled-heap sites.
+
+pub mod code;
+pub mod pclntab;
+pub mod runtime;
+mod sites;
+pub mod version;
+
+use std::collections::HashMap;
+
+pub use code::{
+    Function, after_prologue, call_targets, code, data_symbol, function, is_go_wrapper, ret_sites,
+};
+pub use runtime::{
+    Bucket, BucketCounts, MemProfileLayout, RuntimeMem, find_mem_profile_rate, scale_sample,
+};
+pub use version::{
+    DwarfFacts, GoVersion, OLDEST_MINOR, async_timer_chan, build_info, dwarf_facts, go_version,
+    offsets_for, offsets_from_dwarf, parse_version,
+};
+
+use crate::{probes::GoPlan, sink::Sink, symbolize::Frame, target::Maps};
+
+/// Default Go heap sampling rate, the runtime's own default.
+pub const DEFAULT_GO_SAMPLE_RATE: u64 = 512 * 1024;
+
+/// How the tracer may touch the target's heap sampling.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SamplingPolicy {
+    /// Rate to set (bytes); None: only turn sampling on (at 512 KiB) when the
+    /// binary has it off.
+    pub rate: Option<u64>,
+    /// Never write to the target's memory.
+    pub no_write: bool,
+}
+
+/// The Go side of one traced process: its plan (functions, offsets), its
+/// runtime's memory, and what the collector keeps between intervals.
+pub struct GoTarget {
+    pub plan: GoPlan,
+    pub mem: RuntimeMem,
+    /// Sampling rate last read from the target (for scaling).
+    pub rate: u64,
+    /// Resolved goroutine start functions by startpc.
+    starts: HashMap<u64, Frame>,
+    /// The sampling policy still waits for the executable to be mapped.
+    policy_pending: bool,
+}
+
+impl GoTarget {
+    /// The Go side of `pid`, whose executable is mapped as `maps` says (empty
+    /// in `run` before exec).
+    pub fn new(pid: u32, plan: GoPlan, maps: &Maps) -> Self {
+        let mut go = Self {
+            plan,
+            mem: RuntimeMem::open(pid, None),
+            rate: DEFAULT_GO_SAMPLE_RATE,
+            starts: HashMap::new(),
+            policy_pending: true,
+        };
+        go.resolve(maps);
+        go
+    }
+
+    /// The runtime offsets for the kernel side, with the runtime address of
+    /// `time.newTimer`, which needs the load bias of a position-independent
+    /// executable (known from `maps` once it is mapped).
+    pub fn kernel_offsets(plan: &GoPlan, maps: Option<&Maps>) -> tracer_common::GoOffsets {
+        let mut off = plan.offsets;
+        if let Some((lo, hi)) = plan.newtimer {
+            let bias = if plan.pie {
+                maps.and_then(|m| runtime_address(plan, m, lo))
+                    .map(|a| a - lo)
+            } else {
+                Some(0)
+            };
+            match bias {
+                Some(b) => {
+                    (off.newtimer_lo, off.newtimer_hi) = (lo + b, hi + b);
+                    off.sendtime_pc = plan.sendtime.map_or(0, |a| a + b);
+                }
+                None => log::warn!(
+                    "timers of a position-independent Go executable cannot be traced with \
+                     `tracer run`; attach to the running process instead"
+                ),
+            }
+        }
+        off
+    }
+
+    /// Finds `runtime.MemProfileRate` and the memory profile in the target
+    /// once its executable is mapped.
+    pub fn resolve(&mut self, maps: &Maps) {
+        if self.mem.rate_addr().is_none()
+            && let Some(va) = self.plan.mem_profile_rate
+            && let Some(addr) = runtime_address(&self.plan, maps, va)
+        {
+            self.mem.set_rate_addr(addr);
+        }
+        if !self.mem.has_profile()
+            && let Some(layout) = self.plan.mem_profile
+            && let Some(addr) = runtime_address(&self.plan, maps, layout.mbuckets)
+        {
+            self.mem.set_profile(addr, layout);
+        }
+    }
+
+    /// Turns Go heap sampling on when the binary has it off, or sets the rate
+    /// the user asked for, telling the user either way. Does nothing once
+    /// settled; in `run` it waits until the executable is mapped (the
+    /// runtime also resets MemProfileRate during start-up).
+    pub fn settle_sampling(
+        &mut self,
+        policy: SamplingPolicy,
+        sink: &mut dyn Sink,
+        pid: u32,
+    ) -> std::io::Result<()> {
+        if !self.policy_pending {
+            return Ok(());
+        }
+        if self.plan.mem_profile_rate.is_some() && self.mem.rate_addr().is_none() {
+            // `run`: the executable is not mapped yet.
+            return Ok(());
+        }
+        self.policy_pending = false;
+        let Some(current) = self.mem.rate() else {
+            return sink.notice(
+                pid,
+                "cannot read runtime.MemProfileRate (stripped binary?): Go heap sites use the \
+                 runtime's default rate for scaling",
+            );
+        };
+        let wanted = match policy.rate {
+            Some(r) if r != current => r,
+            None if current == 0 => DEFAULT_GO_SAMPLE_RATE,
+            _ => {
+                self.rate = current;
+                return Ok(());
+            }
+        };
+        if policy.no_write {
+            if current == 0 {
+                sink.notice(
+                    pid,
+                    "Go heap sampling is off in this binary (runtime.MemProfileRate = 0) and \
+                     --no-write forbids turning it on: no Go heap sites will be shown",
+                )?;
+            }
+            return Ok(());
+        }
+        match self.mem.set_rate(wanted) {
+            Ok(()) => {
+                self.rate = wanted;
+                sink.notice(
+                    pid,
+                    &format!(
+                        "set the target's Go heap sampling rate (runtime.MemProfileRate) to \
+                         {wanted} bytes (it was {current}); --no-write forbids this"
+                    ),
+                )
+            }
+            Err(e) => sink.notice(pid, &format!("cannot set runtime.MemProfileRate: {e}")),
+        }
+    }
+}
+
+/// Address of `vaddr` of the executable `go.object` in the running target.
+fn runtime_address(go: &GoPlan, maps: &Maps, vaddr: u64) -> Option<u64> {
+    let (seg_va, seg_off) = go.first_segment;
+    let m = maps
+        .mappings
+        .iter()
+        .find(|m| m.path == go.object.path && m.offset == seg_off)?;
+    Some(vaddr - seg_va + m.start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version::{read_uvarint, version_tokens};
+    use super::*;
+
+    #[test]
+    fn versions() {
+        let v = parse_version("go1.22.10").unwrap();
+        assert_eq!((v.major, v.minor, v.patch), (1, 22, 10));
+        let v = parse_version("go1.23.4 X:nocoverageredesign").unwrap();
+        assert_eq!((v.major, v.minor, v.patch), (1, 23, 4));
+        let v = parse_version("go1.24rc1").unwrap();
+        assert_eq!((v.major, v.minor), (1, 24));
+        assert!(parse_version("devel").is_none());
+    }
+
+    #[test]
+    fn version_strings_in_data() {
+        let data = b"\x00go1.26.5\x00ergo1.2x\x00\tgo1.21.13\n";
+        assert_eq!(version_tokens(data), vec!["go1.26.5", "go1.21.13"]);
+        assert!(version_tokens(b"nothing here").is_empty());
+    }
+
+    #[test]
+    fn offsets_table_and_future_versions() {
+        let (o, known) = offsets_for(&parse_version("go1.23.9").unwrap());
+        assert!(known);
+        assert_eq!((o.g_goid, o.g_gopc, o.g_startpc), (160, 288, 304));
+        assert_eq!(o.timer_period, 24);
+        let (o, known) = offsets_for(&parse_version("go1.21.13").unwrap());
+        assert!(known);
+        assert_eq!(o.g_goid, 152);
+        let (o, known) = offsets_for(&parse_version("go1.31.0").unwrap());
+        assert!(!known, "unknown future version");
+        assert_eq!(o, offsets_for(&parse_version("go1.27.3").unwrap()).0);
+    }
+
+    #[test]
+    fn decodes_rets_and_prologue() {
+        // mov rax,[r14+16]; cmp rsp,rax; jbe +x; push rbp; mov rbp,rsp;
+        // ... ret; ...; ret
+        let code = [
+            0x49, 0x3b, 0x66, 0x10, // cmp rsp,[r14+16]
+            0x76, 0x08, // jbe +8
+            0x55, // push rbp
+            0x48, 0x89, 0xe5, // mov rbp,rsp
+            0x5d, // pop rbp
+            0xc3, // ret
+            0x90, // nop
+            0x5d, // pop rbp
+            0xc3, // ret
+        ];
+        assert_eq!(after_prologue(&code, 0x1000), Some(0x1006));
+        assert_eq!(ret_sites(&code, 0x1000), vec![0x100b, 0x100e]);
+        assert_eq!(after_prologue(&[0xc3], 0x1000), None);
+    }
+
+    #[test]
+    fn finds_call_targets_and_wrappers() {
+        // call rel32 (+0x10); call [rax] (indirect, skipped); ret
+        let code = [0xe8, 0x0b, 0, 0, 0, 0xff, 0x10, 0xc3];
+        assert_eq!(call_targets(&code, 0x1000), vec![0x1010]);
+        assert!(is_go_wrapper("main.startConsumers.gowrap1"));
+        assert!(!is_go_wrapper("main.startConsumers.func1"));
+    }
+
+    #[test]
+    fn pprof_scaling() {
+        assert_eq!(scale_sample(0, 100, 512), (0.0, 0.0));
+        assert_eq!(scale_sample(3, 100, 1), (3.0, 300.0));
+        // Objects much larger than the rate are always sampled.
+        let (n, b) = scale_sample(10, 1 << 30, 512 * 1024);
+        assert!((n - 10.0).abs() < 1e-6 && (b - 10.0 * (1u64 << 30) as f64).abs() < 1.0);
+        // size == rate: probability 1 - 1/e.
+        let (n, _) = scale_sample(1, 1000, 1000);
+        assert!((n - 1.0 / (1.0 - (-1.0f64).exp())).abs() < 1e-9);
+    }
+
+    #[test]
+    fn async_timer_chan_from_default_godebug() {
+        let mi = "path\tleaky\nmod\tleaky\t(devel)\t\nbuild\tDefaultGODEBUG=asynctimerchan=1,gotypesalias=0\n";
+        assert!(async_timer_chan(mi));
+        assert!(!async_timer_chan("build\tDefaultGODEBUG=gotypesalias=0\n"));
+        assert!(!async_timer_chan(""));
+    }
+
+    #[test]
+    fn uvarints() {
+        assert_eq!(read_uvarint(&[0x05]), Some((5, 1)));
+        assert_eq!(read_uvarint(&[0x96, 0x01]), Some((150, 2)));
+        assert_eq!(read_uvarint(&[0x80]), None);
+    }
+}

@@ -1,0 +1,128 @@
+//! Go sites: goroutines by creation site, and the sampled heap by allocation
+//! stack (from the runtime's own records, or the kernel's bucket counts for
+//! stripped binaries), scaled like pprof's inuse_space.
+
+use super::{GoTarget, call_targets, is_go_wrapper, scale_sample};
+use crate::{
+    bpf::Kernel,
+    error::TracerError,
+    schema::SiteKind,
+    symbolize::{Frame, RawSite, Symbolizer, trim_at_root},
+};
+
+impl GoTarget {
+    /// Goroutine sites (exact counts) and sampled heap sites (scaled like
+    /// pprof's inuse_space).
+    pub fn sites(
+        &mut self,
+        kernel: &Kernel,
+        symbols: &mut Symbolizer,
+    ) -> Result<Vec<RawSite>, TracerError> {
+        let mut raw = Vec::new();
+        for (key, stats) in kernel.go_sites()? {
+            // gopc is the return address of the `go` statement's call to
+            // newproc; startpc is a function entry (+1 undoes the -1 applied
+            // to return addresses).
+            let frames = symbols.symbolize_stack(&[key.gopc]);
+            let start = self.start_function(symbols, key.startpc);
+            raw.push(RawSite {
+                kind: SiteKind::Goroutine,
+                frames,
+                truncated: false,
+                start_function: start,
+                sampled: false,
+                bytes: 0,
+                count: stats.outstanding_count,
+                allocs: stats.allocs,
+                frees: stats.frees,
+                alloc_bytes: 0,
+            });
+        }
+        // (bucket, sampled allocs, sampled frees, sampled live objects)
+        let buckets: Vec<(u64, u64, u64, u64)> = if self.plan.mem_profile.is_some() {
+            // Read from the runtime's own records; none yet in `run` before
+            // the executable is mapped.
+            self.mem
+                .mem_buckets()
+                .iter()
+                .map(|b| (b.addr, b.allocs, b.frees, b.allocs.saturating_sub(b.frees)))
+                .collect()
+        } else {
+            kernel
+                .go_buckets()?
+                .into_iter()
+                .map(|(addr, s)| (addr, s.allocs, s.frees, s.outstanding_count.max(0) as u64))
+                .collect()
+        };
+        if let Some(rate) = self.mem.rate() {
+            self.rate = rate;
+        }
+        let rate = self.rate;
+        for (addr, sampled_allocs, sampled_frees, live) in buckets {
+            let Some(bucket) = self.mem.bucket(addr).cloned() else {
+                continue;
+            };
+            let (objs, bytes) = scale_sample(live, bucket.size, rate);
+            let (allocs, alloc_bytes) = scale_sample(sampled_allocs, bucket.size, rate);
+            let (frees, _) = scale_sample(sampled_frees, bucket.size, rate);
+            let mut frames = symbols.symbolize_stack(&bucket.stack);
+            // The allocator's own frames say nothing about the call site.
+            let internal = frames
+                .iter()
+                .take_while(|f| {
+                    f.function.starts_with("runtime.malloc")
+                        || f.function.starts_with("runtime.mProf")
+                        || f.function == "runtime.profilealloc"
+                })
+                .count();
+            if internal < frames.len() {
+                frames.drain(..internal);
+            }
+            // The runtime already expanded inlined calls into PCs of their
+            // own, which DWARF expands again: drop the repeats.
+            frames
+                .dedup_by(|b, a| a.function == b.function && a.file == b.file && a.line == b.line);
+            let truncated = trim_at_root(&mut frames, bucket.stack.len(), 128);
+            raw.push(RawSite {
+                kind: SiteKind::Heap,
+                frames,
+                truncated,
+                start_function: None,
+                sampled: true,
+                bytes: bytes.round() as i64,
+                count: objs.round() as i64,
+                allocs: allocs.round() as u64,
+                frees: frees.round() as u64,
+                alloc_bytes: alloc_bytes.round() as u64,
+            });
+        }
+        Ok(raw)
+    }
+
+    /// The function a goroutine runs. For `go f(x)` Go ≥ 1.22 starts a
+    /// generated `gowrapN` closure that calls f: report f, found by decoding
+    /// the wrapper's first call outside the runtime.
+    fn start_function(&mut self, symbols: &mut Symbolizer, startpc: u64) -> Option<Frame> {
+        if let Some(f) = self.starts.get(&startpc) {
+            return Some(f.clone());
+        }
+        // startpc is an entry, not a return address: +1 undoes the -1.
+        let start = symbols.symbolize_stack(&[startpc + 1]).pop()?;
+        let mut resolved = start.clone();
+        if is_go_wrapper(&start.function)
+            && let Some(code) = self.mem.read_bytes(startpc, 256)
+        {
+            for target in call_targets(&code, startpc) {
+                if let Some(f) = symbols.symbolize_stack(&[target + 1]).pop()
+                    && !f.function.starts_with("runtime.")
+                    && f.function != "[unknown]"
+                {
+                    resolved = f;
+                    break;
+                }
+            }
+        }
+        self.starts.insert(startpc, resolved.clone());
+        Some(resolved)
+    }
+}

@@ -1,0 +1,21 @@
+//! What a tracing session is asked to do (from the command line).
+
+use std::time::Duration;
+
+use crate::{alert::watch::AlertOptions, bpf::MapSizes, sink::export::Exports};
+
+/// Options common to `attach` and `run`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub sizes: MapSizes,
+    /// Window over which growth rates are computed.
+    pub trend_window: Duration,
+    /// How the Go heap sampling rate may be changed in the target.
+    pub go_sampling: crate::go::SamplingPolicy,
+    /// OOM-risk alerting; None turns it off.
+    pub alerts: Option<AlertOptions>,
+    /// Files written at the end and on SIGUSR1 (pprof, folded, flame graph).
+    pub exports: Exports,
+}

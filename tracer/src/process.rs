@@ -1,0 +1,322 @@
+//! Target process control: the child `tracer run` starts and holds before
+//! exec, watching a process for its exit (pidfd), our own child's exit stop
+//! (ptrace), and reaping. On `nix` where it covers the call; raw `libc` for
+//! what it lacks (pidfd_open, PTRACE_LISTEN) and in the forked child, which
+//! may only make async-signal-safe calls.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::Duration,
+};
+
+use nix::{
+    fcntl::OFlag,
+    sys::{
+        ptrace,
+        signal::{Signal, kill},
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::{ForkResult, Pid, fork, pipe2, read, write},
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::{error::TracerError, target::Maps};
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(pid as i32)
+}
+
+/// Kills `pid` with SIGKILL (never leave a held child behind).
+pub fn kill_now(pid: u32) {
+    let _ = kill(pid_of(pid), Signal::SIGKILL);
+}
+
+/// Waits for our child `pid` and returns (exit code, signal).
+pub fn reap(pid: u32) -> (Option<i32>, Option<i32>) {
+    loop {
+        return match waitpid(pid_of(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => (Some(code), None),
+            Ok(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => (None, None),
+        };
+    }
+}
+
+/// Watches a child we started with ptrace(PTRACE_SEIZE, PTRACE_O_TRACEEXIT).
+///
+/// At the exit stop the child's address space still exists, so its maps can
+/// be read: a short-lived command's stacks are then symbolized in the final
+/// report although it exited before the first interval. Signals are passed
+/// through unchanged; nothing else is traced. ptrace requests must come from
+/// the thread that seized, hence the dedicated thread.
+pub struct ExitWatcher {
+    maps: mpsc::Receiver<Maps>,
+    status: mpsc::Receiver<(Option<i32>, Option<i32>)>,
+    pid: u32,
+    seized: bool,
+}
+
+impl ExitWatcher {
+    pub fn start(pid: u32) -> Self {
+        let (maps_tx, maps) = mpsc::channel();
+        let (status_tx, status) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::channel();
+        std::thread::spawn(move || {
+            let p = pid_of(pid);
+            if let Err(e) = ptrace::seize(p, ptrace::Options::PTRACE_O_TRACEEXIT) {
+                let _ = ready_tx.send(false);
+                log::warn!(
+                    "cannot watch pid {pid} for its exit ({e}); stacks first seen after the last \
+                     interval may stay unsymbolized"
+                );
+                return;
+            }
+            let _ = ready_tx.send(true);
+            loop {
+                let st = match waitpid(p, Some(WaitPidFlag::__WALL)) {
+                    Ok(st) => st,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => break,
+                };
+                match st {
+                    WaitStatus::Exited(_, code) => {
+                        let _ = status_tx.send((Some(code), None));
+                        break;
+                    }
+                    WaitStatus::Signaled(_, sig, _) => {
+                        let _ = status_tx.send((None, Some(sig as i32)));
+                        break;
+                    }
+                    WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_EXIT => {
+                        if let Ok(m) = Maps::read(pid) {
+                            let _ = maps_tx.send(m);
+                        }
+                        let _ = ptrace::cont(p, None);
+                    }
+                    WaitStatus::PtraceEvent(_, sig, event) if event == libc::PTRACE_EVENT_STOP => {
+                        // Group-stop (SIGSTOP, SIGTSTP…): stay stopped like an
+                        // untraced process would, without blocking SIGCONT.
+                        // nix has no PTRACE_LISTEN.
+                        if matches!(
+                            sig,
+                            Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
+                        ) {
+                            unsafe {
+                                libc::ptrace(libc::PTRACE_LISTEN, p.as_raw(), 0usize, 0usize)
+                            };
+                        } else {
+                            let _ = ptrace::cont(p, None);
+                        }
+                    }
+                    // Signal-delivery stop: deliver the signal unchanged.
+                    WaitStatus::Stopped(_, sig) => {
+                        let _ = ptrace::cont(p, sig);
+                    }
+                    WaitStatus::PtraceEvent(..) => {
+                        let _ = ptrace::cont(p, None);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let seized = ready.recv().unwrap_or(false);
+        Self {
+            maps,
+            status,
+            pid,
+            seized,
+        }
+    }
+
+    /// The child's maps read at its exit stop, if any.
+    pub fn maps_at_exit(&self) -> Option<Maps> {
+        self.maps.try_iter().last()
+    }
+
+    /// Exit code or signal of the child (reaped by the watcher).
+    pub fn status(&self) -> (Option<i32>, Option<i32>) {
+        if !self.seized {
+            return reap(self.pid);
+        }
+        self.status
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or((None, None))
+    }
+}
+
+/// A pidfd: becomes readable when the process exits (also when it is not our
+/// child, and before it is reaped).
+pub struct PidFd(OwnedFd);
+
+impl PidFd {
+    pub fn open(pid: u32) -> Result<Self, TracerError> {
+        // nix has no pidfd_open.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ESRCH) => TracerError::NoSuchProcess(pid),
+                _ => TracerError::NotPermitted {
+                    pid,
+                    reason: format!("pidfd_open: {e}"),
+                },
+            });
+        }
+        // SAFETY: a fresh fd returned by pidfd_open, owned by nothing else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// Completes when the process has exited.
+    pub async fn exited(self) {
+        // SAFETY: the OwnedFd is a valid pidfd, moved into the AsyncFd, which
+        // closes it on drop; nothing else closes or replaces it.
+        match unsafe { AsyncFd::register_with_interest(self.0, tokio::io::Interest::READABLE) } {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            Err(e) => {
+                log::warn!("cannot watch the target for exit: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// Looks a command up like execvp does.
+pub fn find_executable(command: &str) -> Result<PathBuf, TracerError> {
+    let spawn_err = |reason: &str| TracerError::Spawn {
+        command: command.into(),
+        reason: reason.into(),
+    };
+    if command.is_empty() {
+        return Err(spawn_err("no command given after `--`"));
+    }
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if command.contains('/') {
+        let p = PathBuf::from(command);
+        return if is_exec(&p) {
+            Ok(std::fs::canonicalize(&p).unwrap_or(p))
+        } else {
+            Err(spawn_err("no such executable file"))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(command))
+        .find(|p| is_exec(p))
+        .ok_or_else(|| spawn_err("not found in PATH"))
+}
+
+/// A forked child that waits, before exec, until the tracer releases it.
+pub struct HeldChild {
+    pub pid: u32,
+    go: Option<OwnedFd>,
+    exec_err: OwnedFd,
+    command: String,
+}
+
+impl HeldChild {
+    pub fn fork(exe: &Path, argv: &[String]) -> Result<Self, TracerError> {
+        let command = argv.first().cloned().unwrap_or_default();
+        let spawn_err = |reason: String| TracerError::Spawn {
+            command: command.clone(),
+            reason,
+        };
+        // Everything the child needs is prepared before fork: after it, the
+        // child may only make async-signal-safe calls (no allocation).
+        let path = CString::new(exe.as_os_str().as_encoded_bytes())
+            .map_err(|_| spawn_err("path contains a NUL byte".into()))?;
+        let args: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| spawn_err("an argument contains a NUL byte".into()))?;
+        let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        arg_ptrs.push(std::ptr::null());
+        let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.to_string()))?;
+        let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.to_string()))?;
+        // SAFETY: the child only reads a pipe, execs and writes a pipe, all
+        // async-signal-safe, with memory prepared before the fork.
+        match unsafe { fork() }.map_err(|e| spawn_err(e.to_string()))? {
+            ForkResult::Child => unsafe {
+                let mut b = [0u8];
+                if read(go_r.as_fd(), &mut b) != Ok(1) {
+                    libc::_exit(127);
+                }
+                // nix's execv allocates its argument array: not after fork.
+                libc::execv(path.as_ptr(), arg_ptrs.as_ptr());
+                let errno = *libc::__errno_location();
+                let _ = write(err_w.as_fd(), &errno.to_ne_bytes());
+                libc::_exit(127);
+            },
+            ForkResult::Parent { child } => {
+                drop(go_r);
+                drop(err_w);
+                Ok(Self {
+                    pid: child.as_raw() as u32,
+                    go: Some(go_w),
+                    exec_err: err_r,
+                    command,
+                })
+            }
+        }
+    }
+
+    /// Lets the child exec, and reports an exec failure.
+    pub fn release(mut self) -> Result<(), TracerError> {
+        if let Some(go) = self.go.take() {
+            let _ = write(go.as_fd(), &[1u8]);
+        }
+        // The error pipe is close-on-exec: EOF means exec succeeded.
+        let mut errno = [0u8; 4];
+        if read(self.exec_err.as_fd(), &mut errno) == Ok(4) {
+            reap(self.pid);
+            return Err(TracerError::Spawn {
+                command: self.command.clone(),
+                reason: std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno)).to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_commands_like_execvp() {
+        assert!(find_executable("sh").unwrap().is_absolute());
+        assert!(matches!(
+            find_executable("no-such-command-xyz"),
+            Err(TracerError::Spawn { .. })
+        ));
+        assert!(matches!(
+            find_executable("/etc/passwd"),
+            Err(TracerError::Spawn { .. })
+        ));
+        assert!(matches!(
+            find_executable(""),
+            Err(TracerError::Spawn { .. })
+        ));
+    }
+
+    #[test]
+    fn a_held_child_runs_only_when_released_and_exec_errors_come_back() {
+        let sh = find_executable("sh").unwrap();
+        let child = HeldChild::fork(&sh, &["sh".into(), "-c".into(), "exit 7".into()]).unwrap();
+        let pid = child.pid;
+        child.release().unwrap();
+        assert_eq!(reap(pid), (Some(7), None));
+        let bad = HeldChild::fork(Path::new("/nonexistent"), &["x".into()]).unwrap();
+        assert!(matches!(bad.release(), Err(TracerError::Spawn { .. })));
+    }
+}
