@@ -79,6 +79,27 @@ pub enum TracerError {
          --prometheus 127.0.0.1:9464"
     )]
     Listen { addr: String, reason: String },
+
+    #[error("cannot parse /proc/{pid}/maps; is pid {pid} still running?")]
+    BadMaps {
+        pid: u32,
+        #[source]
+        source: procfs::ProcError,
+    },
+
+    /// Writing the stream or the table failed (a full disk, a closed pipe).
+    #[error("cannot write the output")]
+    Output(#[from] std::io::Error),
+
+    #[error("cannot write {path}")]
+    Export {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot watch for signals")]
+    Signals(#[source] std::io::Error),
 }
 
 impl TracerError {
@@ -93,12 +114,54 @@ impl TracerError {
             | Self::UnreadableBinary { .. }
             | Self::NoAllocator(_)
             | Self::Spawn { .. }
+            | Self::BadMaps { .. }
             | Self::Recording { .. } => 3,
             Self::NotPermitted { .. }
             | Self::MissingCapabilities { .. }
             | Self::NoBtf(_)
             | Self::NoUprobes(_) => 4,
-            Self::Load(_) | Self::Attach { .. } | Self::MapRead { .. } | Self::Listen { .. } => 1,
+            Self::Load(_)
+            | Self::Attach { .. }
+            | Self::MapRead { .. }
+            | Self::Listen { .. }
+            | Self::Output(_)
+            | Self::Export { .. }
+            | Self::Signals(_) => 1,
         }
+    }
+}
+
+/// An error and its causes on one line (`a: b: c`), as `{:#}` of anyhow
+/// prints them, for messages that carry an error inside the library.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_are_kept_and_shown_in_order() {
+        let e = TracerError::Export {
+            path: "/x/p.pb.gz".into(),
+            source: std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full"),
+        };
+        assert_eq!(chain(&e), "cannot write /x/p.pb.gz: disk full");
+        assert_eq!(e.exit_code(), 1);
+        let io = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let e: TracerError = io.into();
+        let src = std::error::Error::source(&e).unwrap();
+        assert_eq!(
+            src.downcast_ref::<std::io::Error>().unwrap().kind(),
+            std::io::ErrorKind::BrokenPipe
+        );
     }
 }

@@ -372,18 +372,18 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Attach { pid, common } => {
                 let mut sink = common.sink()?;
-                session::attach(*pid, &common.options(), sink.as_mut()).await
+                Ok(session::attach(*pid, &common.options(), sink.as_mut()).await?)
             }
             Command::Watch { pid, common } => {
                 if common.no_alerts {
                     anyhow::bail!("`watch` with --no-alerts has nothing to do");
                 }
                 let mut sink = common.sink()?;
-                session::watch(*pid, &common.options(), sink.as_mut()).await
+                Ok(session::watch(*pid, &common.options(), sink.as_mut()).await?)
             }
             Command::Run { common, argv } => {
                 let mut sink = common.sink()?;
-                session::run(argv, &common.options(), sink.as_mut()).await
+                Ok(session::run(argv, &common.options(), sink.as_mut()).await?)
             }
             Command::Report { file, output } => {
                 let mut sink = output.sink()?;

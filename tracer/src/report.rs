@@ -45,7 +45,7 @@ pub struct Replayed {
 ///
 /// A bad recording is a [`TracerError::Recording`]; errors writing to the
 /// sink stay I/O errors (a closed pipe is no bad recording).
-pub fn replay(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<Replayed> {
+pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError> {
     let bad = |reason: String| TracerError::Recording {
         path: path.to_path_buf(),
         reason,
@@ -83,16 +83,14 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<Replayed> {
             Err(e) => {
                 return Err(bad(format!(
                     "line {n} is not JSON ({e}); is this a recording written with `-f json`?"
-                ))
-                .into());
+                )));
             }
         };
         match value.get("type").and_then(Value::as_str) {
             None | Some("") => {
                 return Err(bad(format!(
                     "line {n} has no `type`; is this a recording written with `-f json`?"
-                ))
-                .into());
+                )));
             }
             // Lines of a newer tracer: skip, the rest still replays.
             Some(other) if !KNOWN_EVENTS.contains(&other) => {
@@ -157,8 +155,7 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<Replayed> {
                 "holds no snapshot; record with `tracer attach PID -f json -o FILE` and let \
                  it run at least one interval"
                     .into(),
-            )
-            .into());
+            ));
         }
     };
     sink.finish(&snapshot, reason.unwrap_or(EndReason::Recorded), elapsed_s)?;

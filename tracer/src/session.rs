@@ -125,7 +125,7 @@ impl Traced {
         kernel: &mut Kernel,
         opts: &Options,
         sink: &mut dyn Sink,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), TracerError> {
         self.refresh_maps();
         self.settle_go(opts, sink)?;
         let mut snap = self.collector.collect(kernel)?;
@@ -146,7 +146,7 @@ impl Traced {
         elapsed: Duration,
         opts: &Options,
         sink: &mut dyn Sink,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), TracerError> {
         if reason != EndReason::TargetExited {
             self.refresh_maps();
         } else if let Some(maps) = self.own_child.as_ref().and_then(ExitWatcher::maps_at_exit) {
@@ -184,7 +184,7 @@ impl Traced {
 
 /// Traces the running process `pid` until it exits, `duration` elapses or the
 /// user interrupts.
-pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Result<()> {
+pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
     let target = Target::resolve(pid)?;
     target::check_environment()?;
     let objects = probes::objects_of(&target);
@@ -216,7 +216,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Re
 /// Watches the memory limit of `pid` and alerts, without hooking its
 /// allocator (no uprobes: no overhead in the target). Alerts then carry no
 /// call sites; the OOM kill is still recorded.
-pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Result<()> {
+pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
     let target = Target::resolve(pid)?;
     target::check_environment()?;
     let exit_fd = PidFd::open(pid)?;
@@ -236,7 +236,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> anyhow::Res
 
 /// Starts `argv` and traces it from its first instruction: the child is held
 /// between fork and exec until every probe is attached.
-pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> anyhow::Result<()> {
+pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
     let command = argv.first().cloned().unwrap_or_default();
     let exe = process::find_executable(&command)?;
     target::check_environment()?;
@@ -311,7 +311,7 @@ async fn trace_loop(
     targets: Vec<(Traced, PidFd)>,
     opts: &Options,
     sink: &mut dyn Sink,
-) -> anyhow::Result<()> {
+) -> Result<(), TracerError> {
     let started = Instant::now();
     if opts.alerts.is_some()
         && let Err(e) = kernel.watch_oom_kills()
@@ -335,10 +335,11 @@ async fn trace_loop(
     let mut ticker = tokio::time::interval(opts.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(TracerError::Signals);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     // SIGUSR1 would otherwise kill the tracer: always take it.
-    let mut sigusr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -370,7 +371,7 @@ async fn trace_loop(
                                     .join(", ")
                             ),
                             // The session goes on: a full disk must not end the trace.
-                            Err(e) => format!("SIGUSR1: {e:#}"),
+                            Err(e) => format!("SIGUSR1: {}", crate::error::chain(&e)),
                         }
                     };
                     sink.notice(t.pid, &message)?;

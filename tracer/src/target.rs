@@ -47,8 +47,8 @@ pub struct Maps {
 impl Maps {
     /// Parses the text of `/proc/PID/maps`. Anonymous and special mappings are
     /// skipped: they hold no code to symbolize or probe.
-    pub fn parse(text: &[u8]) -> Result<Self, String> {
-        let maps = procfs::process::MemoryMaps::from_buf_read(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &[u8]) -> Result<Self, procfs::ProcError> {
+        let maps = procfs::process::MemoryMaps::from_buf_read(text)?;
         let mut mappings = Vec::new();
         for m in maps {
             let MMapPath::Path(path) = &m.pathname else {
@@ -76,8 +76,7 @@ impl Maps {
     /// Reads and parses `/proc/PID/maps`, resolving the paths to open.
     pub fn read(pid: u32) -> Result<Self, TracerError> {
         let text = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| proc_error(pid, &e))?;
-        let mut maps =
-            Self::parse(&text).map_err(|reason| TracerError::NotPermitted { pid, reason })?;
+        let mut maps = Self::parse(&text).map_err(|source| TracerError::BadMaps { pid, source })?;
         maps.resolve_open_paths(pid);
         Ok(maps)
     }

@@ -5,7 +5,9 @@
 //! two sites; each round runs it untraced, under the tracer, under a
 //! bpftrace memleak-style script and under heaptrack, in turn. Go:
 //! `tests/fixtures/go/gobench` untraced and under the tracer (heap sampling,
-//! goroutines, timers). Results: a table, and JSON under target/bench/.
+//! goroutines, timers). Stream: the JSON stream's bytes per snapshot for a
+//! many-site target (`tests/fixtures/c/manysites.c`, 8,192 stacks). Results:
+//! a table, and JSON under target/bench/.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -340,6 +342,91 @@ fn steady_cpu(bench: &Path, rate: u64, secs: u64) -> Result<(f64, f64)> {
     Ok((tracer_pct, target_pct))
 }
 
+/// Bytes of the JSON stream for the many-site target.
+#[derive(Debug, Clone)]
+pub struct StreamSizes {
+    sites: u64,
+    /// All `site` events together (written once per site).
+    site_events: usize,
+    /// The first snapshot's line (every site's numbers).
+    first_snapshot: usize,
+    /// The last snapshot's line, once allocations stopped and growth settled.
+    steady_snapshot: usize,
+    /// The self-contained final report (what version 1 wrote every interval).
+    report: usize,
+    snapshots: usize,
+    /// CPU seconds of the tracer process over the whole run.
+    tracer_cpu_s: f64,
+    wall_s: f64,
+}
+
+/// Traces manysites (8,192 stacks × 100 blocks) and measures the stream.
+pub fn stream_sizes(out_dir: &Path) -> Result<StreamSizes> {
+    let out = out_dir.join("stream.jsonl");
+    let _ = std::fs::remove_file(&out);
+    let mut target = Target::start(&mut Command::new(fixtures_dir().join("manysites")))?;
+    let started = Instant::now();
+    let tracer = tracer_attach(target.child.id(), &out)
+        .args(["--trend-window", "2"])
+        .spawn()?;
+    wait_for_line(&out, "\"type\":\"attached\"", Duration::from_secs(60))?;
+    target.go()?;
+    let done = target.expect("done")?;
+    // The trend window (2 s) passes: growth settles at 0.
+    std::thread::sleep(Duration::from_secs(6));
+    target.finish();
+    let (tracer_cpu_s, _) = wait_rusage(tracer);
+    let wall_s = started.elapsed().as_secs_f64();
+    let text = std::fs::read_to_string(&out)?;
+    let of = |t: &str| {
+        let tag = format!("\"type\":\"{t}\"");
+        text.lines()
+            .filter(move |l| l.contains(&tag))
+            .map(str::len)
+            .collect::<Vec<_>>()
+    };
+    let snaps = of("snapshot");
+    Ok(StreamSizes {
+        sites: done
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        site_events: of("site").iter().sum(),
+        first_snapshot: snaps.iter().copied().max().unwrap_or(0),
+        steady_snapshot: snaps.last().copied().unwrap_or(0),
+        report: of("report").first().copied().unwrap_or(0),
+        snapshots: snaps.len(),
+        tracer_cpu_s,
+        wall_s,
+    })
+}
+
+fn print_stream(s: &StreamSizes) {
+    println!(
+        "\nJSON stream, {} sites (manysites: 8,192 stacks x 100 blocks), {} snapshots in {:.0} s:\n  \
+         site events (once) {:.1} MB; largest snapshot {:.1} KB; snapshot once allocations \
+         stopped {} B; final report {:.1} MB (version 1 wrote that much every snapshot); \
+         tracer CPU {:.1} s",
+        s.sites,
+        s.snapshots,
+        s.wall_s,
+        s.site_events as f64 / 1e6,
+        s.first_snapshot as f64 / 1e3,
+        s.steady_snapshot,
+        s.report as f64 / 1e6,
+        s.tracer_cpu_s,
+    );
+}
+
+/// Only the stream measurement (`cargo xtask bench --stream-only`).
+pub fn bench_stream() -> Result<()> {
+    let out_dir = root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    print_stream(&stream_sizes(&out_dir)?);
+    Ok(())
+}
+
 pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     toolchain::apt_install(&[
         ("bpftrace", "the bpftrace memleak-style peer"),
@@ -385,7 +472,9 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     }
     println!("bench: the tracer's own CPU at 100k malloc+free pairs/s (20 s)");
     let steady = steady_cpu(&bench, 100_000, 20)?;
-    report(&c, &go, pairs, &out_dir, steady)
+    println!("bench: the JSON stream of a many-site target");
+    let stream = stream_sizes(&out_dir)?;
+    report(&c, &go, pairs, &out_dir, steady, &stream)
 }
 
 fn report(
@@ -394,6 +483,7 @@ fn report(
     pairs: u64,
     out_dir: &Path,
     steady: (f64, f64),
+    stream: &StreamSizes,
 ) -> Result<()> {
     let med =
         |runs: &[Run], f: &dyn Fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f).collect());
@@ -523,6 +613,7 @@ fn report(
          (the target, probes included, {:.0}%)",
         steady.0, steady.1
     );
+    print_stream(stream);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -537,6 +628,11 @@ fn report(
                "churn_slowdown_pct": (ctr / cbase - 1.0) * 100.0},
         "pairs": pairs,
         "steady_100k_per_s": {"tracer_cpu_pct": steady.0, "target_cpu_pct": steady.1},
+        "stream": {"sites": stream.sites, "site_events_bytes": stream.site_events,
+                   "largest_snapshot_bytes": stream.first_snapshot,
+                   "steady_snapshot_bytes": stream.steady_snapshot,
+                   "report_bytes": stream.report, "snapshots": stream.snapshots,
+                   "tracer_cpu_s": stream.tracer_cpu_s, "wall_s": stream.wall_s},
     });
     std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
     println!("\nbench: results in {}", path.display());

@@ -46,6 +46,9 @@ enum Task {
         /// malloc+free pairs per run.
         #[arg(long, default_value_t = 200_000)]
         pairs: u64,
+        /// Only the JSON stream's size on a many-site target.
+        #[arg(long)]
+        stream_only: bool,
     },
     /// Set up, build, and trace the bundled leaky demo service live.
     Demo {
@@ -313,9 +316,17 @@ fn main() -> Result<()> {
         Task::Fixtures => fixtures(),
         Task::Test { args } => test(&args),
         Task::Demo { seconds } => demo(seconds),
-        Task::Bench { rounds, pairs } => {
+        Task::Bench {
+            rounds,
+            pairs,
+            stream_only,
+        } => {
             let route = toolchain::setup()?;
             build(&route)?;
+            if stream_only {
+                c_fixtures_build()?;
+                return bench::bench_stream();
+            }
             fixtures()?;
             bench::bench(rounds, pairs)
         }

@@ -88,7 +88,7 @@ async fn run_exec(cmd: &str, json: String) -> std::io::Result<()> {
     }
 }
 
-fn post(url: &str, body: &str) -> Result<(), String> {
+fn post(url: &str, body: &str) -> Result<(), ureq::Error> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(WEBHOOK_TIMEOUT))
         .build()
@@ -98,7 +98,6 @@ fn post(url: &str, body: &str) -> Result<(), String> {
         .header("Content-Type", "application/json")
         .send(body)
         .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 /// The Alertmanager webhook format (version 4), so receivers written for

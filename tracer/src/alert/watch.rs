@@ -45,7 +45,7 @@ impl MemoryWatch {
     }
 
     /// Reads the memory state, attaches it to `snap`, and alerts when due.
-    pub fn update(&mut self, snap: &mut Snapshot, sink: &mut dyn Sink) -> anyhow::Result<()> {
+    pub fn update(&mut self, snap: &mut Snapshot, sink: &mut dyn Sink) -> std::io::Result<()> {
         // The target may have been moved to another cgroup: resolve each time.
         let Ok(state) = memlimit::Source::of_pid(self.pid).read() else {
             return Ok(());

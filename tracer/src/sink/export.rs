@@ -3,9 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
-
-use crate::collect::Snapshot;
+use crate::{error::TracerError, schema::Snapshot};
 
 /// Where each export goes; None: not wanted.
 #[derive(Clone, Debug, Default)]
@@ -25,23 +23,21 @@ impl Exports {
     }
 
     /// Writes every wanted export of `snap`; returns the files written.
-    pub fn write(&self, snap: &Snapshot) -> anyhow::Result<Vec<PathBuf>> {
+    pub fn write(&self, snap: &Snapshot) -> Result<Vec<PathBuf>, TracerError> {
+        let failed = |path: &PathBuf| {
+            let path = path.clone();
+            move |source| TracerError::Export { path, source }
+        };
         let mut written = Vec::new();
         if let Some(path) = &self.pprof {
-            written.extend(
-                super::pprof::write(snap, path).with_context(|| {
-                    format!("cannot write the pprof profile {}", path.display())
-                })?,
-            );
+            written.extend(super::pprof::write(snap, path).map_err(failed(path))?);
         }
         if let Some(path) = &self.folded {
-            super::flame::write_folded(snap, path)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            super::flame::write_folded(snap, path).map_err(failed(path))?;
             written.push(path.clone());
         }
         if let Some(path) = &self.flamegraph
-            && super::flame::write_flamegraph(snap, path)
-                .with_context(|| format!("cannot write {}", path.display()))?
+            && super::flame::write_flamegraph(snap, path).map_err(failed(path))?
         {
             written.push(path.clone());
         }

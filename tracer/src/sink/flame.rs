@@ -37,7 +37,7 @@ pub fn write_folded(snap: &Snapshot, path: &Path) -> std::io::Result<()> {
 
 /// Writes an in-use memory flame graph (SVG) to `path`; false when no site
 /// holds memory (inferno refuses an empty graph; nothing held is no failure).
-pub fn write_flamegraph(snap: &Snapshot, path: &Path) -> anyhow::Result<bool> {
+pub fn write_flamegraph(snap: &Snapshot, path: &Path) -> std::io::Result<bool> {
     let lines = folded(snap);
     if lines.is_empty() {
         log::warn!("no call site holds memory: {} not written", path.display());
