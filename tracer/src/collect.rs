@@ -10,8 +10,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tracer_common::{Counter, Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
 
 use crate::{
-    bpf::{Counters, Kernel},
     error::TracerError,
+    kernel::{Counters, Kernel},
     symbolize::{Frame, Symbolizer, trim_at_root},
 };
 

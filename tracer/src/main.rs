@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracer::{
     TracerError,
     alert::Thresholds,
-    bpf::MapSizes,
+    kernel::MapSizes,
     session::{self, AlertOptions, Options},
     sink::{
         Sink, Tee, export::Exports, json::JsonSink, prometheus::PrometheusSink, table::TableSink,

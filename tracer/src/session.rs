@@ -15,10 +15,10 @@ use std::time::SystemTime;
 
 use crate::{
     alert::{Alert, Alerter, MemoryStatus, OomKill, Thresholds, Trend},
-    bpf::{Kernel, MapSizes},
     collect::{Collector, GoState, Snapshot},
     error::TracerError,
     golang::RuntimeMem,
+    kernel::{Kernel, MapSizes},
     memlimit,
     notify::Notifier,
     probes::{self, ObjectRef},

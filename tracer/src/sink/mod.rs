@@ -4,7 +4,7 @@ use std::{io, time::SystemTime};
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::{bpf::AttachedProbe, collect::Snapshot};
+use crate::{collect::Snapshot, kernel::AttachedProbe};
 
 pub mod export;
 pub mod flame;

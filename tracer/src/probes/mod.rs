@@ -4,6 +4,8 @@
 //! executable included, for static binaries and allocators linked in) is read
 //! for definitions of the malloc family and the mmap calls.
 
+pub mod placement;
+
 use std::path::{Path, PathBuf};
 
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
@@ -147,7 +149,7 @@ pub struct PlannedProbe {
     pub frees: bool,
     /// For the entry probe of an allocating function: its operation. With
     /// uprobe sessions the entry and the return become one probe here (see
-    /// [`crate::uprobe_session`]).
+    /// [`crate::kernel::uprobe_session`]).
     pub op: Option<Op>,
 }
 
@@ -156,7 +158,7 @@ impl PlannedProbe {
     /// (an entry without its return would linger), at the function's entry
     /// where the stack top is the return address; then the entry probe at
     /// `entry + shift`, the cheapest equivalent instruction (see
-    /// [`crate::placement`]).
+    /// [`placement`]).
     fn for_hook(hook: Hook, object: &ObjectRef, offset: u64, shift: u64) -> Vec<Self> {
         let w = hook.wiring();
         let mut out = Vec::with_capacity(2);
@@ -227,7 +229,7 @@ pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64, u64)>, TracerErr
         let len = sym.size().clamp(1, 64) as usize;
         let shift = data
             .get(offset as usize..offset as usize + len)
-            .map_or(0, crate::placement::entry_offset);
+            .map_or(0, placement::entry_offset);
         found.push((hook, offset, shift));
     }
     Ok(found)

@@ -4,6 +4,8 @@
 //! before the object reaches the kernel; probes attach last, so no event
 //! arrives before the maps are ready.
 
+pub mod uprobe_session;
+
 use std::{collections::HashMap as StdHashMap, num::NonZeroU32, os::fd::OwnedFd, path::PathBuf};
 
 use aya::{
@@ -19,7 +21,8 @@ use tracer_common::{
     StackBuf,
 };
 
-use crate::{error::TracerError, probes::PlannedProbe, uprobe_session::SessionProgram};
+use self::uprobe_session::SessionProgram;
+use crate::{error::TracerError, probes::PlannedProbe};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
@@ -77,7 +80,7 @@ pub struct Kernel {
     oom_victim: Array<MapData, OomVictim>,
     pub sizes: MapSizes,
     /// With sampling, allocator entries and returns run as uprobe sessions
-    /// (see [`crate::uprobe_session`]); else why not.
+    /// (see [`uprobe_session`]); else why not.
     session: Result<SessionProgram, String>,
     /// The session links, live while held.
     session_links: Vec<OwnedFd>,
