@@ -7,6 +7,11 @@
 //! verifier rejects as a map key and which would make keys compare unequal).
 #![no_std]
 
+pub mod maps;
+pub mod program;
+
+pub use program::{Attach, Program};
+
 /// Which kind of memory a call site holds.
 ///
 /// Stored as a `u32` in [`SiteKey::kind`] and [`AllocInfo::kind`].

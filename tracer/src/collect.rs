@@ -10,9 +10,9 @@ use tracer_common::{Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
 
 pub use crate::schema::{Activity, Lost, ModuleMapping, SiteKind, SiteReport, Snapshot, site_id};
 use crate::{
-    bpf::{Counters, Kernel},
     error::TracerError,
     go::GoTarget,
+    kernel::{Counters, Kernel},
     symbolize::{Frame, RawSite, Symbolizer, trim_at_root},
 };
 

@@ -2,18 +2,17 @@
 //!
 //! The flow is the architecture, one module per stage:
 //! [`target`] (resolve the process) → [`probes`] (choose what to hook) →
-//! [`bpf`] (load, attach, read kernel maps) → [`collect`] and [`symbolize`]
+//! [`kernel`] (load, attach, read kernel maps) → [`collect`] and [`symbolize`]
 //! (snapshots with symbolized stacks and growth) → [`sink`] (terminal, JSON).
 //! [`session`] runs the flow for `tracer attach` and `tracer run`;
 //! [`report`] replays a recorded JSON stream into the same sinks.
 
 pub mod alert;
-pub mod bpf;
 pub mod collect;
 pub mod error;
 pub mod go;
+pub mod kernel;
 pub mod options;
-pub mod placement;
 pub mod probes;
 pub mod process;
 pub mod report;
@@ -22,7 +21,6 @@ pub mod session;
 pub mod sink;
 pub mod symbolize;
 pub mod target;
-pub mod uprobe_session;
 
 pub use error::TracerError;
 

@@ -16,7 +16,7 @@ use tracer::{
     TracerError,
     alert::Thresholds,
     alert::watch::AlertOptions,
-    bpf::MapSizes,
+    kernel::MapSizes,
     options::Options,
     session,
     sink::{

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{alert::watch::AlertOptions, bpf::MapSizes, sink::export::Exports};
+use crate::{alert::watch::AlertOptions, kernel::MapSizes, sink::export::Exports};
 
 /// Options common to `attach` and `run`.
 #[derive(Clone, Debug)]

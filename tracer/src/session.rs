@@ -17,10 +17,10 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     alert::watch::MemoryWatch,
-    bpf::Kernel,
     collect::{Collector, Snapshot},
     error::TracerError,
     go::GoTarget,
+    kernel::Kernel,
     options::Options,
     probes::{self, GoPlan, ObjectRef, PlannedProbe},
     process::{self, ExitWatcher, HeldChild, PidFd},

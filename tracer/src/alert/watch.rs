@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{Alert, Alerter, MemoryStatus, OomKill, Thresholds, Trend, memlimit, notify::Notifier};
-use crate::{bpf::Kernel, schema::Snapshot, sink::Sink};
+use crate::{kernel::Kernel, schema::Snapshot, sink::Sink};
 
 /// How the tracer watches the target's memory limit and alerts.
 #[derive(Clone, Debug)]

@@ -4,8 +4,8 @@
 
 use super::{GoTarget, call_targets, is_go_wrapper, scale_sample};
 use crate::{
-    bpf::Kernel,
     error::TracerError,
+    kernel::Kernel,
     schema::SiteKind,
     symbolize::{Frame, RawSite, Symbolizer, trim_at_root},
 };

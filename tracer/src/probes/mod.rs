@@ -4,10 +4,12 @@
 //! executable included, for static binaries and allocators linked in) is read
 //! for definitions of the malloc family and the mmap calls.
 
+pub mod placement;
+
 use std::path::{Path, PathBuf};
 
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
-use tracer_common::Op;
+use tracer_common::{Op, Program};
 
 use crate::error::TracerError;
 
@@ -31,8 +33,8 @@ pub enum Hook {
 
 /// How a hook is wired to the eBPF programs.
 pub struct Wiring {
-    /// Entry program name in the eBPF object.
-    pub entry: &'static str,
+    /// Entry program in the eBPF object.
+    pub entry: Program,
     /// Cookie for programs shared by several functions.
     pub cookie: Option<Op>,
     /// Whether the shared return probe is needed (the result is the block).
@@ -77,19 +79,19 @@ impl Hook {
 
     pub fn wiring(self) -> Wiring {
         let (entry, cookie, needs_return) = match self {
-            Hook::Malloc => ("size_arg0", Some(Op::Malloc), true),
-            Hook::Valloc => ("size_arg0", Some(Op::Valloc), true),
-            Hook::Pvalloc => ("size_arg0", Some(Op::Pvalloc), true),
-            Hook::AlignedAlloc => ("size_arg1", Some(Op::AlignedAlloc), true),
-            Hook::Memalign => ("size_arg1", Some(Op::Memalign), true),
-            Hook::Calloc => ("calloc_enter", None, true),
-            Hook::Realloc => ("realloc_enter", None, true),
-            Hook::ReallocArray => ("reallocarray_enter", None, true),
-            Hook::PosixMemalign => ("posix_memalign_enter", None, true),
-            Hook::Mmap => ("mmap_enter", None, true),
-            Hook::Mremap => ("mremap_enter", None, true),
-            Hook::Free => ("free_enter", None, false),
-            Hook::Munmap => ("munmap_enter", None, false),
+            Hook::Malloc => (Program::SizeArg0, Some(Op::Malloc), true),
+            Hook::Valloc => (Program::SizeArg0, Some(Op::Valloc), true),
+            Hook::Pvalloc => (Program::SizeArg0, Some(Op::Pvalloc), true),
+            Hook::AlignedAlloc => (Program::SizeArg1, Some(Op::AlignedAlloc), true),
+            Hook::Memalign => (Program::SizeArg1, Some(Op::Memalign), true),
+            Hook::Calloc => (Program::CallocEnter, None, true),
+            Hook::Realloc => (Program::ReallocEnter, None, true),
+            Hook::ReallocArray => (Program::ReallocArrayEnter, None, true),
+            Hook::PosixMemalign => (Program::PosixMemalignEnter, None, true),
+            Hook::Mmap => (Program::MmapEnter, None, true),
+            Hook::Mremap => (Program::MremapEnter, None, true),
+            Hook::Free => (Program::FreeEnter, None, false),
+            Hook::Munmap => (Program::MunmapEnter, None, false),
         };
         Wiring {
             entry,
@@ -140,14 +142,14 @@ pub struct PlannedProbe {
     /// File offset of the probed instruction.
     pub offset: u64,
     /// eBPF program to attach.
-    pub program: &'static str,
+    pub program: Program,
     /// Attach cookie for programs shared by several functions.
     pub cookie: Option<u64>,
     /// Whether this probe frees (attached before anything that allocates).
     pub frees: bool,
     /// For the entry probe of an allocating function: its operation. With
     /// uprobe sessions the entry and the return become one probe here (see
-    /// [`crate::uprobe_session`]).
+    /// [`crate::kernel::uprobe_session`]).
     pub op: Option<Op>,
 }
 
@@ -156,11 +158,11 @@ impl PlannedProbe {
     /// (an entry without its return would linger), at the function's entry
     /// where the stack top is the return address; then the entry probe at
     /// `entry + shift`, the cheapest equivalent instruction (see
-    /// [`crate::placement`]).
+    /// [`placement`]).
     fn for_hook(hook: Hook, object: &ObjectRef, offset: u64, shift: u64) -> Vec<Self> {
         let w = hook.wiring();
         let mut out = Vec::with_capacity(2);
-        let probe = |program, cookie, at: u64| Self {
+        let probe = |program: Program, cookie, at: u64| Self {
             function: if at == offset {
                 hook.symbol().to_string()
             } else {
@@ -170,14 +172,14 @@ impl PlannedProbe {
             offset: at,
             program,
             cookie,
-            frees: matches!(hook, Hook::Free | Hook::Munmap),
+            frees: program.frees(),
             op: None,
         };
         if w.needs_return {
             // At the entry probe's instruction: placement keeps the stack
             // pointer as at entry, so the return address is still on top, and
             // one trap serves both.
-            out.push(probe("alloc_return", None, offset + shift));
+            out.push(probe(Program::AllocReturn, None, offset + shift));
         }
         let mut entry = probe(w.entry, w.cookie.map(|o| o as u64), offset + shift);
         entry.op = hook.op();
@@ -227,7 +229,7 @@ pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64, u64)>, TracerErr
         let len = sym.size().clamp(1, 64) as usize;
         let shift = data
             .get(offset as usize..offset as usize + len)
-            .map_or(0, crate::placement::entry_offset);
+            .map_or(0, placement::entry_offset);
         found.push((hook, offset, shift));
     }
     Ok(found)
@@ -358,43 +360,41 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     let pcln = pclntab.as_ref();
     let mut probes = Vec::new();
     let mut missing = Vec::new();
-    let probe = |function: String, offset: u64, program: &'static str, frees: bool| PlannedProbe {
+    let probe = |function: String, offset: u64, program: Program| PlannedProbe {
         function,
         object: obj.clone(),
         offset,
         program,
         cookie: None,
-        frees,
+        frees: program.frees(),
         op: None,
     };
     let file_off = |f: &golang::Function, va: u64| f.file_offset + (va - f.addr);
     // An "entry" probe on the first push rbp past the stack-growth prologue.
-    let entry_probe = |f: &golang::Function, program: &'static str, frees: bool| {
+    let entry_probe = |f: &golang::Function, program: Program| {
         let code = golang::code(&data, f)?;
         let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
-        Some(probe(f.name.clone(), file_off(f, at), program, frees))
+        Some(probe(f.name.clone(), file_off(f, at), program))
     };
     // Exits before creations, frees before allocations.
     let exit = golang::function(&file, pcln, "runtime.gdestroy")
         .or_else(|| golang::function(&file, pcln, "runtime.goexit0"));
-    let mut entries = vec![(exit, "go_goexit", true, "runtime.gdestroy/goexit0")];
+    let mut entries = vec![(exit, Program::GoGoexit, "runtime.gdestroy/goexit0")];
     if mem_profile.is_none() {
         // Heap samples through probes only where the profile cannot be read.
         entries.push((
             golang::function(&file, pcln, "runtime.mProf_Free"),
-            "go_profile_free",
-            true,
+            Program::GoProfileFree,
             "runtime.mProf_Free",
         ));
         entries.push((
             golang::function(&file, pcln, "runtime.setprofilebucket"),
-            "go_profile_bucket",
-            false,
+            Program::GoProfileBucket,
             "runtime.setprofilebucket",
         ));
     }
-    for (f, program, frees, name) in entries {
-        match f.as_ref().and_then(|f| entry_probe(f, program, frees)) {
+    for (f, program, name) in entries {
+        match f.as_ref().and_then(|f| entry_probe(f, program)) {
             Some(p) => probes.push(p),
             None => missing.push(name),
         }
@@ -404,7 +404,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     {
         for ret in golang::ret_sites(code, f.addr) {
             let name = format!("{}+{:#x}", f.name, ret - f.addr);
-            probes.push(probe(name, file_off(&f, ret), "go_newproc1_ret", false));
+            probes.push(probe(name, file_off(&f, ret), Program::GoNewproc1Ret));
         }
     } else {
         missing.push("runtime.newproc1");
@@ -417,17 +417,17 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         (version.major == 1 && version.minor <= 22) || golang::async_timer_chan(&modinfo),
     );
     let new_timers = version.major > 1 || version.minor >= 23;
-    let timer_hooks: &[(&str, &'static str, Option<u64>)] = if new_timers {
+    let timer_hooks: &[(&str, Program, Option<u64>)] = if new_timers {
         &[
-            ("runtime.(*timer).stop", "go_timer_stop", None),
-            ("runtime.(*timer).unlockAndRun", "go_timer_fire", None),
-            ("runtime.(*timer).modify", "go_timer_modify", None),
+            ("runtime.(*timer).stop", Program::GoTimerStop, None),
+            ("runtime.(*timer).unlockAndRun", Program::GoTimerFire, None),
+            ("runtime.(*timer).modify", Program::GoTimerModify, None),
         ]
     } else {
         &[
-            ("time.stopTimer", "go_timer_stop", None),
-            ("runtime.runOneTimer", "go_timer_fire", Some(1)),
-            ("time.startTimer", "go_timer_start", None),
+            ("time.stopTimer", Program::GoTimerStop, None),
+            ("runtime.runOneTimer", Program::GoTimerFire, Some(1)),
+            ("time.startTimer", Program::GoTimerStart, None),
         ]
     };
     for (name, program, cookie) in timer_hooks {
@@ -440,12 +440,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
             continue;
         };
         let at = golang::after_prologue(code, f.addr).unwrap_or(f.addr);
-        let mut p = probe(
-            f.name.clone(),
-            file_off(&f, at),
-            program,
-            *program != "go_timer_modify" && *program != "go_timer_start",
-        );
+        let mut p = probe(f.name.clone(), file_off(&f, at), *program);
         p.cookie = *cookie;
         probes.push(p);
     }
@@ -612,7 +607,7 @@ mod tests {
         );
         let mut entries: Vec<_> = plan
             .iter()
-            .filter(|p| p.program != "alloc_return")
+            .filter(|p| p.program != Program::AllocReturn)
             .map(|p| p.offset)
             .collect();
         entries.sort();
@@ -624,12 +619,15 @@ mod tests {
         for (i, p) in plan
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.program == "alloc_return")
+            .filter(|(_, p)| p.program == Program::AllocReturn)
         {
             assert!(plan[i + 1].offset >= p.offset && plan[i + 1].offset < p.offset + 64);
         }
         // glibc's free starts with a single-stepped `test`: moved.
-        let free = plan.iter().find(|p| p.program == "free_enter").unwrap();
+        let free = plan
+            .iter()
+            .find(|p| p.program == Program::FreeEnter)
+            .unwrap();
         assert!(free.function.starts_with("free+"), "{}", free.function);
         let none = ObjectRef {
             path: "/nonexistent".into(),

@@ -4,6 +4,8 @@
 //! before the object reaches the kernel; probes attach last, so no event
 //! arrives before the maps are ready.
 
+pub mod uprobe_session;
+
 use std::{collections::HashMap as StdHashMap, num::NonZeroU32, os::fd::OwnedFd, path::PathBuf};
 
 use aya::{
@@ -15,11 +17,12 @@ use aya::{
     },
 };
 use tracer_common::{
-    COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, STACK_ID_OWN, SiteKey, SiteStats,
-    StackBuf,
+    Attach, COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, Program, STACK_ID_OWN,
+    SiteKey, SiteStats, StackBuf, maps,
 };
 
-use crate::{error::TracerError, probes::PlannedProbe, uprobe_session::SessionProgram};
+use self::uprobe_session::SessionProgram;
+use crate::{error::TracerError, probes::PlannedProbe};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
@@ -70,7 +73,7 @@ pub struct Kernel {
     oom_victim: Array<MapData, OomVictim>,
     pub sizes: MapSizes,
     /// With sampling, allocator entries and returns run as uprobe sessions
-    /// (see [`crate::uprobe_session`]); else why not.
+    /// (see [`uprobe_session`]); else why not.
     session: Result<SessionProgram, String>,
     /// The session links, live while held.
     session_links: Vec<OwnedFd>,
@@ -96,19 +99,19 @@ impl Kernel {
     pub fn load(tgid: u32, sizes: MapSizes, go: GoOffsets) -> Result<Self, TracerError> {
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let mut ebpf = EbpfLoader::new()
-            .override_global("TARGET_TGID", &tgid, true)
-            .override_global("PAGE_SIZE", &page_size, true)
-            .override_global("GO_OFFSETS", &go, true)
-            .override_global("SAMPLE_BYTES", &sizes.sample_bytes, true)
-            .map_max_entries("GO_GOROUTINES", sizes.goroutines)
-            .map_max_entries("GO_TIMERS", sizes.goroutines)
-            .map_max_entries("GO_SITES", sizes.sites)
-            .map_max_entries("GO_BUCKETS", sizes.sites)
-            .map_max_entries("ALLOCS", sizes.allocs)
-            .map_max_entries("SITES", sizes.sites)
-            .map_max_entries("STACKS", sizes.stacks)
-            .map_max_entries("OWN_STACKS", sizes.stacks)
-            .map_max_entries("PENDING", sizes.threads)
+            .override_global(maps::TARGET_TGID, &tgid, true)
+            .override_global(maps::PAGE_SIZE, &page_size, true)
+            .override_global(maps::GO_OFFSETS, &go, true)
+            .override_global(maps::SAMPLE_BYTES, &sizes.sample_bytes, true)
+            .map_max_entries(maps::GO_GOROUTINES, sizes.goroutines)
+            .map_max_entries(maps::GO_TIMERS, sizes.goroutines)
+            .map_max_entries(maps::GO_SITES, sizes.sites)
+            .map_max_entries(maps::GO_BUCKETS, sizes.sites)
+            .map_max_entries(maps::ALLOCS, sizes.allocs)
+            .map_max_entries(maps::SITES, sizes.sites)
+            .map_max_entries(maps::STACKS, sizes.stacks)
+            .map_max_entries(maps::OWN_STACKS, sizes.stacks)
+            .map_max_entries(maps::PENDING, sizes.threads)
             .load(EBPF_OBJECT)
             .map_err(load_err)?;
         // Before any map is taken out of `ebpf`: the program shares them all.
@@ -117,7 +120,7 @@ impl Kernel {
         } else if std::env::var_os("TRACER_UPROBE_SESSION").is_some_and(|v| v == "0") {
             Err("turned off by TRACER_UPROBE_SESSION=0".to_string())
         } else {
-            SessionProgram::load(EBPF_OBJECT, "alloc_session", &ebpf)
+            SessionProgram::load(EBPF_OBJECT, Program::AllocSession, &ebpf)
         };
         // The logger must stay alive: dropping it closes the log map's fd.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -127,27 +130,13 @@ impl Kernel {
                 None
             }
         };
-        for name in [
-            "size_arg0",
-            "size_arg1",
-            "calloc_enter",
-            "realloc_enter",
-            "reallocarray_enter",
-            "posix_memalign_enter",
-            "mmap_enter",
-            "mremap_enter",
-            "alloc_return",
-            "free_enter",
-            "munmap_enter",
-            "go_newproc1_ret",
-            "go_goexit",
-            "go_profile_bucket",
-            "go_profile_free",
-            "go_timer_modify",
-            "go_timer_start",
-            "go_timer_stop",
-            "go_timer_fire",
-        ] {
+        // The uprobes; the session program is loaded above, the tracepoint
+        // by watch_oom_kills.
+        for program in Program::ALL {
+            if !matches!(program.attach(), Attach::Uprobe | Attach::Uretprobe) {
+                continue;
+            }
+            let name = program.name();
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
@@ -160,13 +149,13 @@ impl Kernel {
             ebpf.take_map(name)
                 .ok_or_else(|| load_err(format!("map {name} missing from the object")))
         };
-        let sites = HashMap::try_from(take(&mut ebpf, "SITES")?).map_err(load_err)?;
-        let stacks = StackTraceMap::try_from(take(&mut ebpf, "STACKS")?).map_err(load_err)?;
-        let own_stacks = HashMap::try_from(take(&mut ebpf, "OWN_STACKS")?).map_err(load_err)?;
-        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
-        let go_sites = HashMap::try_from(take(&mut ebpf, "GO_SITES")?).map_err(load_err)?;
-        let go_buckets = HashMap::try_from(take(&mut ebpf, "GO_BUCKETS")?).map_err(load_err)?;
-        let oom_victim = Array::try_from(take(&mut ebpf, "OOM_VICTIM")?).map_err(load_err)?;
+        let sites = HashMap::try_from(take(&mut ebpf, maps::SITES)?).map_err(load_err)?;
+        let stacks = StackTraceMap::try_from(take(&mut ebpf, maps::STACKS)?).map_err(load_err)?;
+        let own_stacks = HashMap::try_from(take(&mut ebpf, maps::OWN_STACKS)?).map_err(load_err)?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?).map_err(load_err)?;
+        let go_sites = HashMap::try_from(take(&mut ebpf, maps::GO_SITES)?).map_err(load_err)?;
+        let go_buckets = HashMap::try_from(take(&mut ebpf, maps::GO_BUCKETS)?).map_err(load_err)?;
+        let oom_victim = Array::try_from(take(&mut ebpf, maps::OOM_VICTIM)?).map_err(load_err)?;
         Ok(Self {
             ebpf,
             logger,
@@ -207,7 +196,7 @@ impl Kernel {
         let mut sessions: Vec<(PathBuf, Vec<&PlannedProbe>)> = Vec::new();
         for probe in plan {
             if self.session.is_ok() {
-                if probe.program == "alloc_return" {
+                if probe.program == Program::AllocReturn {
                     continue;
                 }
                 if probe.op.is_some() {
@@ -224,10 +213,11 @@ impl Kernel {
                 path: probe.object.path.clone(),
                 reason,
             };
+            let name = probe.program.name();
             let prog: &mut UProbe = self
                 .ebpf
-                .program_mut(probe.program)
-                .ok_or_else(|| attach_err(format!("program {} missing", probe.program)))?
+                .program_mut(name)
+                .ok_or_else(|| attach_err(format!("program {name} missing")))?
                 .try_into()
                 .map_err(|e| attach_err(format!("{e}")))?;
             let point = UProbeAttachPoint {
@@ -240,7 +230,7 @@ impl Kernel {
                 function: probe.function.clone(),
                 path: probe.object.path.display().to_string(),
                 offset: probe.offset,
-                program: probe.program.into(),
+                program: name.into(),
             });
         }
         if let Ok(program) = &self.session {
@@ -266,7 +256,7 @@ impl Kernel {
                     function: p.function.clone(),
                     path: p.object.path.display().to_string(),
                     offset: p.offset,
-                    program: "alloc_session".into(),
+                    program: Program::AllocSession.name().into(),
                 }));
             }
         }
@@ -279,7 +269,7 @@ impl Kernel {
             .iter()
             .map(|r| {
                 r.map_err(|e| TracerError::MapRead {
-                    map: "SITES",
+                    map: maps::SITES,
                     reason: e.to_string(),
                 })
             })
@@ -290,15 +280,18 @@ impl Kernel {
     /// tracefs, which is mounted at /sys/kernel/tracing when it is not.
     pub fn watch_oom_kills(&mut self) -> Result<(), String> {
         ensure_tracefs()?;
+        let program = Program::OomMarkVictim;
+        let Attach::Tracepoint { category, name } = program.attach() else {
+            return Err(format!("{program:?} is not a tracepoint"));
+        };
         let prog: &mut TracePoint = self
             .ebpf
-            .program_mut("oom_mark_victim")
-            .ok_or("program oom_mark_victim missing")?
+            .program_mut(program.name())
+            .ok_or_else(|| format!("program {} missing", program.name()))?
             .try_into()
             .map_err(|e| format!("{e}"))?;
         prog.load().map_err(|e| error_chain(&e))?;
-        prog.attach("oom", "mark_victim")
-            .map_err(|e| error_chain(&e))?;
+        prog.attach(category, name).map_err(|e| error_chain(&e))?;
         Ok(())
     }
 
@@ -309,12 +302,12 @@ impl Kernel {
 
     /// Goroutines per creation site.
     pub fn go_sites(&self) -> Result<Vec<(GoSiteKey, SiteStats)>, TracerError> {
-        read_all(&self.go_sites, "GO_SITES")
+        read_all(&self.go_sites, maps::GO_SITES)
     }
 
     /// Sampled objects per Go memory-profile bucket.
     pub fn go_buckets(&self) -> Result<Vec<(u64, SiteStats)>, TracerError> {
-        read_all(&self.go_buckets, "GO_BUCKETS")
+        read_all(&self.go_buckets, maps::GO_BUCKETS)
     }
 
     /// Instruction pointers of a recorded stack, innermost first.
@@ -332,7 +325,7 @@ impl Kernel {
         let mut out = Counters::default();
         for i in 0..COUNTER_COUNT {
             let per_cpu = self.counters.get(&i, 0).map_err(|e| TracerError::MapRead {
-                map: "COUNTERS",
+                map: maps::COUNTERS,
                 reason: e.to_string(),
             })?;
             out.0[i as usize] = per_cpu.iter().sum();
@@ -416,3 +409,96 @@ fn verifier_detail(e: &aya::programs::ProgramError) -> String {
 
 /// Per-site counters keyed for lookup by the collector.
 pub type SiteTable = StdHashMap<SiteKey, SiteStats>;
+
+#[cfg(test)]
+mod tests {
+    use aya_obj::ProgramSection;
+    use object::{Object, ObjectSection, ObjectSymbol};
+
+    use super::*;
+
+    /// Names the object holds that belong to aya-log, not to the tracer.
+    const AYA_LOG: [&str; 2] = ["AYA_LOGS", "AYA_LOG_LEVEL"];
+
+    #[test]
+    fn every_program_is_in_the_object_with_its_attach_kind() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        for program in Program::ALL {
+            let name = program.name();
+            let found = obj
+                .programs
+                .get(name)
+                .unwrap_or_else(|| panic!("{program:?}: no program {name} in the object"));
+            let fits = match program.attach() {
+                // A session program is an ordinary uprobe program in the
+                // object; only its load (expected attach type) differs.
+                Attach::Uprobe | Attach::Session => {
+                    matches!(found.section, ProgramSection::UProbe { .. })
+                }
+                Attach::Uretprobe => matches!(found.section, ProgramSection::URetProbe { .. }),
+                Attach::Tracepoint { .. } => matches!(found.section, ProgramSection::TracePoint),
+            };
+            assert!(fits, "{program:?}: {:?} in the object", found.section);
+        }
+        for name in obj.programs.keys() {
+            assert!(
+                Program::ALL.iter().any(|p| p.name() == name),
+                "program {name} of the object has no Program variant"
+            );
+        }
+    }
+
+    #[test]
+    fn every_map_and_global_name_is_in_the_object() {
+        let file = object::File::parse(EBPF_OBJECT).unwrap();
+        // (symbol, section) of every global data symbol.
+        let symbols: Vec<(String, String)> = file
+            .symbols()
+            .filter(|s| s.is_global() && s.is_definition())
+            .filter_map(|s| {
+                let section = file.section_by_index(s.section_index()?).ok()?;
+                Some((s.name().ok()?.to_string(), section.name().ok()?.to_string()))
+            })
+            .collect();
+        let section_of = |name: &str| {
+            symbols
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s.as_str())
+        };
+        for name in maps::MAPS {
+            assert_eq!(section_of(name), Some("maps"), "map {name}");
+        }
+        let is_data = |s: &str| {
+            [".rodata", ".data", ".bss"]
+                .iter()
+                .any(|d| s.starts_with(d))
+        };
+        for name in maps::GLOBALS {
+            assert!(
+                section_of(name).is_some_and(is_data),
+                "global {name}: {:?}",
+                section_of(name)
+            );
+        }
+        // Conversely, nothing the tracer defines is missing from the lists.
+        for (name, section) in &symbols {
+            let listed = if section == "maps" {
+                maps::MAPS.contains(&name.as_str())
+            } else if is_data(section) {
+                maps::GLOBALS.contains(&name.as_str())
+            } else {
+                continue;
+            };
+            assert!(
+                listed || AYA_LOG.contains(&name.as_str()),
+                "{name} (in {section}) is not in tracer_common::maps"
+            );
+        }
+        // And aya sees the same maps.
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        for name in maps::MAPS {
+            assert!(obj.maps.contains_key(name), "aya finds no map {name}");
+        }
+    }
+}

@@ -19,6 +19,7 @@ use std::{
 };
 
 use aya::{Ebpf, maps::Map};
+use tracer_common::Program;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -102,10 +103,11 @@ pub struct SessionProgram {
 }
 
 impl SessionProgram {
-    /// Loads program `name` of `object` for sessions, its maps those aya
+    /// Loads `program` of `object` for sessions, its maps those aya
     /// created in `ebpf` (call before any map is taken out of it). An error
     /// says why (e.g. EINVAL: a kernel before 6.13).
-    pub fn load(object: &[u8], name: &str, ebpf: &Ebpf) -> Result<Self, String> {
+    pub fn load(object: &[u8], program: Program, ebpf: &Ebpf) -> Result<Self, String> {
+        let name = program.name();
         let mut obj = aya_obj::Object::parse(object).map_err(|e| e.to_string())?;
         let defs = obj.maps.clone();
         let maps: Vec<(String, RawFd, aya_obj::Map)> = ebpf

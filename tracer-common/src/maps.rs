@@ -1,0 +1,85 @@
+//! Names of the kernel side's maps and globals: the ELF symbols the user side
+//! sizes, overrides and takes out of the loaded object.
+//!
+//! The eBPF side's `#[map]` (and `#[no_mangle]` on a global) takes the name
+//! from the static's identifier, so each constant here must equal its
+//! static's name there; `tracer`'s unit tests check every one against the
+//! embedded object, and that the object has no map or global missing here.
+
+// Globals (read-only data), set by the loader before the object reaches the
+// kernel.
+
+/// `u32`: the process (tgid) whose events count; 0 accepts every process.
+pub const TARGET_TGID: &str = "TARGET_TGID";
+/// `u64`: heap sampling rate in bytes (`--sample-bytes`); 0 traces every
+/// allocation.
+pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
+/// `u64`: the target's page size, for rounding mapping lengths.
+pub const PAGE_SIZE: &str = "PAGE_SIZE";
+/// [`GoOffsets`](crate::GoOffsets): struct offsets of the target's Go runtime.
+pub const GO_OFFSETS: &str = "GO_OFFSETS";
+
+// Maps.
+
+/// Hash map: pending Go timer → creation stack id.
+pub const GO_TIMERS: &str = "GO_TIMERS";
+/// Hash map: live goroutine id → [`GoSiteKey`](crate::GoSiteKey).
+pub const GO_GOROUTINES: &str = "GO_GOROUTINES";
+/// Hash map: [`GoSiteKey`](crate::GoSiteKey) → [`SiteStats`](crate::SiteStats).
+pub const GO_SITES: &str = "GO_SITES";
+/// Hash map: Go memory-profile bucket → [`SiteStats`](crate::SiteStats).
+pub const GO_BUCKETS: &str = "GO_BUCKETS";
+/// LRU hash map: thread → [`Pending`](crate::Pending) allocator call.
+pub const PENDING: &str = "PENDING";
+/// Hash map: live block address → [`AllocInfo`](crate::AllocInfo).
+pub const ALLOCS: &str = "ALLOCS";
+/// Hash map: [`SiteKey`](crate::SiteKey) → [`SiteStats`](crate::SiteStats).
+pub const SITES: &str = "SITES";
+/// The kernel's stack table (stack id → instruction pointers).
+pub const STACKS: &str = "STACKS";
+/// Per-CPU array of one [`StackBuf`](crate::StackBuf): scratch for a stack.
+pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
+/// Hash map: own stack id ([`STACK_ID_OWN`](crate::STACK_ID_OWN) set) →
+/// [`StackBuf`](crate::StackBuf), for stacks the kernel's table refused.
+pub const OWN_STACKS: &str = "OWN_STACKS";
+/// Per-CPU array of `u64`, indexed by [`Counter`](crate::Counter).
+pub const COUNTERS: &str = "COUNTERS";
+/// Array of one [`OomVictim`](crate::OomVictim).
+pub const OOM_VICTIM: &str = "OOM_VICTIM";
+
+/// Every global above.
+pub const GLOBALS: [&str; 4] = [TARGET_TGID, SAMPLE_BYTES, PAGE_SIZE, GO_OFFSETS];
+
+/// Every map above.
+pub const MAPS: [&str; 12] = [
+    GO_TIMERS,
+    GO_GOROUTINES,
+    GO_SITES,
+    GO_BUCKETS,
+    PENDING,
+    ALLOCS,
+    SITES,
+    STACKS,
+    STACK_SCRATCH,
+    OWN_STACKS,
+    COUNTERS,
+    OOM_VICTIM,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_and_global_names_are_distinct() {
+        let all: [&str; 16] = {
+            let mut v = [""; 16];
+            v[..4].copy_from_slice(&GLOBALS);
+            v[4..].copy_from_slice(&MAPS);
+            v
+        };
+        for (i, a) in all.iter().enumerate() {
+            assert!(!all[i + 1..].contains(a), "{a} listed twice");
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Every map and global of the kernel side. Their ELF names (the statics'
+//! identifiers) are the user side's [`tracer_common::maps`] constants; a unit
+//! test of `tracer` checks both agree.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, StackTrace},
+};
+use tracer_common::{
+    AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
+    DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, OomVictim,
+    Pending, SiteKey, SiteStats, StackBuf,
+};
+
+use crate::counters::count;
+
+/// Process (tgid) whose events count; 0 accepts every process. Set before load.
+/// The perf event is already scoped to the target, this guards against a
+/// probe shared with another consumer on the same inode.
+#[unsafe(no_mangle)]
+pub(crate) static TARGET_TGID: u32 = 0;
+
+/// Sampling rate in bytes (`--sample-bytes`); 0 traces every allocation.
+/// Set before load.
+#[unsafe(no_mangle)]
+pub(crate) static SAMPLE_BYTES: u64 = 0;
+
+/// Page size of the target, for rounding mapping lengths. Set before load.
+#[unsafe(no_mangle)]
+pub(crate) static PAGE_SIZE: u64 = 4096;
+
+/// Struct offsets of the target's Go runtime. Set before load.
+#[unsafe(no_mangle)]
+pub(crate) static GO_OFFSETS: GoOffsets = GoOffsets {
+    g_goid: 0,
+    g_gopc: 0,
+    g_startpc: 0,
+    timer_period: 0,
+    newtimer_lo: 0,
+    newtimer_hi: 0,
+    count_chan_timers: 0,
+    sendtime_pc: 0,
+};
+
+/// Pending timers created since attach: *runtime.timer → creation stack id.
+#[map]
+pub(crate) static GO_TIMERS: HashMap<u64, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, 0);
+
+/// Live goroutines created since attach: goid → creation site. Keyed by goid:
+/// g structs are reused, goids are not.
+#[map]
+pub(crate) static GO_GOROUTINES: HashMap<u64, GoSiteKey> =
+    HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, 0);
+
+/// Goroutines per creation site: outstanding_count = alive, allocs = created,
+/// frees = exited.
+#[map]
+pub(crate) static GO_SITES: HashMap<GoSiteKey, SiteStats> =
+    HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
+
+/// The Go runtime's memory-profile buckets seen since attach: allocs and
+/// frees of sampled objects. The bucket (never freed by the runtime) holds the
+/// allocation stack and the object size, read by the collector.
+#[map]
+pub(crate) static GO_BUCKETS: HashMap<u64, SiteStats> =
+    HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
+
+/// Allocator calls in flight, per thread. LRU: entries whose return is not
+/// probed (OP_NO_RETURN) are never removed, and threads that exit leave theirs
+/// behind; the least recently used go first, never a call in flight unless
+/// more threads than the map holds are inside the allocator at once.
+#[map]
+pub(crate) static PENDING: LruHashMap<u64, Pending> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_THREADS, 0);
+
+#[map]
+pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
+
+#[map]
+pub(crate) static SITES: HashMap<SiteKey, SiteStats> =
+    HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
+
+#[map]
+pub(crate) static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+// The kernel's stack table refuses a stack whose hash lands in a bucket
+// another stack holds (with S stacks in N buckets, about S - N(1 - e^-S/N)
+// of them). Those go to the tracer's own table, keyed by 30 bits of a 64-bit
+// hash of the whole stack (compared in full on every hit).
+
+/// Scratch for one stack, per CPU (too large for the BPF stack).
+#[map]
+pub(crate) static STACK_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// Not preallocated: 1 KiB per entry, and only colliding stacks come here.
+#[map]
+pub(crate) static OWN_STACKS: HashMap<u32, StackBuf> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map]
+pub(crate) static OOM_VICTIM: Array<OomVictim> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub(crate) fn target_tgid() -> u32 {
+    unsafe { core::ptr::read_volatile(&TARGET_TGID) }
+}
+
+/// True when the event comes from the traced process.
+#[inline(always)]
+pub(crate) fn is_target(pid_tgid: u64) -> bool {
+    let want = target_tgid();
+    if want == 0 || (pid_tgid >> 32) as u32 == want {
+        return true;
+    }
+    count(Counter::OtherProcess);
+    false
+}
+
+#[inline(always)]
+pub(crate) fn sample_bytes() -> u64 {
+    unsafe { core::ptr::read_volatile(&SAMPLE_BYTES) }
+}
+
+#[inline(always)]
+pub(crate) fn go_offsets() -> GoOffsets {
+    unsafe { core::ptr::read_volatile(&GO_OFFSETS) }
+}
