@@ -29,9 +29,9 @@ fn pclntab_agrees_with_symtab_and_dwarf() {
         }
         assert!(checked >= 8, "go{version}: checked {checked} functions");
         // Struct offsets: DWARF and the per-release table agree.
-        let dwarf = tracer::golang::offsets_from_dwarf(&file).expect("offsets in DWARF");
-        let version_info = tracer::golang::go_version(&file).unwrap();
-        let (table, known) = tracer::golang::offsets_for(&version_info);
+        let dwarf = tracer::go::offsets_from_dwarf(&file).expect("offsets in DWARF");
+        let version_info = tracer::go::go_version(&file).unwrap();
+        let (table, known) = tracer::go::offsets_for(&version_info);
         assert!(known, "go{version}");
         assert_eq!(dwarf, table, "go{version}: DWARF vs table");
         // runtime.MemProfileRate found from code alone, as in a stripped binary.
@@ -41,7 +41,7 @@ fn pclntab_agrees_with_symtab_and_dwarf() {
             .unwrap()
             .address();
         assert_eq!(
-            tracer::golang::find_mem_profile_rate(&file, &data, &tab),
+            tracer::go::find_mem_profile_rate(&file, &data, &tab),
             Some(rate),
             "go{version}"
         );

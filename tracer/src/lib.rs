@@ -23,8 +23,3 @@ pub mod symbolize;
 pub mod target;
 
 pub use error::TracerError;
-
-// Old paths, until the probe planner moves into `go/` (kept for the Go plan
-// in `probes`).
-pub use go as golang;
-pub use go::pclntab as gopclntab;

@@ -108,7 +108,7 @@ struct Held {
     debug: Option<DebugFile>,
     /// For a Go binary without DWARF (built with `-ldflags=-s -w`): its
     /// `.gopclntab`, with the segments to reach virtual addresses.
-    pclntab: Option<(crate::gopclntab::Pclntab, Segments)>,
+    pclntab: Option<(crate::go::pclntab::Pclntab, Segments)>,
 }
 
 /// Directory of separate debug files named by build id (Debian's -dbg packages).
@@ -124,7 +124,7 @@ fn inspect(
     file: &std::fs::File,
 ) -> (
     Option<DebugFile>,
-    Option<(crate::gopclntab::Pclntab, Segments)>,
+    Option<(crate::go::pclntab::Pclntab, Segments)>,
 ) {
     use object::{Object, ObjectSegment};
     let Some(cache) = file.try_clone().ok().map(object::ReadCache::new) else {
@@ -156,7 +156,7 @@ fn inspect(
     let has_dwarf = obj.section_by_name(".debug_info").is_some()
         || obj.section_by_name(".zdebug_info").is_some();
     let pclntab = (!has_dwarf)
-        .then(|| crate::gopclntab::Pclntab::parse(&obj))
+        .then(|| crate::go::pclntab::Pclntab::parse(&obj))
         .flatten()
         .map(|tab| (tab, segments));
     (None, pclntab)

@@ -4,6 +4,7 @@
 //!
 //! - [`version`]: which release built the binary; struct offsets (DWARF, or
 //!   the per-release table).
+//! - [`plan`]: which runtime functions get probes, and where.
 //! - [`code`]: functions in the binary and where probes go in them.
 //! - [`pclntab`]: our own `.gopclntab` reader (names, lines, inlining) for
 //!   stripped binaries.
@@ -12,6 +13,7 @@
 
 pub mod code;
 pub mod pclntab;
+pub mod plan;
 pub mod runtime;
 mod sites;
 pub mod version;

@@ -1,0 +1,201 @@
+//! The Go runtime probes for a Go executable, and what the collector needs
+//! to know about its runtime (offsets, where the memory profile lives).
+
+use object::{Object, ObjectSegment};
+use tracer_common::Program;
+
+use crate::{
+    error::TracerError,
+    probes::{ObjectRef, PlannedProbe},
+};
+
+/// What a Go executable gets hooked with, and what the collector needs to
+/// know about its runtime.
+#[derive(Clone, Debug)]
+pub struct GoPlan {
+    pub version: super::GoVersion,
+    pub offsets: tracer_common::GoOffsets,
+    /// False when the version is newer than the offset table (warned about).
+    pub known_version: bool,
+    pub probes: Vec<PlannedProbe>,
+    /// Virtual address of `runtime.MemProfileRate`, when the symbol table has it.
+    pub mem_profile_rate: Option<u64>,
+    /// Where the memory profile is read from, when the binary has symbols
+    /// and DWARF; else heap samples come from probes.
+    pub mem_profile: Option<super::MemProfileLayout>,
+    /// The executable, to translate its virtual addresses.
+    pub object: ObjectRef,
+    /// (virtual address, file offset) of its first loadable segment.
+    pub first_segment: (u64, u64),
+    /// Virtual address range of `time.newTimer` (Go ≥ 1.23).
+    pub newtimer: Option<(u64, u64)>,
+    /// Virtual address of `time.sendTime` (Go ≥ 1.23).
+    pub sendtime: Option<u64>,
+    /// Position-independent executable: runtime addresses need the load bias.
+    pub pie: bool,
+}
+
+/// Plans the Go runtime probes for `obj` if it is a Go executable.
+pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
+    let unreadable = |reason: String| TracerError::UnreadableBinary {
+        path: obj.path.clone(),
+        reason,
+    };
+    let data = std::fs::read(&obj.open_path).map_err(|e| unreadable(e.to_string()))?;
+    let file = object::File::parse(&*data).map_err(|e| unreadable(e.to_string()))?;
+    let Some(version) = super::go_version(&file) else {
+        return Ok(None);
+    };
+    if version.major == 1 && version.minor < super::OLDEST_MINOR {
+        log::warn!(
+            "{} was built by {version}, older than the oldest Go release this tracer \
+             knows (1.{}): its goroutines, timers and Go heap are not traced (libc \
+             allocations still are)",
+            obj.path.display(),
+            super::OLDEST_MINOR
+        );
+        return Ok(None);
+    }
+    // Offsets from DWARF when the binary has it: right for any release. The
+    // per-release table serves stripped binaries.
+    let (offsets, known_version, cycle) = match super::dwarf_facts(&file) {
+        Some(f) => {
+            log::debug!("{}: Go runtime offsets from DWARF", obj.path.display());
+            (f.offsets, true, f.mem_record_cycle)
+        }
+        None => {
+            let (o, known) = super::offsets_for(&version);
+            (o, known, None)
+        }
+    };
+    // With the symbol table and DWARF, the heap profile is read from the
+    // runtime's own records (as runtime.MemProfile does): no probe on the
+    // sampling path at all. Stripped binaries get the two heap probes.
+    let mem_profile = super::data_symbol(&file, "runtime.mbuckets")
+        .zip(cycle)
+        .filter(|(_, cycle)| *cycle >= 16 && cycle % 8 == 0)
+        .map(|((mbuckets, _), cycle_size)| super::MemProfileLayout {
+            mbuckets,
+            cycle_size,
+        });
+    let pclntab = super::pclntab::Pclntab::parse(&file);
+    let pcln = pclntab.as_ref();
+    let mut probes = Vec::new();
+    let mut missing = Vec::new();
+    let probe = |function: String, offset: u64, program: Program| PlannedProbe {
+        function,
+        object: obj.clone(),
+        offset,
+        program,
+        cookie: None,
+        frees: program.frees(),
+        op: None,
+    };
+    let file_off = |f: &super::Function, va: u64| f.file_offset + (va - f.addr);
+    // An "entry" probe on the first push rbp past the stack-growth prologue.
+    let entry_probe = |f: &super::Function, program: Program| {
+        let code = super::code(&data, f)?;
+        let at = super::after_prologue(code, f.addr).unwrap_or(f.addr);
+        Some(probe(f.name.clone(), file_off(f, at), program))
+    };
+    // Exits before creations, frees before allocations.
+    let exit = super::function(&file, pcln, "runtime.gdestroy")
+        .or_else(|| super::function(&file, pcln, "runtime.goexit0"));
+    let mut entries = vec![(exit, Program::GoGoexit, "runtime.gdestroy/goexit0")];
+    if mem_profile.is_none() {
+        // Heap samples through probes only where the profile cannot be read.
+        entries.push((
+            super::function(&file, pcln, "runtime.mProf_Free"),
+            Program::GoProfileFree,
+            "runtime.mProf_Free",
+        ));
+        entries.push((
+            super::function(&file, pcln, "runtime.setprofilebucket"),
+            Program::GoProfileBucket,
+            "runtime.setprofilebucket",
+        ));
+    }
+    for (f, program, name) in entries {
+        match f.as_ref().and_then(|f| entry_probe(f, program)) {
+            Some(p) => probes.push(p),
+            None => missing.push(name),
+        }
+    }
+    if let Some(f) = super::function(&file, pcln, "runtime.newproc1")
+        && let Some(code) = super::code(&data, &f)
+    {
+        for ret in super::ret_sites(code, f.addr) {
+            let name = format!("{}+{:#x}", f.name, ret - f.addr);
+            probes.push(probe(name, file_off(&f, ret), Program::GoNewproc1Ret));
+        }
+    } else {
+        missing.push("runtime.newproc1");
+    }
+    // Timers: creation, stop, final firing.
+    let mut newtimer = None;
+    let (_, modinfo) = super::build_info(&file).unwrap_or_default();
+    let mut offsets = offsets;
+    offsets.count_chan_timers =
+        u64::from((version.major == 1 && version.minor <= 22) || super::async_timer_chan(&modinfo));
+    let new_timers = version.major > 1 || version.minor >= 23;
+    let timer_hooks: &[(&str, Program, Option<u64>)] = if new_timers {
+        &[
+            ("runtime.(*timer).stop", Program::GoTimerStop, None),
+            ("runtime.(*timer).unlockAndRun", Program::GoTimerFire, None),
+            ("runtime.(*timer).modify", Program::GoTimerModify, None),
+        ]
+    } else {
+        &[
+            ("time.stopTimer", Program::GoTimerStop, None),
+            ("runtime.runOneTimer", Program::GoTimerFire, Some(1)),
+            ("time.startTimer", Program::GoTimerStart, None),
+        ]
+    };
+    for (name, program, cookie) in timer_hooks {
+        let Some(f) = super::function(&file, pcln, name) else {
+            // The linker drops the timer code of programs that use no timers.
+            log::info!("{name} is not in {}: no timer sites", obj.path.display());
+            continue;
+        };
+        let Some(code) = super::code(&data, &f) else {
+            continue;
+        };
+        let at = super::after_prologue(code, f.addr).unwrap_or(f.addr);
+        let mut p = probe(f.name.clone(), file_off(&f, at), *program);
+        p.cookie = *cookie;
+        probes.push(p);
+    }
+    let mut sendtime = None;
+    if new_timers {
+        newtimer = super::function(&file, pcln, "time.newTimer").map(|f| (f.addr, f.addr + f.size));
+        sendtime = super::function(&file, pcln, "time.sendTime").map(|f| f.addr);
+    }
+    if !missing.is_empty() {
+        log::warn!(
+            "{}: Go runtime functions not found ({}): this Go runtime is laid out \
+             differently; those sites will not be traced",
+            obj.path.display(),
+            missing.join(", ")
+        );
+    }
+    let first_segment = file
+        .segments()
+        .map(|s| (s.address(), s.file_range().0))
+        .find(|(_, off)| *off == 0)
+        .unwrap_or((0, 0));
+    Ok(Some(GoPlan {
+        version,
+        offsets,
+        known_version,
+        probes,
+        mem_profile_rate: super::data_symbol(&file, "runtime.MemProfileRate")
+            .map(|s| s.0)
+            .or_else(|| super::find_mem_profile_rate(&file, &data, pcln?)),
+        mem_profile,
+        object: obj.clone(),
+        first_segment,
+        newtimer,
+        sendtime,
+        pie: file.kind() == object::ObjectKind::Dynamic,
+    }))
+}
