@@ -3,7 +3,7 @@
 //! function/line (inlined frames included) against DWARF via blazesym.
 
 use object::{Object, ObjectSymbol, SymbolKind};
-use tracer::{gopclntab::Pclntab, symbolize::Symbolizer, target::Maps};
+use tracer::{go::pclntab::Pclntab, symbolize::Symbolizer, target::Maps};
 use tracer_tests::fixture;
 
 #[test]
