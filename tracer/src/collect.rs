@@ -8,7 +8,9 @@ use std::{
 
 use tracer_common::{Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
 
-pub use crate::schema::{Activity, Lost, ModuleMapping, SiteKind, SiteReport, Snapshot, site_id};
+pub use crate::schema::{
+    Activity, Frames, Lost, ModuleMapping, SiteKind, SiteReport, Snapshot, site_id,
+};
 use crate::{
     error::TracerError,
     go::GoTarget,
@@ -25,7 +27,7 @@ pub struct Collector {
     pid: u32,
     window: Duration,
     symbols: Symbolizer,
-    stacks: HashMap<u32, (Vec<Frame>, bool)>,
+    stacks: HashMap<u32, (Frames, bool)>,
     history: HashMap<String, SiteHistory>,
     go: Option<GoTarget>,
 }
@@ -80,7 +82,7 @@ impl Collector {
                     })
                     .count();
                 if internal < frames.len() {
-                    frames.drain(..internal);
+                    frames = frames[internal..].into();
                 }
             }
             raw.push(RawSite {
@@ -115,9 +117,10 @@ impl Collector {
         let mut merged: HashMap<String, (SiteReport, i64, i64)> = HashMap::new();
         let mut live = 0u64;
         for site in sites {
-            let mut id_frames = site.frames.clone();
-            id_frames.extend(site.start_function.clone());
-            let id = site_id(site.kind, &id_frames);
+            let id = site_id(
+                site.kind,
+                site.frames.iter().chain(site.start_function.as_ref()),
+            );
             let entry = merged.entry(id.clone()).or_insert_with(|| {
                 (
                     SiteReport {
@@ -208,9 +211,12 @@ impl Collector {
 
     /// Symbolized frames of a stack, computed once per stack id: the kernel
     /// never reuses an id for another stack (no BPF_F_REUSE_STACKID).
-    fn frames_for(&mut self, kernel: &Kernel, stack_id: u32) -> (Vec<Frame>, bool) {
+    fn frames_for(&mut self, kernel: &Kernel, stack_id: u32) -> (Frames, bool) {
         if stack_id == STACK_ID_NONE {
-            return (vec![Frame::unknown(0, None).named("[unknown stack]")], true);
+            return (
+                vec![Frame::unknown(0, None).named("[unknown stack]")].into(),
+                true,
+            );
         }
         if let Some(cached) = self.stacks.get(&stack_id) {
             return cached.clone();
@@ -218,6 +224,7 @@ impl Collector {
         let ips = kernel.stack(stack_id).unwrap_or_default();
         let mut frames = self.symbols.symbolize_stack(&ips);
         let truncated = trim_at_root(&mut frames, ips.len(), MAX_STACK_DEPTH);
+        let frames: Frames = frames.into();
         // An address outside every known mapping may be a library loaded since
         // the last maps snapshot: do not cache, retry next interval.
         if !frames.iter().any(|f| f.module.is_none()) {

@@ -15,6 +15,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -120,6 +121,10 @@ impl Frame {
     }
 }
 
+/// A symbolized stack, innermost frame first. Shared: a site's frames are
+/// symbolized once and the same stack appears in every snapshot.
+pub type Frames = Arc<[Frame]>;
+
 /// One call site in a snapshot: what it is ([`SiteInfo`]) and what it holds
 /// ([`SiteNumbers`]), as the final report and alerts carry it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -147,7 +152,7 @@ pub struct SiteReport {
     /// The recorded stack lacks its outer frames (see README).
     pub truncated: bool,
     /// Innermost first.
-    pub frames: Vec<Frame>,
+    pub frames: Frames,
 }
 
 /// What a site is: written once per site in the stream (`site` event).
@@ -162,7 +167,7 @@ pub struct SiteInfo {
     pub sampled: bool,
     pub truncated: bool,
     /// Innermost first.
-    pub frames: Vec<Frame>,
+    pub frames: Frames,
 }
 
 /// What a site holds at one instant: the per-site part of a `snapshot` event.
@@ -372,7 +377,7 @@ pub struct ModuleMapping {
 }
 
 /// A short id that stays the same for a site across runs of the same binary.
-pub fn site_id(kind: SiteKind, frames: &[Frame]) -> String {
+pub fn site_id<'f>(kind: SiteKind, frames: impl IntoIterator<Item = &'f Frame>) -> String {
     // FNV-1a: stable across Rust versions, unlike DefaultHasher.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
@@ -777,7 +782,7 @@ pub(crate) mod tests {
             start_function: None,
             sampled: false,
             truncated: false,
-            frames,
+            frames: frames.into(),
         }
     }
 
@@ -873,7 +878,9 @@ pub(crate) mod tests {
         let mut s = site(SiteKind::Heap, vec![frame("leak", 3)], 10, 1);
         let mut enc = Encoder::new();
         assert_eq!(enc.encode(&snapshot(1, vec![s.clone()])).len(), 2);
-        s.frames[0].file = Some("/src/better.c".into());
+        let mut better = s.frames.to_vec();
+        better[0].file = Some("/src/better.c".into());
+        s.frames = better.into();
         let events = enc.encode(&snapshot(2, vec![s.clone()]));
         assert!(matches!(&events[0], Event::Site(i) if i.frames == s.frames));
     }
@@ -955,7 +962,9 @@ pub(crate) mod tests {
             100,
             10,
         );
-        leak.frames[0].inlined = true;
+        let mut inlined = leak.frames.to_vec();
+        inlined[0].inlined = true;
+        leak.frames = inlined.into();
         let mut g = site(SiteKind::Goroutine, vec![frame("main.main", 2)], 0, 3);
         g.start_function = Some(frame("main.worker", 20));
         g.sampled = true;

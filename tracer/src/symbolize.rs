@@ -16,14 +16,14 @@ use blazesym::symbolize::{self, Input, Symbolized, source::Source};
 
 use crate::target::Maps;
 
-use crate::schema::SiteKind;
 pub use crate::schema::{Frame, is_user_frame};
+use crate::schema::{Frames, SiteKind};
 
 /// One site as symbolized from a kernel map or the Go runtime, before the
 /// collector merges sites that symbolize alike and computes growth.
 pub struct RawSite {
     pub kind: SiteKind,
-    pub frames: Vec<Frame>,
+    pub frames: Frames,
     pub truncated: bool,
     pub start_function: Option<Frame>,
     pub sampled: bool,

@@ -27,7 +27,7 @@ impl GoTarget {
             let start = self.start_function(symbols, key.startpc);
             raw.push(RawSite {
                 kind: SiteKind::Goroutine,
-                frames,
+                frames: frames.into(),
                 truncated: false,
                 start_function: start,
                 sampled: false,
@@ -85,7 +85,7 @@ impl GoTarget {
             let truncated = trim_at_root(&mut frames, bucket.stack.len(), 128);
             raw.push(RawSite {
                 kind: SiteKind::Heap,
-                frames,
+                frames: frames.into(),
                 truncated,
                 start_function: None,
                 sampled: true,

@@ -444,7 +444,7 @@ mod tests {
             start_function: None,
             sampled: false,
             truncated: false,
-            frames,
+            frames: frames.into(),
         };
         Snapshot {
             ts: UNIX_EPOCH,

@@ -538,7 +538,8 @@ mod tests {
                 module: None,
                 addr: 0,
                 inlined: false,
-            }],
+            }]
+            .into(),
         }
     }
 

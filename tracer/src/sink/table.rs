@@ -304,7 +304,7 @@ impl<W: Write> Sink for TableSink<W> {
                     ""
                 }
             )?;
-            for f in &site.frames {
+            for f in site.frames.iter() {
                 let inl = if f.inlined { " (inlined)" } else { "" };
                 writeln!(self.out, "      {}{inl}", f.short())?;
             }
