@@ -61,6 +61,12 @@ pub enum TracerError {
     #[error("failed to load the eBPF programs into the kernel: {0}")]
     Load(String),
 
+    #[error(
+        "this tracer was built without the eBPF object: run `cargo xtask build` (which builds \
+         the kernel side first) and use the binary it makes"
+    )]
+    NoEbpfObject,
+
     #[error("failed to attach a uprobe to {function} in {path}: {reason}")]
     Attach {
         function: String,
@@ -98,7 +104,11 @@ impl TracerError {
             | Self::MissingCapabilities { .. }
             | Self::NoBtf(_)
             | Self::NoUprobes(_) => 4,
-            Self::Load(_) | Self::Attach { .. } | Self::MapRead { .. } | Self::Listen { .. } => 1,
+            Self::Load(_)
+            | Self::NoEbpfObject
+            | Self::Attach { .. }
+            | Self::MapRead { .. }
+            | Self::Listen { .. } => 1,
         }
     }
 }
