@@ -453,5 +453,19 @@ mod tests {
             super::ts_secs("2026-11-23T00:00:00.000Z") - super::ts_secs("2026-11-22T23:59:59.000Z"),
             1.0
         );
+        // Across a month, a year and a leap day.
+        assert_eq!(
+            super::ts_secs("2026-12-01T00:00:00.250Z") - super::ts_secs("2026-11-30T23:59:59.750Z"),
+            0.5
+        );
+        assert_eq!(
+            super::ts_secs("2027-01-01T00:00:01Z") - super::ts_secs("2026-12-31T23:59:59Z"),
+            2.0
+        );
+        assert_eq!(
+            super::ts_secs("2028-03-01T00:00:00Z") - super::ts_secs("2028-02-28T00:00:00Z"),
+            2.0 * 86400.0
+        );
+        assert_eq!(super::ts_secs("2026-11-29T18:00:00Z"), 1_795_975_200.0);
     }
 }

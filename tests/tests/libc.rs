@@ -448,7 +448,7 @@ fn duration_stops_and_growth_matches_the_series() {
         .filter(|v| v["type"] == "snapshot")
         .filter_map(|v| {
             let s = sites_at(v, "heap", "session_cache_put", line).pop()?;
-            let ts = humantime_secs(v["ts"].as_str()?);
+            let ts = ts_secs(v["ts"].as_str()?);
             Some((ts, s["outstanding_bytes"].as_f64()?))
         })
         .collect();
@@ -479,16 +479,6 @@ fn duration_stops_and_growth_matches_the_series() {
             "{churn} does not grow: {growth} B/s"
         );
     }
-}
-
-/// Seconds of an RFC 3339 timestamp `YYYY-MM-DDTHH:MM:SS.mmmZ` since the
-/// start of its month (enough for differences within a test).
-fn humantime_secs(ts: &str) -> f64 {
-    let d: f64 = ts[8..10].parse().unwrap();
-    let h: f64 = ts[11..13].parse().unwrap();
-    let m: f64 = ts[14..16].parse().unwrap();
-    let s: f64 = ts[17..ts.len() - 1].parse().unwrap();
-    d * 86400.0 + h * 3600.0 + m * 60.0 + s
 }
 
 /// Tiny kernel maps: what does not fit is counted in `lost`, the eBPF side's
