@@ -863,6 +863,31 @@ pub fn ts_secs(ts: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn a_taken_port_is_retried_with_another() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let avoid = taken.local_addr().unwrap().port();
+        let mut tried = Vec::new();
+        let (bound, port) = super::with_free_port("a listener", &[avoid], |port| {
+            tried.push(port);
+            if tried.len() == 1 {
+                return Err("bind: address already in use".to_string());
+            }
+            std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|e| e.to_string())
+        });
+        assert_eq!(tried.len(), 2);
+        assert_eq!(bound.local_addr().unwrap().port(), port);
+        assert!(!tried.contains(&avoid));
+    }
+
+    #[test]
+    #[should_panic(expected = "every port tried was taken")]
+    fn retries_are_bounded() {
+        super::with_free_port("a listener", &[], |_| {
+            Err::<(), _>("Address already in use".to_string())
+        });
+    }
+
+    #[test]
     fn timestamps() {
         assert_eq!(super::ts_secs("1970-01-01T00:00:01.500Z"), 1.5);
         assert_eq!(
