@@ -2,10 +2,15 @@
 //! target programs, owning processes (killed on drop), reading the JSON stream.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    ffi::OsString,
+    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -65,12 +70,75 @@ pub fn prometheus_bin() -> PathBuf {
     p
 }
 
-/// A TCP port free on loopback right now.
+/// A TCP port free on loopback right now. Only a guess: another process may
+/// take it before it is bound again; see [`with_free_port`].
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("no free port on loopback")
+}
+
+/// Attempts [`with_free_port`] makes before giving up.
+pub const PORT_ATTEMPTS: usize = 5;
+
+/// Starts something that binds a loopback port the test must know (a
+/// program that cannot report a port it picked itself): `start` gets a free
+/// port, never one of `avoid`, and returns what it started or the failure's
+/// text. A failure saying "address already in use" (the port was taken
+/// between the check and the bind) is retried with another port, up to
+/// [`PORT_ATTEMPTS`] times; any other failure panics at once. Returns what
+/// was started and its port.
+pub fn with_free_port<T>(
+    what: &str,
+    avoid: &[u16],
+    mut start: impl FnMut(u16) -> Result<T, String>,
+) -> (T, u16) {
+    let mut failures = Vec::new();
+    for _ in 0..PORT_ATTEMPTS {
+        let port = wait_until(
+            &format!("a free port for {what} other than {avoid:?}"),
+            Duration::from_secs(10),
+            || Some(free_port()).filter(|p| !avoid.contains(p)),
+        );
+        match start(port) {
+            Ok(t) => return (t, port),
+            Err(e) if e.to_ascii_lowercase().contains("address already in use") => {
+                failures.push(format!("port {port}: {e}"));
+            }
+            Err(e) => panic!("{what} failed on port {port}: {e}"),
+        }
+    }
+    panic!(
+        "{what}: every port tried was taken before it could be bound:\n{}",
+        failures.join("\n")
+    )
+}
+
+/// Polls `probe` every `every` until it returns a value or `timeout` has
+/// passed (then None). `probe` runs at least once.
+pub fn poll_until<T>(
+    timeout: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// Waits until `probe` returns a value, polling every 20 ms; panics naming
+/// `what` was awaited when that takes longer than `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, Duration::from_millis(20), probe)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
 /// A fixture's source file.
@@ -165,9 +233,41 @@ impl Proc {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let l = self.line(left);
+            let l = self
+                .stdout
+                .as_ref()
+                .unwrap()
+                .recv_timeout(left)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "no line starting with {prefix:?} from process {} within {timeout:?} ({e})",
+                        self.pid()
+                    )
+                });
             if l.starts_with(prefix) {
                 return l;
+            }
+        }
+    }
+
+    /// Every stdout line left, until the process closes its stdout (exits);
+    /// panics if that takes longer than `timeout` or the output pauses for
+    /// longer than `quiet`.
+    pub fn rest_of_output(&self, quiet: Duration, timeout: Duration) -> Vec<String> {
+        let rx = self.stdout.as_ref().unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(quiet.min(left)) {
+                Ok(l) => lines.push(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return lines,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "process {} did not close its output within {timeout:?} (or was silent for \
+                     {quiet:?}); it wrote:\n{}",
+                    self.pid(),
+                    lines.join("\n")
+                ),
             }
         }
     }
@@ -192,18 +292,11 @@ impl Proc {
 
     /// Waits for exit within `timeout`; returns the exit code.
     pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process {} did not exit within {timeout:?}",
-                self.pid()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let pid = self.pid();
+        wait_until(&format!("process {pid} to exit"), timeout, || {
+            self.child.try_wait().unwrap()
+        })
+        .code()
     }
 }
 
@@ -214,11 +307,13 @@ impl Drop for Proc {
     }
 }
 
-/// The JSON stream of a tracer writing to stdout.
+/// The JSON stream of a tracer, written to its stdout or to a file.
 pub struct Stream {
     rx: mpsc::Receiver<String>,
     pub seen: Vec<Value>,
     rebuild: Rebuild,
+    /// For a file: while held, a thread follows the file.
+    _tail: Option<Arc<()>>,
 }
 
 impl Stream {
@@ -228,6 +323,75 @@ impl Stream {
             rx: proc.stdout.take().expect("stdout not taken yet"),
             seen: Vec::new(),
             rebuild: Rebuild::default(),
+            _tail: None,
+        }
+    }
+
+    /// Follows the file at `path` (`-o FILE`) as it is written, from its
+    /// start; it may not exist yet. Only complete lines are read.
+    pub fn tail(path: &Path) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let alive = Arc::new(());
+        let watch = Arc::downgrade(&alive);
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            let (mut pos, mut partial) = (0u64, Vec::new());
+            while watch.strong_count() > 0 {
+                if let Ok(mut f) = std::fs::File::open(&path) {
+                    if f.metadata().map_or(0, |m| m.len()) < pos {
+                        // Truncated: written again from the start.
+                        (pos, partial) = (0, Vec::new());
+                    }
+                    let mut buf = Vec::new();
+                    if f.seek(SeekFrom::Start(pos)).is_ok() && f.read_to_end(&mut buf).is_ok() {
+                        pos += buf.len() as u64;
+                        partial.extend_from_slice(&buf);
+                    }
+                    while let Some(i) = partial.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = partial.drain(..=i).collect();
+                        let line = String::from_utf8_lossy(&line[..i]).into_owned();
+                        if tx.send(line).is_err() {
+                            return;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+            rebuild: Rebuild::default(),
+            _tail: Some(alive),
+        }
+    }
+
+    /// The next object of `kind` for which `pred` holds, within `timeout`
+    /// (`what` says what `pred` awaits, for the failure); every line read
+    /// is kept.
+    pub fn next_of_where(
+        &mut self,
+        kind: &str,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no `{kind}` with {what} within {timeout:?}; the last one was:\n{}",
+                self.seen
+                    .iter()
+                    .rev()
+                    .find(|v| v["type"] == kind)
+                    .map_or_else(|| "(none)".to_string(), Value::to_string)
+            );
+            let v = self.next_of(kind, left);
+            if pred(&v) {
+                return v;
+            }
         }
     }
 
@@ -351,26 +515,279 @@ pub fn assert_schema(event: &Value) {
     );
 }
 
+/// How long a tracer may take to attach (every probe live).
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One way to start the tracer with a JSON stream: `tracer attach PID`,
+/// `tracer run -- ARGV` or `tracer watch PID`, with `--format json` and
+/// snapshots every 0.2 s unless told otherwise, the stream on its stdout or
+/// in a file (`-o`). [`Tracing::start`] returns the tracer, its stream and
+/// the `attached` event once every probe is live, after running the
+/// [`Tracing::on_attached`] hook (e.g. to tell the target to start).
+///
+/// ```no_run
+/// # use tracer_tests::*;
+/// # let mut target = Proc::spawn(&mut std::process::Command::new("x"));
+/// let pid = target.pid();
+/// let (tracer, stream, attached) = Tracing::attach(pid)
+///     .args(["--max-stacks", "16"])
+///     .on_attached(|_| target.send("go"))
+///     .start();
+/// ```
+#[must_use = "nothing starts before `start`"]
+pub struct Tracing<'h> {
+    subcommand: &'static str,
+    pid: Option<u32>,
+    argv: Vec<OsString>,
+    interval: Option<String>,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    output: Option<PathBuf>,
+    stderr: Option<Stdio>,
+    attach_timeout: Duration,
+    hook: Option<Hook<'h>>,
+}
+
+/// What [`Tracing::on_attached`] runs.
+type Hook<'h> = Box<dyn FnOnce(&Value) + 'h>;
+
+/// Why [`Tracing::try_start`] did not get to `attached`.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub code: Option<i32>,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the tracer exited ({:?}) before attaching: {}",
+            self.code, self.stderr
+        )
+    }
+}
+
+impl<'h> Tracing<'h> {
+    fn new(subcommand: &'static str, pid: Option<u32>) -> Self {
+        Self {
+            subcommand,
+            pid,
+            argv: Vec::new(),
+            interval: Some("0.2".into()),
+            args: Vec::new(),
+            env: Vec::new(),
+            output: None,
+            stderr: None,
+            attach_timeout: ATTACH_TIMEOUT,
+            hook: None,
+        }
+    }
+
+    /// `tracer attach PID`.
+    pub fn attach(pid: u32) -> Self {
+        Self::new("attach", Some(pid))
+    }
+
+    /// `tracer watch PID` (no probes).
+    pub fn watch(pid: u32) -> Self {
+        Self::new("watch", Some(pid))
+    }
+
+    /// `tracer run -- ARGV`. The command shares the tracer's stdin and
+    /// stdout, so its stream usually goes to a file ([`Self::output`]).
+    pub fn run<I: IntoIterator<Item = S>, S: Into<OsString>>(argv: I) -> Self {
+        let mut t = Self::new("run", None);
+        t.argv = argv.into_iter().map(Into::into).collect();
+        t
+    }
+
+    /// `--interval SECS` instead of 0.2.
+    pub fn interval(mut self, secs: &str) -> Self {
+        self.interval = Some(secs.into());
+        self
+    }
+
+    /// No `--interval`: the tracer's own default (or one among the args).
+    pub fn default_interval(mut self) -> Self {
+        self.interval = None;
+        self
+    }
+
+    /// More arguments, after `--format json`, `--interval` and `-o`.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// One more argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Wait up to `timeout` for `attached` ([`ATTACH_TIMEOUT`] otherwise).
+    pub fn attach_within(mut self, timeout: Duration) -> Self {
+        self.attach_timeout = timeout;
+        self
+    }
+
+    /// An environment variable for the tracer.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Environment variables for the tracer.
+    pub fn envs<'a>(mut self, vars: impl IntoIterator<Item = &'a (&'a str, &'a str)>) -> Self {
+        for (k, v) in vars {
+            self = self.env(k, v);
+        }
+        self
+    }
+
+    /// The stream goes to `path` (`-o`), read from there as it is written;
+    /// a file left at `path` is removed first.
+    pub fn output(mut self, path: impl Into<PathBuf>) -> Self {
+        self.output = Some(path.into());
+        self
+    }
+
+    /// The tracer's stderr (inherited otherwise).
+    pub fn stderr(mut self, stderr: Stdio) -> Self {
+        self.stderr = Some(stderr);
+        self
+    }
+
+    /// Runs once `attached` has arrived, before [`Self::start`] returns.
+    pub fn on_attached(mut self, hook: impl FnOnce(&Value) + 'h) -> Self {
+        self.hook = Some(Box::new(hook));
+        self
+    }
+
+    fn command(&mut self) -> Command {
+        let mut cmd = Command::new(tracer_bin());
+        cmd.arg(self.subcommand);
+        if let Some(pid) = self.pid {
+            cmd.arg(pid.to_string());
+        }
+        cmd.args(["--format", "json"]);
+        if let Some(secs) = &self.interval {
+            cmd.args(["--interval", secs]);
+        }
+        if let Some(path) = &self.output {
+            let _ = std::fs::remove_file(path);
+            cmd.arg("-o").arg(path);
+        }
+        cmd.args(&self.args);
+        if !self.argv.is_empty() {
+            cmd.arg("--").args(&self.argv);
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(stderr) = self.stderr.take() {
+            cmd.stderr(stderr);
+        }
+        cmd
+    }
+
+    fn stream(&self, tracer: &mut Proc) -> Stream {
+        match &self.output {
+            Some(path) => Stream::tail(path),
+            None => Stream::new(tracer),
+        }
+    }
+
+    /// Starts the tracer and waits for its `attached` event (panics after
+    /// [`ATTACH_TIMEOUT`] or [`Self::attach_within`]), then runs the hook.
+    pub fn start(mut self) -> (Proc, Stream, Value) {
+        let mut tracer = Proc::spawn(&mut self.command());
+        let mut stream = self.stream(&mut tracer);
+        let attached = stream.next_of("attached", self.attach_timeout);
+        if let Some(hook) = self.hook.take() {
+            hook(&attached);
+        }
+        (tracer, stream, attached)
+    }
+
+    /// [`Self::start`], but a tracer that exits before `attached` is a
+    /// failure returned with its stderr (e.g. to retry a port that was
+    /// taken), not a panic. Its stderr is passed on to the test's.
+    pub fn try_start(mut self) -> Result<(Proc, Stream, Value), StartFailure> {
+        assert!(self.stderr.is_none(), "try_start reads stderr itself");
+        self.stderr = Some(Stdio::piped());
+        let mut tracer = Proc::spawn(&mut self.command());
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = tracer.child.stderr.take().unwrap();
+        let copy = stderr.clone();
+        let copier = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = std::io::stderr().write_all(&buf[..n]);
+                copy.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        // Whether the tracer wrote its stream: lines on its stdout pass
+        // through here.
+        let wrote = Arc::new(AtomicBool::new(false));
+        if self.output.is_none() {
+            let (tx, rx) = mpsc::channel();
+            let lines = tracer.stdout.replace(rx).unwrap();
+            let flag = wrote.clone();
+            std::thread::spawn(move || {
+                for line in lines {
+                    flag.store(true, Ordering::SeqCst);
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let out = self.output.clone();
+        let written = || match &out {
+            Some(path) => std::fs::metadata(path).is_ok_and(|m| m.len() > 0),
+            None => wrote.load(Ordering::SeqCst),
+        };
+        let mut stream = self.stream(&mut tracer);
+        // Attached (something was written) or exited, whichever is first.
+        let exited = wait_until("the tracer to attach or exit", self.attach_timeout, || {
+            if written() {
+                return Some(None);
+            }
+            tracer.child.try_wait().unwrap().map(Some)
+        });
+        if let Some(status) = exited {
+            // What it wrote just before exiting may still be on its way.
+            let late = poll_until(Duration::from_secs(2), Duration::from_millis(20), || {
+                written().then_some(())
+            });
+            if late.is_none() {
+                let _ = copier.join();
+                let stderr = stderr.lock().unwrap().clone();
+                return Err(StartFailure {
+                    code: status.code(),
+                    stderr,
+                });
+            }
+        }
+        let attached = stream.next_of("attached", self.attach_timeout);
+        if let Some(hook) = self.hook.take() {
+            hook(&attached);
+        }
+        Ok((tracer, stream, attached))
+    }
+}
+
 /// Starts `tracer attach PID` with JSON on its stdout, snapshots every 0.2 s,
 /// `extra` arguments and `env`; returns the tracer, its stream and the
-/// `attached` event, once every probe is live.
+/// `attached` event, once every probe is live. Shorthand for
+/// [`Tracing::attach`]`(pid).args(extra).envs(env).start()`.
 pub fn attach_json(pid: u32, extra: &[&str], env: &[(&str, &str)]) -> (Proc, Stream, Value) {
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            .envs(env.iter().copied())
-            .args([
-                "attach",
-                &pid.to_string(),
-                "--format",
-                "json",
-                "--interval",
-                "0.2",
-            ])
-            .args(extra),
-    );
-    let mut stream = Stream::new(&mut tracer);
-    let attached = stream.next_of("attached", Duration::from_secs(60));
-    (tracer, stream, attached)
+    Tracing::attach(pid).args(extra).envs(env).start()
 }
 
 /// Ends a traced run the normal way: closes the target's stdin, expects it
@@ -547,11 +964,50 @@ pub fn ts_secs(ts: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn a_taken_port_is_retried_with_another() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let avoid = taken.local_addr().unwrap().port();
+        let mut tried = Vec::new();
+        let (bound, port) = super::with_free_port("a listener", &[avoid], |port| {
+            tried.push(port);
+            if tried.len() == 1 {
+                return Err("bind: address already in use".to_string());
+            }
+            std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|e| e.to_string())
+        });
+        assert_eq!(tried.len(), 2);
+        assert_eq!(bound.local_addr().unwrap().port(), port);
+        assert!(!tried.contains(&avoid));
+    }
+
+    #[test]
+    #[should_panic(expected = "every port tried was taken")]
+    fn retries_are_bounded() {
+        super::with_free_port("a listener", &[], |_| {
+            Err::<(), _>("Address already in use".to_string())
+        });
+    }
+
+    #[test]
     fn timestamps() {
         assert_eq!(super::ts_secs("1970-01-01T00:00:01.500Z"), 1.5);
         assert_eq!(
             super::ts_secs("2026-11-23T00:00:00.000Z") - super::ts_secs("2026-11-22T23:59:59.000Z"),
             1.0
         );
+        // Across a month, a year and a leap day.
+        assert_eq!(
+            super::ts_secs("2026-12-01T00:00:00.250Z") - super::ts_secs("2026-11-30T23:59:59.750Z"),
+            0.5
+        );
+        assert_eq!(
+            super::ts_secs("2027-01-01T00:00:01Z") - super::ts_secs("2026-12-31T23:59:59Z"),
+            2.0
+        );
+        assert_eq!(
+            super::ts_secs("2028-03-01T00:00:00Z") - super::ts_secs("2028-02-28T00:00:00Z"),
+            2.0 * 86400.0
+        );
+        assert_eq!(super::ts_secs("2026-11-29T18:00:00Z"), 1_795_975_200.0);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     process::{Command, Output},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tracer_tests::*;
@@ -41,14 +41,16 @@ fn zombie() {
     // reaps it, so it stays a zombie.
     let parent = Proc::spawn(Command::new("sh").args(["-c", "sleep 0 & echo $!; exec sleep 30"]));
     let pid: u32 = parent.line(Duration::from_secs(10)).trim().parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap()
-        .contains(") Z ")
-    {
-        assert!(Instant::now() < deadline, "pid {pid} never became a zombie");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        &format!("pid {pid} to become a zombie"),
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap()
+                .contains(") Z ")
+                .then_some(())
+        },
+    );
     assert_fails(&tracer(&["attach", &pid.to_string()]), 3, "is a zombie");
 }
 

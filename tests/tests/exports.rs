@@ -5,7 +5,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -155,18 +155,15 @@ fn pprof_profile_and_report_replay() {
     }
     let dir = TempDir::new("pprof");
     let (profile, recording) = (dir.join("heap.pb.gz"), dir.join("rec.jsonl"));
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            // The replay is compared event by event: no system-wide alert
-            // from a busy CI machine in between.
-            .args(["run", "--no-alerts", "--format", "json", "-o"])
-            .arg(&recording)
-            .arg("--pprof")
-            .arg(&profile)
-            .arg("--")
-            .arg(fixture("allocs-fp"))
-            .arg("now"),
-    );
+    let (mut tracer, _, _) = Tracing::run([fixture("allocs-fp").into_os_string(), "now".into()])
+        .default_interval()
+        .output(&recording)
+        // The replay is compared event by event: no system-wide alert
+        // from a busy CI machine in between.
+        .arg("--no-alerts")
+        .arg("--pprof")
+        .arg(&profile)
+        .start();
     assert_eq!(tracer.wait(T), Some(0));
 
     let raw = RawProfile::read(&profile);
@@ -267,47 +264,19 @@ fn report_of_a_cut_recording_uses_its_last_snapshot() {
     let recording = dir.join("rec.jsonl");
     let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
     target.expect_line("ready", T);
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            .args([
-                "attach",
-                &target.pid().to_string(),
-                "-f",
-                "json",
-                "-i",
-                "0.2",
-                "-o",
-            ])
-            .arg(&recording),
-    );
-    // The recording goes to a file: wait for its first snapshot there.
-    let wait_for = |what: &str| {
-        let deadline = Instant::now() + T;
-        while !std::fs::read_to_string(&recording).is_ok_and(|t| t.contains(what)) {
-            assert!(Instant::now() < deadline, "no {what} in the recording");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for("\"type\":\"attached\"");
-    target.send("go");
+    // The recording goes to a file: the stream is read from there.
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .output(&recording)
+        .attach_within(T)
+        .on_attached(|_| target.send("go"))
+        .start();
     target.expect_line("done", T);
     let line = marker_line(&source("c/allocs.c"), "leak_malloc");
-    let deadline = Instant::now() + T;
-    loop {
-        let text = std::fs::read_to_string(&recording).unwrap();
-        let held = text.lines().filter(|l| l.ends_with('}')).any(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v["type"] == "snapshot"
-                && sites_at(&v, "heap", "leak_malloc", line)
-                    .first()
-                    .is_some_and(|s| s["outstanding_bytes"] == 10000)
-        });
-        if held {
-            break;
-        }
-        assert!(Instant::now() < deadline, "leak_malloc never held 10000 B");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stream.next_of_where("snapshot", "leak_malloc holding 10000 B", T, |v| {
+        sites_at(v, "heap", "leak_malloc", line)
+            .first()
+            .is_some_and(|s| s["outstanding_bytes"] == 10000)
+    });
     // As the OOM killer or `kill -9` would: no final report.
     tracer.signal(libc::SIGKILL);
     tracer.wait(T);
@@ -345,17 +314,23 @@ fn prometheus_scrapes_bounded_site_series() {
         return;
     }
     let dir = TempDir::new("prometheus");
-    let (metrics_port, prom_port) = (free_port(), free_port());
     let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
     target.expect_line("ready", T);
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let (mut tracer, mut stream, _) = attach_json(
-        target.pid(),
-        // allocs holds 13 heap sites; leak_malloc is the 4th largest.
-        &["--prometheus", &metrics_addr, "--prometheus-sites", "4"],
-        &[],
-    );
-    target.send("go");
+    // Neither the tracer nor Prometheus says which port it bound when given
+    // port 0: each gets a free port, distinct, and another when that one is
+    // taken before it binds it.
+    let pid = target.pid();
+    let ((mut tracer, mut stream), metrics_port) =
+        with_free_port("the tracer's metrics endpoint", &[], |port| {
+            Tracing::attach(pid)
+                // allocs holds 13 heap sites; leak_malloc is the 4th largest.
+                .args(["--prometheus", &format!("127.0.0.1:{port}")])
+                .args(["--prometheus-sites", "4"])
+                .on_attached(|_| target.send("go"))
+                .try_start()
+                .map(|(tracer, stream, _)| (tracer, stream))
+                .map_err(|e| e.to_string())
+        });
     target.expect_line("done", T);
 
     let config = dir.join("prometheus.yml");
@@ -366,17 +341,36 @@ fn prometheus_scrapes_bounded_site_series() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-    let _prometheus = Proc::spawn(
-        Command::new(prometheus_bin())
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stderr(Stdio::from(log)),
-    );
+    let log_path = dir.join("prometheus.log");
+    let (_prometheus, prom_port) = with_free_port("Prometheus", &[metrics_port], |port| {
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut prometheus = Proc::spawn(
+            Command::new(prometheus_bin())
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stderr(Stdio::from(log)),
+        );
+        // Serving (its own health page, not another program's on that
+        // port) or exited.
+        let healthy = format!("http://127.0.0.1:{port}/-/healthy");
+        wait_until("Prometheus to serve or exit", T, || {
+            if let Some(st) = prometheus.child.try_wait().unwrap() {
+                return Some(Err(format!(
+                    "Prometheus exited ({st}); its log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                )));
+            }
+            let body = ureq::get(&healthy).call().ok()?.body_mut().read_to_string();
+            body.ok()
+                .filter(|b| b.contains("Prometheus"))
+                .map(|_| Ok(()))
+        })
+        .map(|()| prometheus)
+    });
     let query = |q: &str| -> Vec<Value> {
         let url = format!("http://127.0.0.1:{prom_port}/api/v1/query");
         let Ok(mut resp) = ureq::get(&url).query("query", q).call() else {
@@ -392,21 +386,19 @@ fn prometheus_scrapes_bounded_site_series() {
     // Prometheus starts, scrapes every second; wait for the leak's series.
     let leak_q =
         "tracer_site_outstanding_bytes{job=\"tracer\",kind=\"heap\",function=\"leak_malloc\"}";
-    let deadline = Instant::now() + T;
-    let leak = loop {
+    let mut last = Vec::new();
+    let leak = poll_until(T, Duration::from_millis(250), || {
         let r = query(leak_q);
-        if let Some(first) = r.first()
-            && value(first) == 10000.0
-        {
-            break r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus never saw leak_malloc at 10000 B (last: {r:?}); its log:\n{}",
-            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+        let held = r.first().is_some_and(|first| value(first) == 10000.0);
+        last.clone_from(&r);
+        held.then_some(r)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "Prometheus never saw leak_malloc at 10000 B within {T:?} (last: {last:?}); its log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        )
+    });
     assert_eq!(leak.len(), 1, "{leak:?}");
     let labels = &leak[0]["metric"];
     assert_eq!(labels["pid"], target.pid().to_string());
@@ -448,21 +440,23 @@ fn sigusr1_writes_go_profiles_while_tracing() {
     let profile = dir.join("go.pb.gz");
     let mut target = Proc::spawn(Command::new(fixture("leaky-go1.27")).arg("wait"));
     target.expect_line("ready", T);
-    let (mut tracer, mut stream, _) =
-        attach_json(target.pid(), &["--pprof", profile.to_str().unwrap()], &[]);
-    target.send("go");
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .args(["--pprof", profile.to_str().unwrap()])
+        .on_attached(|_| target.send("go"))
+        .start();
     target.expect_line("done", T);
-    loop {
-        let snap = stream.next_of("snapshot", T);
-        let blocked = snap["sites"].as_array().unwrap().iter().any(|s| {
-            s["kind"] == "goroutine"
-                && s["start_function"]["function"] == "main.consumer"
-                && s["outstanding_count"] == 50
-        });
-        if blocked {
-            break;
-        }
-    }
+    stream.next_of_where(
+        "snapshot",
+        "the 50 main.consumer goroutines blocked",
+        T,
+        |snap| {
+            snap["sites"].as_array().unwrap().iter().any(|s| {
+                s["kind"] == "goroutine"
+                    && s["start_function"]["function"] == "main.consumer"
+                    && s["outstanding_count"] == 50
+            })
+        },
+    );
     tracer.signal(libc::SIGUSR1);
     let notice = stream.next_of("notice", T);
     let message = notice["message"].as_str().unwrap();

@@ -100,7 +100,10 @@ fn trace(version: &str, extra: &[&str]) -> Vec<Value> {
 fn trace_binary(binary: &str, version: &str, extra: &[&str]) -> Vec<Value> {
     let mut target = Proc::spawn(Command::new(fixture(binary)).arg("wait"));
     target.expect_line("ready", T);
-    let (mut tracer, mut stream, attached) = attach_json(target.pid(), extra, &[]);
+    let (mut tracer, mut stream, attached) = Tracing::attach(target.pid())
+        .args(extra)
+        .on_attached(|_| target.send("go"))
+        .start();
     // Heap probes only where the runtime's profile cannot be read (no
     // symbol table or DWARF).
     let heap_probes = probe_programs(&attached)
@@ -114,23 +117,23 @@ fn trace_binary(binary: &str, version: &str, extra: &[&str]) -> Vec<Value> {
             .starts_with(&format!("go{version}.")),
         "{attached}"
     );
-    target.send("go");
     target.expect_line("done", T);
     // The churn goroutines have all signalled; wait until every one of them
     // has also exited.
     let churn_line = marker_line(&src(), "churn_goroutine");
-    loop {
-        let snap = stream.next_of("snapshot", T);
-        let settled = snap["sites"].as_array().unwrap().iter().any(|s| {
-            s["kind"] == "goroutine"
-                && s["frames"][0]["line"] == churn_line
-                && s["outstanding_count"] == 0
-                && s["allocs"] == 1000
-        });
-        if settled {
-            break;
-        }
-    }
+    stream.next_of_where(
+        "snapshot",
+        "the 1000 churn goroutines all exited",
+        T,
+        |snap| {
+            snap["sites"].as_array().unwrap().iter().any(|s| {
+                s["kind"] == "goroutine"
+                    && s["frames"][0]["line"] == churn_line
+                    && s["outstanding_count"] == 0
+                    && s["allocs"] == 1000
+            })
+        },
+    );
     target.close_stdin();
     assert_eq!(
         target.wait(T),
@@ -360,8 +363,9 @@ fn collectable_channel_timers_are_not_counted() {
             "chantimers-go{version}"
         ))));
         target.expect_line("ready", T);
-        let (mut tracer, mut stream, _) = attach_json(target.pid(), &[], &[]);
-        target.send("go");
+        let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+            .on_attached(|_| target.send("go"))
+            .start();
         target.expect_line("done", T);
         let report = end_normally(&mut target, &mut tracer, &mut stream);
         let func = timer_sites(&report, "main.timers", "func_timer", &src);
@@ -389,13 +393,9 @@ fn cgo_program_under_run_has_libc_and_go_sites() {
         let out =
             std::env::temp_dir().join(format!("tracer-cgo-{}-{version}.jsonl", std::process::id()));
         // The command shares the tracer's stdin and stdout; the stream goes to a file.
-        let mut tracer = Proc::spawn(
-            Command::new(tracer_bin())
-                .args(["run", "--format", "json", "--interval", "0.2", "-o"])
-                .arg(&out)
-                .arg("--")
-                .arg(fixture(&format!("cgoleak-go{version}"))),
-        );
+        let (mut tracer, _, _) = Tracing::run([fixture(&format!("cgoleak-go{version}"))])
+            .output(&out)
+            .start();
         tracer.expect_line("ready", T);
         tracer.send("go");
         tracer.expect_line("done", T);
@@ -439,17 +439,10 @@ fn steady_state_counts_stay_flat() {
         let target =
             Proc::spawn(Command::new(fixture(&format!("leaky-go{version}"))).arg("steady"));
         target.expect_line("ready", T);
-        let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
-            "attach",
-            &target.pid().to_string(),
-            "--format",
-            "json",
-            "--interval",
-            "0.25",
-            "--duration",
-            "4",
-        ]));
-        let mut stream = Stream::new(&mut tracer);
+        let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+            .interval("0.25")
+            .args(["--duration", "4"])
+            .start();
         let report = stream.next_of("report", T);
         assert_eq!(tracer.wait(T), Some(0));
         let src = src();
@@ -525,7 +518,7 @@ fn heap_sampled_before_attach_is_read_from_the_runtime() {
         let mut target =
             Proc::spawn(Command::new(fixture(&format!("leaky-go{version}"))).arg("early"));
         target.expect_line("ready", T);
-        let (mut tracer, mut stream, attached) = attach_json(target.pid(), &[], &[]);
+        let (mut tracer, mut stream, attached) = Tracing::attach(target.pid()).start();
         let programs = probe_programs(&attached);
         assert!(
             !programs.iter().any(|p| p.starts_with("go_profile")),

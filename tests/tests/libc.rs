@@ -219,8 +219,11 @@ fn attach_until_exit_env(
 ) -> (Vec<Value>, u32) {
     let mut target = Proc::spawn(cmd);
     target.expect_line("ready", T);
-    let (mut tracer, mut stream, _) = attach_json(target.pid(), extra, env);
-    target.send("go");
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .args(extra)
+        .envs(env)
+        .on_attached(|_| target.send("go"))
+        .start();
     target.expect_line("done", T);
     target.close_stdin();
     assert_eq!(
@@ -340,14 +343,9 @@ fn run_traces_from_the_first_allocation() {
     let out = std::env::temp_dir().join(format!("tracer-run-{}.jsonl", std::process::id()));
     // `now`: the target allocates as soon as main starts, so any window
     // between exec and attach would lose sites.
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            .args(["run", "--format", "json", "--interval", "0.2", "-o"])
-            .arg(&out)
-            .arg("--")
-            .arg(fixture("allocs-fp"))
-            .arg("now"),
-    );
+    let (mut tracer, _, _) = Tracing::run([fixture("allocs-fp").into_os_string(), "now".into()])
+        .output(&out)
+        .start();
     assert_eq!(tracer.wait(T), Some(0));
     let stream = parse_lines(&std::fs::read_to_string(&out).unwrap());
     let _ = std::fs::remove_file(&out);
@@ -382,15 +380,7 @@ fn interrupt_prints_a_report_naming_the_leak() {
     tracer.expect_line("tracer: pid", T);
     tracer.expect_line("tracer: pid", T);
     tracer.signal(libc::SIGINT);
-    let mut lines = Vec::new();
-    while let Ok(l) = tracer
-        .stdout
-        .as_ref()
-        .unwrap()
-        .recv_timeout(Duration::from_secs(20))
-    {
-        lines.push(l);
-    }
+    let lines = tracer.rest_of_output(Duration::from_secs(20), T);
     assert_eq!(tracer.wait(T), Some(0));
     let text = lines.join("\n");
     assert!(text.contains("ended: interrupted"), "{text}");
@@ -415,19 +405,10 @@ fn duration_stops_and_growth_matches_the_series() {
     }
     let service = Proc::spawn(&mut Command::new(fixture("demo")));
     service.expect_line("demo service pid", T);
-    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
-        "attach",
-        &service.pid().to_string(),
-        "--format",
-        "json",
-        "--interval",
-        "0.25",
-        "--duration",
-        "3",
-        "--trend-window",
-        "30",
-    ]));
-    let mut stream = Stream::new(&mut tracer);
+    let (mut tracer, mut stream, _) = Tracing::attach(service.pid())
+        .interval("0.25")
+        .args(["--duration", "3", "--trend-window", "30"])
+        .start();
     let report = stream.next_of("report", T);
     assert_eq!(tracer.wait(T), Some(0));
     assert_eq!(report["reason"], "duration");
@@ -448,7 +429,7 @@ fn duration_stops_and_growth_matches_the_series() {
         .filter(|v| v["type"] == "snapshot")
         .filter_map(|v| {
             let s = sites_at(v, "heap", "session_cache_put", line).pop()?;
-            let ts = humantime_secs(v["ts"].as_str()?);
+            let ts = ts_secs(v["ts"].as_str()?);
             Some((ts, s["outstanding_bytes"].as_f64()?))
         })
         .collect();
@@ -481,16 +462,6 @@ fn duration_stops_and_growth_matches_the_series() {
     }
 }
 
-/// Seconds of an RFC 3339 timestamp `YYYY-MM-DDTHH:MM:SS.mmmZ` since the
-/// start of its month (enough for differences within a test).
-fn humantime_secs(ts: &str) -> f64 {
-    let d: f64 = ts[8..10].parse().unwrap();
-    let h: f64 = ts[11..13].parse().unwrap();
-    let m: f64 = ts[14..16].parse().unwrap();
-    let s: f64 = ts[17..ts.len() - 1].parse().unwrap();
-    d * 86400.0 + h * 3600.0 + m * 60.0 + s
-}
-
 /// Tiny kernel maps: what does not fit is counted in `lost`, the eBPF side's
 /// warning reaches the tracer's log, and the totals that are reported only
 /// cover what was tracked (no phantom leaks).
@@ -501,23 +472,12 @@ fn full_maps_are_counted_and_shown() {
     }
     let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
     target.expect_line("ready", T);
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            .args(["attach", &target.pid().to_string(), "--format", "json"])
-            .args([
-                "--interval",
-                "0.2",
-                "--max-allocs",
-                "8",
-                "--max-stacks",
-                "4",
-            ])
-            .stderr(std::process::Stdio::piped()),
-    );
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .args(["--max-allocs", "8", "--max-stacks", "4"])
+        .stderr(std::process::Stdio::piped())
+        .on_attached(|_| target.send("go"))
+        .start();
     let mut stderr = tracer.child.stderr.take().unwrap();
-    let mut stream = Stream::new(&mut tracer);
-    stream.next_of("attached", T);
-    target.send("go");
     target.expect_line("done", T);
     target.close_stdin();
     let report = stream.next_of("report", T);

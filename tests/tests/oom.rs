@@ -6,7 +6,7 @@ use std::{
     io::{Read, Write},
     net::TcpListener,
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -23,14 +23,13 @@ fn trace_in_cgroup(name: &str, cmd: &mut Command, extra: &[&str]) -> Option<Vec<
     let mut target = Proc::spawn(cmd);
     target.expect_line("ready", T);
     cg.add(target.pid());
-    let mut tracer = Proc::spawn(
-        Command::new(tracer_bin())
-            .args(["attach", &target.pid().to_string(), "--format", "json"])
-            .args(extra),
-    );
-    let mut stream = Stream::new(&mut tracer);
-    stream.next_of("attached", T);
-    target.send("go");
+    // Every caller's `extra` sets --interval.
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .default_interval()
+        .args(extra)
+        .attach_within(T)
+        .on_attached(|_| target.send("go"))
+        .start();
     stream.next_of("report", T);
     assert_eq!(tracer.wait(T), Some(0));
     Some(stream.seen)
@@ -53,7 +52,15 @@ fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
             .unwrap();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
+        // A whole request within 10 s, however it trickles in; else the
+        // test's recv finds the channel closed and this message is printed.
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            assert!(
+                Instant::now() < deadline,
+                "the webhook request did not complete within 10 s: {}",
+                String::from_utf8_lossy(&buf)
+            );
             let n = conn.read(&mut chunk).unwrap_or(0);
             if n == 0 {
                 break;
@@ -264,18 +271,12 @@ fn watch_alerts_without_probes() {
     let mut target = Proc::spawn(Command::new(fixture("oomleak")).args(["leak", "6144"]));
     target.expect_line("ready", T);
     cg.add(target.pid());
-    let mut tracer = Proc::spawn(Command::new(tracer_bin()).args([
-        "watch",
-        &target.pid().to_string(),
-        "--format",
-        "json",
-        "--interval",
-        "0.5",
-    ]));
-    let mut stream = Stream::new(&mut tracer);
-    let attached = stream.next_of("attached", T);
+    let (mut tracer, mut stream, attached) = Tracing::watch(target.pid())
+        .interval("0.5")
+        .attach_within(T)
+        .on_attached(|_| target.send("go"))
+        .start();
     assert_eq!(attached["probes"].as_array().unwrap().len(), 0, "no probes");
-    target.send("go");
     let alert = stream.next_of("alert", T);
     let kill = stream.next_of("oom_kill", T);
     stream.next_of("report", T);

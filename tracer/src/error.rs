@@ -61,6 +61,12 @@ pub enum TracerError {
     #[error("failed to load the eBPF programs into the kernel: {0}")]
     Load(String),
 
+    #[error(
+        "this tracer was built without the eBPF object: run `cargo xtask build` (which builds \
+         the kernel side first) and use the binary it makes"
+    )]
+    NoEbpfObject,
+
     #[error("failed to attach a uprobe to {function} in {path}: {reason}")]
     Attach {
         function: String,
@@ -121,6 +127,7 @@ impl TracerError {
             | Self::NoBtf(_)
             | Self::NoUprobes(_) => 4,
             Self::Load(_)
+            | Self::NoEbpfObject
             | Self::Attach { .. }
             | Self::MapRead { .. }
             | Self::Listen { .. }

@@ -24,7 +24,8 @@ use tracer_common::{
 use self::uprobe_session::SessionProgram;
 use crate::{error::TracerError, probes::PlannedProbe};
 
-/// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time.
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time;
+/// empty when it was absent at build time (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
 
 /// Sizes of the kernel maps.
@@ -97,6 +98,9 @@ impl Kernel {
     /// Loads the programs for process `tgid` (0: any process) with map sizes
     /// `sizes` and, for a Go target, its runtime's struct offsets.
     pub fn load(tgid: u32, sizes: MapSizes, go: GoOffsets) -> Result<Self, TracerError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(TracerError::NoEbpfObject);
+        }
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let mut ebpf = EbpfLoader::new()
             .override_global(maps::TARGET_TGID, &tgid, true)
