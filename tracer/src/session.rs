@@ -317,7 +317,8 @@ async fn trace_loop(
         && let Err(e) = kernel.watch_oom_kills()
     {
         log::warn!(
-            "cannot watch the OOM killer ({e}); kills are detected from the cgroup's counter"
+            "cannot watch the OOM killer ({}); kills are detected from the cgroup's counter",
+            crate::error::chain(&e)
         );
     }
     // Each target's exit arrives as its pid.

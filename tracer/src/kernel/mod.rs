@@ -60,6 +60,47 @@ impl Default for MapSizes {
 
 pub use crate::schema::AttachedProbe;
 
+/// Why an optional kernel feature (uprobe sessions, the OOM tracepoint) is
+/// not in use. Not fatal: the tracer falls back and says so.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("not sampling (every call needs its return)")]
+    NotSampling,
+    #[error("turned off by TRACER_UPROBE_SESSION=0")]
+    TurnedOff,
+    #[error("tracefs is not mounted and mounting it failed")]
+    Tracefs(#[source] std::io::Error),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("{0} is not a tracepoint program")]
+    NotTracepoint(&'static str),
+    #[error("program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("the eBPF object")]
+    Object(#[source] aya_obj::ParseError),
+    #[error("relocating the eBPF object")]
+    Relocate(#[source] aya_obj::relocation::EbpfRelocationError),
+    #[error("the eBPF object's license has a NUL byte")]
+    License,
+    #[error("the verifier refused {program} ({log})")]
+    Verifier {
+        program: &'static str,
+        log: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bpf(BPF_PROG_LOAD) of {program}")]
+    Syscall {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Loaded programs, their links and maps.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -75,7 +116,7 @@ pub struct Kernel {
     pub sizes: MapSizes,
     /// With sampling, allocator entries and returns run as uprobe sessions
     /// (see [`uprobe_session`]); else why not.
-    session: Result<SessionProgram, String>,
+    session: Result<SessionProgram, KernelError>,
     /// The session links, live while held.
     session_links: Vec<OwnedFd>,
 }
@@ -120,9 +161,9 @@ impl Kernel {
             .map_err(load_err)?;
         // Before any map is taken out of `ebpf`: the program shares them all.
         let session = if sizes.sample_bytes == 0 {
-            Err("not sampling (every call needs its return)".to_string())
+            Err(KernelError::NotSampling)
         } else if std::env::var_os("TRACER_UPROBE_SESSION").is_some_and(|v| v == "0") {
-            Err("turned off by TRACER_UPROBE_SESSION=0".to_string())
+            Err(KernelError::TurnedOff)
         } else {
             SessionProgram::load(EBPF_OBJECT, Program::AllocSession, &ebpf)
         };
@@ -177,9 +218,9 @@ impl Kernel {
     }
 
     /// Why sampled calls still pay for a return probe, when they do.
-    pub fn session_unavailable(&self) -> Option<&str> {
+    pub fn session_unavailable(&self) -> Option<String> {
         match &self.session {
-            Err(why) if self.sizes.sample_bytes > 0 => Some(why),
+            Err(why) if self.sizes.sample_bytes > 0 => Some(crate::error::chain(why)),
             _ => None,
         }
     }
@@ -229,7 +270,7 @@ impl Kernel {
                 cookie: probe.cookie,
             };
             prog.attach(point, &probe.object.open_path, scope)
-                .map_err(|e| attach_err(error_chain(&e)))?;
+                .map_err(|e| attach_err(crate::error::chain(&e)))?;
             attached.push(AttachedProbe {
                 function: probe.function.clone(),
                 path: probe.object.path.display().to_string(),
@@ -282,20 +323,24 @@ impl Kernel {
 
     /// Watches the kernel's OOM killer (tracepoint oom:mark_victim). Needs
     /// tracefs, which is mounted at /sys/kernel/tracing when it is not.
-    pub fn watch_oom_kills(&mut self) -> Result<(), String> {
+    pub fn watch_oom_kills(&mut self) -> Result<(), KernelError> {
         ensure_tracefs()?;
         let program = Program::OomMarkVictim;
         let Attach::Tracepoint { category, name } = program.attach() else {
-            return Err(format!("{program:?} is not a tracepoint"));
+            return Err(KernelError::NotTracepoint(program.name()));
+        };
+        let failed = |source| KernelError::Program {
+            program: program.name(),
+            source,
         };
         let prog: &mut TracePoint = self
             .ebpf
             .program_mut(program.name())
-            .ok_or_else(|| format!("program {} missing", program.name()))?
+            .ok_or(KernelError::MissingProgram(program.name()))?
             .try_into()
-            .map_err(|e| format!("{e}"))?;
-        prog.load().map_err(|e| error_chain(&e))?;
-        prog.attach(category, name).map_err(|e| error_chain(&e))?;
+            .map_err(failed)?;
+        prog.load().map_err(failed)?;
+        prog.attach(category, name).map_err(failed)?;
         Ok(())
     }
 
@@ -347,7 +392,7 @@ impl Kernel {
 
 /// Mounts tracefs at /sys/kernel/tracing if no tracefs is there (tracepoint
 /// attachment reads event ids from it), as bpftrace and perf do.
-fn ensure_tracefs() -> Result<(), String> {
+fn ensure_tracefs() -> Result<(), KernelError> {
     let dir = std::path::Path::new("/sys/kernel/tracing");
     if dir.join("events").exists()
         || std::path::Path::new("/sys/kernel/debug/tracing/events").exists()
@@ -367,10 +412,7 @@ fn ensure_tracefs() -> Result<(), String> {
         )
     };
     if r != 0 {
-        return Err(format!(
-            "tracefs is not mounted and mounting it failed: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(KernelError::Tracefs(std::io::Error::last_os_error()));
     }
     log::info!("mounted tracefs at /sys/kernel/tracing to watch the OOM killer");
     Ok(())
@@ -390,20 +432,9 @@ fn read_all<K: aya::Pod, V: aya::Pod>(
         .collect()
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
-}
-
 /// The verifier log is long; keep its last lines, which say what failed.
 fn verifier_detail(e: &aya::programs::ProgramError) -> String {
-    let full = error_chain(e);
+    let full = crate::error::chain(e);
     let lines: Vec<&str> = full.lines().collect();
     if lines.len() <= 12 {
         return full;

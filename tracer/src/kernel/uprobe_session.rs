@@ -19,6 +19,8 @@ use std::{
 };
 
 use aya::{Ebpf, maps::Map};
+
+use super::KernelError;
 use tracer_common::Program;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -106,9 +108,9 @@ impl SessionProgram {
     /// Loads `program` of `object` for sessions, its maps those aya
     /// created in `ebpf` (call before any map is taken out of it). An error
     /// says why (e.g. EINVAL: a kernel before 6.13).
-    pub fn load(object: &[u8], program: Program, ebpf: &Ebpf) -> Result<Self, String> {
+    pub fn load(object: &[u8], program: Program, ebpf: &Ebpf) -> Result<Self, KernelError> {
         let name = program.name();
-        let mut obj = aya_obj::Object::parse(object).map_err(|e| e.to_string())?;
+        let mut obj = aya_obj::Object::parse(object).map_err(KernelError::Object)?;
         let defs = obj.maps.clone();
         let maps: Vec<(String, RawFd, aya_obj::Map)> = ebpf
             .maps()
@@ -119,15 +121,15 @@ impl SessionProgram {
             maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)),
             &text_sections,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(KernelError::Relocate)?;
         obj.relocate_calls(&text_sections)
-            .map_err(|e| e.to_string())?;
+            .map_err(KernelError::Relocate)?;
         let prog = obj
             .programs
             .get(name)
-            .ok_or_else(|| format!("program {name} missing from the object"))?;
+            .ok_or(KernelError::MissingProgram(name))?;
         let insns = &obj.functions[&prog.function_key()].instructions;
-        let license = CString::new(obj.license.as_bytes()).map_err(|e| e.to_string())?;
+        let license = CString::new(obj.license.as_bytes()).map_err(|_| KernelError::License)?;
         let mut prog_name = [0u8; 16];
         for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
             *d = s;
@@ -152,12 +154,16 @@ impl SessionProgram {
                 let _ = bpf(BPF_PROG_LOAD, &mut attr);
                 let text = String::from_utf8_lossy(&log);
                 let tail: Vec<&str> = text.trim_end_matches('\0').lines().rev().take(8).collect();
-                Err(format!(
-                    "verifier: {e}: {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-                ))
+                Err(KernelError::Verifier {
+                    program: name,
+                    log: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
+                    source: e,
+                })
             }
-            Err(e) => Err(e.to_string()),
+            Err(source) => Err(KernelError::Syscall {
+                program: name,
+                source,
+            }),
         }
     }
 
