@@ -185,12 +185,29 @@ pub struct SiteNumbers {
 
 impl SiteReport {
     /// The frame to name as the culprit: the program's own code nearest the
-    /// allocation, past allocator and standard-library frames.
+    /// allocation, past the allocator, its wrappers and standard-library
+    /// frames.
     pub fn culprit(&self) -> Option<&Frame> {
         self.frames
             .iter()
-            .find(|f| is_user_frame(&f.function))
+            .find(|f| is_user_frame(&f.function) && !is_allocator_frame(f))
+            .or_else(|| self.frames.iter().find(|f| !is_allocator_frame(f)))
             .or(self.frames.first())
+    }
+
+    /// The frames from the first one outside the allocator and its wrappers
+    /// (all of them when every frame is the allocator's).
+    pub fn past_allocator(&self) -> &[Frame] {
+        let skip = self
+            .frames
+            .iter()
+            .take_while(|f| is_allocator_frame(f))
+            .count();
+        if skip < self.frames.len() {
+            &self.frames[skip..]
+        } else {
+            &self.frames
+        }
     }
 
     pub fn info(&self, pid: u32) -> SiteInfo {
@@ -261,6 +278,92 @@ pub fn is_user_frame(function: &str) -> bool {
     let pkg = &function[..path_end + dot];
     let first = pkg.split('/').next().unwrap_or(pkg);
     pkg == "main" || first.contains('.')
+}
+
+/// Whether a frame belongs to the allocator or one of the wrappers programs
+/// put around it (Python's `PyMem_*`/`_PyObject_Malloc`, Redis's `zmalloc*`,
+/// GLib's `g_malloc`, C++'s `operator new`, Rust's `__rust_alloc`…): such a
+/// frame is where memory is allocated, never who asked for it.
+pub fn is_allocator_frame(f: &Frame) -> bool {
+    const PREFIXES: &[&str] = &[
+        // The C library's allocator and its internals.
+        "__libc_malloc",
+        "__libc_calloc",
+        "__libc_realloc",
+        "__libc_memalign",
+        "_int_",
+        "sysmalloc",
+        "tcache_",
+        // jemalloc built into a program (tcmalloc and mimalloc are told by
+        // their library, below).
+        "je_",
+        // CPython.
+        "PyMem_",
+        "_PyMem_",
+        "PyObject_Malloc",
+        "PyObject_Calloc",
+        "PyObject_Realloc",
+        "_PyObject_Malloc",
+        "_PyObject_Calloc",
+        "_PyObject_Realloc",
+        "pymalloc_",
+        // Redis and friends.
+        "zmalloc",
+        "zcalloc",
+        "zrealloc",
+        "ztrymalloc",
+        "ztrycalloc",
+        "ztryrealloc",
+        // GLib.
+        "g_malloc",
+        "g_try_malloc",
+        "g_realloc",
+        "g_try_realloc",
+        "g_slice_alloc",
+        // C++ and Rust.
+        "operator new",
+        "__rust_alloc",
+        "__rust_realloc",
+        "__rdl_alloc",
+        "__rdl_realloc",
+        "alloc::alloc::",
+        "<alloc::alloc::Global",
+    ];
+    const EXACT: &[&str] = &[
+        "malloc",
+        "calloc",
+        "realloc",
+        "reallocarray",
+        "posix_memalign",
+        "aligned_alloc",
+        "memalign",
+        "valloc",
+        "pvalloc",
+        "mmap",
+        "mmap64",
+        "mremap",
+        "xmalloc",
+        "xcalloc",
+        "xrealloc",
+        "xstrdup",
+    ];
+    let name = f.function.as_str();
+    if EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return true;
+    }
+    // Any frame inside an allocator library.
+    f.module.as_deref().is_some_and(|m| {
+        let base = m.rsplit('/').next().unwrap_or(m);
+        [
+            "libc.so",
+            "libc-",
+            "libjemalloc",
+            "libtcmalloc",
+            "libmimalloc",
+        ]
+        .iter()
+        .any(|lib| base.starts_with(lib))
+    })
 }
 
 /// Kernel counters by name (see `tracer_common::COUNTERS`), for one class.
@@ -914,6 +1017,64 @@ pub(crate) mod tests {
         assert_eq!(v["alloc_calls"], 9);
         assert_eq!(v["addr_map_fill"], 0.1);
         assert_eq!(serde_json::from_value::<Activity>(v).unwrap(), act);
+    }
+
+    /// The culprit is past the allocator and its wrappers, as users of
+    /// Python, Redis, GLib and C++ programs would name it.
+    #[test]
+    fn culprits_skip_allocator_wrappers() {
+        let named = |function: &str, module: &str| Frame {
+            function: function.into(),
+            file: None,
+            line: None,
+            module: Some(module.into()),
+            addr: 1,
+            inlined: false,
+        };
+        let py = "/usr/bin/python3.11";
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[
+                    ("_PyObject_Malloc", py),
+                    ("PyObject_Malloc", py),
+                    ("list_resize", py),
+                    ("_PyEval_EvalFrameDefault", py),
+                ],
+                "list_resize",
+            ),
+            (
+                &[
+                    ("zmalloc_usable", "/usr/bin/redis-server"),
+                    ("ztrymalloc_usable_internal", "/usr/bin/redis-server"),
+                    ("createObject", "/usr/bin/redis-server"),
+                ],
+                "createObject",
+            ),
+            (
+                &[
+                    ("malloc", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+                    ("operator new(unsigned long)", "/usr/lib/libstdc++.so.6"),
+                    ("Cache::put(int)", "/usr/bin/app"),
+                ],
+                "Cache::put(int)",
+            ),
+            (
+                &[
+                    ("g_malloc0", "/usr/lib/libglib-2.0.so.0"),
+                    ("g_slice_alloc0", "/usr/lib/libglib-2.0.so.0"),
+                    ("gtk_widget_new", "/usr/lib/libgtk-3.so.0"),
+                ],
+                "gtk_widget_new",
+            ),
+            (&[("leak", "/bin/a"), ("main", "/bin/a")], "leak"),
+            (&[("malloc", "/lib/libc.so.6")], "malloc"),
+        ];
+        for (frames, want) in cases {
+            let frames: Vec<Frame> = frames.iter().map(|(f, m)| named(f, m)).collect();
+            let s = site(SiteKind::Heap, frames, 1, 1);
+            assert_eq!(s.culprit().unwrap().function, *want);
+            assert_eq!(s.past_allocator()[0].function, *want);
+        }
     }
 
     #[test]

@@ -31,28 +31,21 @@ fn chain(site: &SiteReport, n: usize) -> String {
         .as_ref()
         .map(|f| format!("go {} created at ", f.function))
         .unwrap_or_default();
+    // The allocator and its wrappers (`_PyObject_Malloc`, `zmalloc`…) say
+    // nothing about who allocated: start past them.
+    let frames = site.past_allocator();
     let mut s = prefix
-        + &site
-            .frames
+        + &frames
             .iter()
             .take(n)
             .map(|f| f.short())
             .collect::<Vec<_>>()
             .join(" ← ");
-    if site.frames.len() > n {
+    if frames.len() > n {
         // Library frames can fill the first places (time.AfterFunc ←
         // context.WithTimeout ← …): name the user's frame as well.
-        let shown_user = site
-            .frames
-            .iter()
-            .take(n)
-            .any(|f| is_user_frame(&f.function));
-        match site
-            .frames
-            .iter()
-            .skip(n)
-            .find(|f| is_user_frame(&f.function))
-        {
+        let shown_user = frames.iter().take(n).any(|f| is_user_frame(&f.function));
+        match frames.iter().skip(n).find(|f| is_user_frame(&f.function)) {
             Some(user) if !shown_user => {
                 s.push_str(" ← … ← ");
                 s.push_str(&user.short());
