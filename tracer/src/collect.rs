@@ -15,7 +15,7 @@ use crate::{
     error::TracerError,
     go::GoTarget,
     kernel::{Counters, Kernel},
-    symbolize::{Frame, RawSite, Symbolizer, trim_at_root},
+    symbolize::{Frame, RawSite, Symbolizer, ends_at_root, trim_at_root},
 };
 
 struct SiteHistory {
@@ -221,9 +221,27 @@ impl Collector {
         if let Some(cached) = self.stacks.get(&stack_id) {
             return cached.clone();
         }
-        let ips = kernel.stack(stack_id).unwrap_or_default();
+        let mut ips = kernel.stack(stack_id).unwrap_or_default();
+        let recorded = ips.len();
+        // A frame-pointer walk through code built without frame pointers
+        // reads stack contents, data or text as return addresses: the walk
+        // ends at the first one outside executable memory (ip-1: a return
+        // address may end its mapping).
+        let left_the_stack = match ips
+            .iter()
+            .position(|&ip| !self.symbols.maps().is_code(ip.saturating_sub(1)))
+        {
+            Some(i) => {
+                ips.truncate(i);
+                true
+            }
+            None => false,
+        };
         let mut frames = self.symbols.symbolize_stack(&ips);
-        let truncated = trim_at_root(&mut frames, ips.len(), MAX_STACK_DEPTH);
+        let mut truncated = trim_at_root(&mut frames, recorded, MAX_STACK_DEPTH);
+        if left_the_stack && !ends_at_root(&frames) {
+            truncated = true;
+        }
         let frames: Frames = frames.into();
         // An address outside every known mapping may be a library loaded since
         // the last maps snapshot: do not cache, retry next interval.

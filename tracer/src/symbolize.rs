@@ -75,6 +75,25 @@ pub fn trim_at_root(frames: &mut Vec<Frame>, recorded_depth: usize, depth_limit:
     }
 }
 
+/// A frame no symbol covers: `module+0xoffset` (the file offset, which
+/// `addr2line -e module` and `objdump --start-address` take), or `[unknown]`
+/// outside every mapped file.
+fn unsymbolized(ip: u64, module: Option<String>, file_offset: u64) -> Frame {
+    let mut f = Frame::unknown(ip, module);
+    if let Some(m) = &f.module {
+        let base = m.rsplit('/').next().unwrap_or(m);
+        f.function = format!("{base}+{file_offset:#x}");
+    }
+    f
+}
+
+/// Whether a (trimmed) stack ends in a thread-root frame.
+pub fn ends_at_root(frames: &[Frame]) -> bool {
+    frames
+        .last()
+        .is_some_and(|f| STACK_ROOTS.contains(&f.function.as_str()))
+}
+
 fn is_in_libc(f: &Frame) -> bool {
     f.module.as_deref().is_some_and(|m| {
         let name = m.rsplit('/').next().unwrap_or(m);
@@ -232,12 +251,14 @@ impl Symbolizer {
         // whether the addresses are file offsets or (for debug files) virtual.
         let mut by_module: HashMap<(PathBuf, bool), Vec<(usize, u64)>> = HashMap::new();
         let mut module_of: Vec<Option<String>> = vec![None; ips.len()];
+        let mut offset_of: Vec<u64> = vec![0; ips.len()];
         for (i, &ip) in ips.iter().enumerate() {
             // A return address points after the call; ip-1 lies inside it,
             // which gives the right line and the right inlining context.
             let probe = ip.saturating_sub(1);
             if let Some((m, off)) = self.maps.lookup(probe) {
                 module_of[i] = Some(m.path.display().to_string());
+                offset_of[i] = off;
                 let held = self.held.get(&(m.dev, m.inode));
                 let module = module_of[i].clone();
                 if let Some((tab, segs)) = held.and_then(|h| h.pclntab.as_ref())
@@ -275,7 +296,7 @@ impl Symbolizer {
         let mut per_ip: Vec<Vec<Frame>> = ips
             .iter()
             .enumerate()
-            .map(|(i, &ip)| vec![Frame::unknown(ip, module_of[i].clone())])
+            .map(|(i, &ip)| vec![unsymbolized(ip, module_of[i].clone(), offset_of[i])])
             .collect();
         for ((path, virt), items) in by_module {
             let addrs: Vec<u64> = items.iter().map(|(_, o)| *o).collect();

@@ -42,6 +42,9 @@ pub struct Mapping {
 #[derive(Clone, Debug, Default)]
 pub struct Maps {
     pub mappings: Vec<Mapping>,
+    /// Executable mappings backed by no file (JIT code, the vDSO): code a
+    /// return address may point into, with nothing to symbolize.
+    pub anon_code: Vec<(u64, u64)>,
 }
 
 impl Maps {
@@ -50,8 +53,12 @@ impl Maps {
     pub fn parse(text: &[u8]) -> Result<Self, procfs::ProcError> {
         let maps = procfs::process::MemoryMaps::from_buf_read(text)?;
         let mut mappings = Vec::new();
+        let mut anon_code = Vec::new();
         for m in maps {
             let MMapPath::Path(path) = &m.pathname else {
+                if m.perms.contains(procfs::process::MMPermissions::EXECUTE) {
+                    anon_code.push(m.address);
+                }
                 continue;
             };
             let (path, deleted) = match path.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
@@ -70,7 +77,22 @@ impl Maps {
                 deleted,
             });
         }
-        Ok(Self { mappings })
+        Ok(Self {
+            mappings,
+            anon_code,
+        })
+    }
+
+    /// Whether `addr` lies in executable memory: a frame-pointer walk that
+    /// reads anything else (stack contents, data, text) has left the stack.
+    pub fn is_code(&self, addr: u64) -> bool {
+        self.mappings
+            .iter()
+            .any(|m| m.executable && m.start <= addr && addr < m.end)
+            || self
+                .anon_code
+                .iter()
+                .any(|&(lo, hi)| lo <= addr && addr < hi)
     }
 
     /// Reads and parses `/proc/PID/maps`, resolving the paths to open.
@@ -292,8 +314,29 @@ mod tests {
 7f1e2a000000-7f1e2a026000 r--p 00000000 fe:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6
 7f1e2a026000-7f1e2a17b000 r-xp 00026000 fe:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6
 7f1e2a200000-7f1e2a201000 r-xp 00000000 fe:01 77 /tmp/gone.so (deleted)
+7f1e2b000000-7f1e2b001000 r-xp 00000000 00:00 0 
 7fff5e7c0000-7fff5e7e1000 rw-p 00000000 00:00 0 [stack]
+7fff5e7f0000-7fff5e7f2000 r-xp 00000000 00:00 0 [vdso]
 ";
+
+    #[test]
+    fn code_is_executable_memory_only() {
+        let maps = Maps::parse(MAPS.as_bytes()).unwrap();
+        assert!(maps.is_code(0x55d0c0a01800), "the executable's text");
+        assert!(maps.is_code(0x7f1e2a100000), "libc's text");
+        assert!(maps.is_code(0x7f1e2b000010), "anonymous code (JIT)");
+        assert!(maps.is_code(0x7fff5e7f0100), "the vDSO");
+        assert!(
+            !maps.is_code(0x55d0c0a00800),
+            "read-only data of the executable"
+        );
+        assert!(!maps.is_code(0x55d0c1c4e100), "the heap");
+        assert!(!maps.is_code(0x7fff5e7c0100), "the stack");
+        assert!(
+            !maps.is_code(0x646d65747379732f),
+            "ASCII text read as an address"
+        );
+    }
 
     #[test]
     fn parses_file_mappings_only() {
