@@ -225,6 +225,9 @@ fn attach_until_exit_env(
         .on_attached(|_| target.send("go"))
         .start();
     target.expect_line("done", T);
+    // The target's code, read while it still runs: every frame reported
+    // must lie in it (a walk that left the stack is cut, not reported).
+    let code = code_ranges(target.pid());
     target.close_stdin();
     assert_eq!(
         target.wait(T),
@@ -235,12 +238,45 @@ fn attach_until_exit_env(
     assert_eq!(exited["pid"], target.pid());
     let report = stream.next_of("report", T);
     assert_eq!(report["reason"], "target_exited");
+    for site in report["sites"].as_array().unwrap() {
+        for f in site["frames"].as_array().unwrap() {
+            if f["function"] == "[unknown stack]" {
+                continue;
+            }
+            let pc = f["addr"].as_u64().unwrap().saturating_sub(1);
+            assert!(
+                code.iter().any(|&(lo, hi)| lo <= pc && pc < hi),
+                "frame {f} is outside the target's executable mappings {code:x?}"
+            );
+        }
+    }
     assert_eq!(
         tracer.wait(T),
         Some(0),
         "the tracer exits 0 when the target exits"
     );
     (stream.seen, target.pid())
+}
+
+/// The executable mappings of a running process, from /proc/PID/maps.
+fn code_ranges(pid: u32) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
+        .map(|l| {
+            let (lo, hi) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            (
+                u64::from_str_radix(lo, 16).unwrap(),
+                u64::from_str_radix(hi, 16).unwrap(),
+            )
+        })
+        .collect()
 }
 
 #[test]

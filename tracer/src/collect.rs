@@ -223,20 +223,7 @@ impl Collector {
         }
         let mut ips = kernel.stack(stack_id).unwrap_or_default();
         let recorded = ips.len();
-        // A frame-pointer walk through code built without frame pointers
-        // reads stack contents, data or text as return addresses: the walk
-        // ends at the first one outside executable memory (ip-1: a return
-        // address may end its mapping).
-        let left_the_stack = match ips
-            .iter()
-            .position(|&ip| !self.symbols.maps().is_code(ip.saturating_sub(1)))
-        {
-            Some(i) => {
-                ips.truncate(i);
-                true
-            }
-            None => false,
-        };
+        let left_the_stack = cut_at_non_code(&mut ips, self.symbols.maps());
         let mut frames = self.symbols.symbolize_stack(&ips);
         let mut truncated = trim_at_root(&mut frames, recorded, MAX_STACK_DEPTH);
         if left_the_stack && !ends_at_root(&frames) {
@@ -280,6 +267,24 @@ impl Collector {
     }
 }
 
+/// Cuts a recorded stack at its first address outside executable memory;
+/// true when it did. A frame-pointer walk through code built without frame
+/// pointers reads stack contents, data or text as return addresses: the
+/// walk has left the stack there. (ip-1: a return address may end its
+/// mapping.)
+fn cut_at_non_code(ips: &mut Vec<u64>, maps: &crate::target::Maps) -> bool {
+    match ips
+        .iter()
+        .position(|&ip| !maps.is_code(ip.saturating_sub(1)))
+    {
+        Some(i) => {
+            ips.truncate(i);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Least-squares slope of `y` over `x`; 0 with fewer than two distinct x.
 pub fn slope(pts: &[(f64, f64)]) -> f64 {
     let n = pts.len() as f64;
@@ -306,6 +311,29 @@ impl Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn walks_end_where_they_leave_executable_memory() {
+        let maps = crate::target::Maps::parse(
+            b"55d0c0a01000-55d0c0a02000 r-xp 00001000 fe:01 1234 /usr/bin/demo\n\
+              7f1e2a026000-7f1e2a17b000 r-xp 00026000 fe:01 42 /usr/lib/libc.so.6\n",
+        )
+        .unwrap();
+        let mut ips = vec![
+            0x55d0c0a01100,
+            0x7f1e2a030000,
+            0x646d65747379732f,
+            0x55d0c0a01200,
+        ];
+        assert!(cut_at_non_code(&mut ips, &maps));
+        assert_eq!(ips, [0x55d0c0a01100, 0x7f1e2a030000]);
+        let mut whole = vec![0x55d0c0a01100, 0x55d0c0a02000];
+        assert!(
+            !cut_at_non_code(&mut whole, &maps),
+            "a return address may end its mapping"
+        );
+        assert_eq!(whole.len(), 2);
+    }
 
     #[test]
     fn slope_of_lines() {
