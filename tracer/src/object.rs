@@ -164,7 +164,8 @@ impl ElfObject {
         // truncated by someone else while mapped would fault on access, as
         // with any mmap reader (blazesym maps the same files); the tracer only
         // maps binaries that processes are running or about to run.
-        let data = unsafe { memmap2::Mmap::map(file) }.map_err(|e| unreadable(path, e.to_string()))?;
+        let data =
+            unsafe { memmap2::Mmap::map(file) }.map_err(|e| unreadable(path, e.to_string()))?;
         let parsed = object::File::parse(&*data).map_err(|e| unreadable(path, e.to_string()))?;
         let segments = Segments::new(
             parsed
@@ -238,7 +239,8 @@ impl ElfObject {
     /// The file's bytes from `offset`, `len` long.
     pub fn read_at_offset(&self, offset: u64, len: u64) -> Option<&[u8]> {
         let start = usize::try_from(offset).ok()?;
-        self.data.get(start..start.checked_add(usize::try_from(len).ok()?)?)
+        self.data
+            .get(start..start.checked_add(usize::try_from(len).ok()?)?)
     }
 
     fn symbol(&self, name: &str, kind: SymbolKind) -> Option<Symbol> {
@@ -403,11 +405,14 @@ mod tests {
     }
 
     fn libc() -> PathBuf {
-        ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .expect("glibc")
+        [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("glibc")
     }
 
     /// `nm -D --defined-only` addresses of `name`.
@@ -467,7 +472,10 @@ mod tests {
         let file = elf.file();
         let sym = file
             .dynamic_symbols()
-            .find(|s| s.name().is_ok_and(|n| n.split('@').next() == Some("malloc")))
+            .find(|s| {
+                s.name()
+                    .is_ok_and(|n| n.split('@').next() == Some("malloc"))
+            })
             .unwrap();
         assert_eq!(sym.address(), addr);
         let (off, va, _) = loads
@@ -509,7 +517,10 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "opened once");
         assert_eq!(objects.len(), 1);
         assert!(objects.get(Path::new("/no/such/file")).is_err());
-        assert!(objects.get(Path::new("/proc/self/status")).is_err(), "not ELF");
+        assert!(
+            objects.get(Path::new("/proc/self/status")).is_err(),
+            "not ELF"
+        );
     }
 
     #[test]
