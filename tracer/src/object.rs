@@ -160,10 +160,11 @@ impl ElfObject {
 
     /// Maps and parses an already open file; `path` names it in errors.
     pub fn from_file(file: &std::fs::File, path: &Path) -> Result<Self, TracerError> {
-        // SAFETY: the mapping is read-only and private to this value. A file
-        // truncated by someone else while mapped would fault on access, as
-        // with any mmap reader (blazesym maps the same files); the tracer only
-        // maps binaries that processes are running or about to run.
+        // SAFETY: the mapping is read-only and owned by this value, and only
+        // read through `&[u8]`. A file truncated by someone else while mapped
+        // would fault on access, as with any mmap reader (blazesym maps the
+        // same files); the tracer only maps binaries that processes are
+        // running or about to run, which are replaced, not rewritten.
         let data =
             unsafe { memmap2::Mmap::map(file) }.map_err(|e| unreadable(path, e.to_string()))?;
         let parsed = object::File::parse(&*data).map_err(|e| unreadable(path, e.to_string()))?;
