@@ -3,15 +3,16 @@
 //! function/line (inlined frames included) against DWARF via blazesym.
 
 use object::{Object, ObjectSymbol, SymbolKind};
-use tracer::{go::pclntab::Pclntab, symbolize::Symbolizer, target::Maps};
+use tracer::{go::pclntab::Pclntab, object::ElfObject, symbolize::Symbolizer, target::Maps};
 use tracer_tests::fixture;
 
 #[test]
 fn pclntab_agrees_with_symtab_and_dwarf() {
     for version in ["1.21", "1.24", "1.27"] {
         let path = fixture(&format!("leaky-go{version}"));
-        let data = std::fs::read(&path).unwrap();
-        let file = object::File::parse(&*data).unwrap();
+        let elf = ElfObject::open(&path).unwrap();
+        assert!(elf.is_go());
+        let file = elf.file();
         let tab = Pclntab::parse(&file).expect("a Go 1.20+ pclntab");
         // Every function symbol's address is a pclntab function entry.
         let mut checked = 0;
@@ -29,8 +30,8 @@ fn pclntab_agrees_with_symtab_and_dwarf() {
         }
         assert!(checked >= 8, "go{version}: checked {checked} functions");
         // Struct offsets: DWARF and the per-release table agree.
-        let dwarf = tracer::go::offsets_from_dwarf(&file).expect("offsets in DWARF");
-        let version_info = tracer::go::go_version(&file).unwrap();
+        let dwarf = tracer::go::offsets_from_dwarf(&elf).expect("offsets in DWARF");
+        let version_info = tracer::go::go_version(&elf).unwrap();
         let (table, known) = tracer::go::offsets_for(&version_info);
         assert!(known, "go{version}");
         assert_eq!(dwarf, table, "go{version}: DWARF vs table");
@@ -41,7 +42,7 @@ fn pclntab_agrees_with_symtab_and_dwarf() {
             .unwrap()
             .address();
         assert_eq!(
-            tracer::go::find_mem_profile_rate(&file, &data, &tab),
+            tracer::go::find_mem_profile_rate(&elf, &tab),
             Some(rate),
             "go{version}"
         );

@@ -12,6 +12,7 @@ pub mod collect;
 pub mod error;
 pub mod go;
 pub mod kernel;
+pub mod object;
 pub mod options;
 pub mod probes;
 pub mod process;

@@ -21,6 +21,7 @@ use crate::{
     error::TracerError,
     go::GoTarget,
     kernel::Kernel,
+    object::ElfObjects,
     options::Options,
     probes::{self, GoPlan, ObjectRef, PlannedProbe},
     process::{self, ExitWatcher, HeldChild, PidFd},
@@ -37,10 +38,15 @@ struct Plan {
 }
 
 /// Allocator probes in every object, Go runtime probes for a Go executable.
-fn make_plan(objects: &[ObjectRef], exe: &Path) -> Result<Option<Plan>, TracerError> {
-    let libc = probes::plan_libc(objects)?;
+/// Each file is opened once, through `elves`, whichever planners read it.
+fn make_plan(
+    objects: &[ObjectRef],
+    exe: &Path,
+    elves: &mut ElfObjects,
+) -> Result<Option<Plan>, TracerError> {
+    let libc = probes::plan_libc(objects, elves)?;
     let go = match objects.iter().find(|o| o.path == exe) {
-        Some(obj) => probes::plan_go(obj)?,
+        Some(obj) => probes::plan_go(obj, elves)?,
         None => None,
     };
     if libc.is_empty() && go.is_none() {
@@ -188,7 +194,8 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
     let target = Target::resolve(pid)?;
     target::check_environment()?;
     let objects = probes::objects_of(&target);
-    let plan = make_plan(&objects, &target.exe)?.ok_or(TracerError::NoAllocator(pid))?;
+    let plan = make_plan(&objects, &target.exe, &mut ElfObjects::new())?
+        .ok_or(TracerError::NoAllocator(pid))?;
     let exit_fd = PidFd::open(pid)?;
     let offsets = plan
         .go
@@ -240,8 +247,9 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
     let command = argv.first().cloned().unwrap_or_default();
     let exe = process::find_executable(&command)?;
     target::check_environment()?;
-    let objects: Vec<ObjectRef> = probes::objects_of_command(&exe)?;
-    let plan = make_plan(&objects, &exe)?.ok_or_else(|| TracerError::Spawn {
+    let mut elves = ElfObjects::new();
+    let objects: Vec<ObjectRef> = probes::objects_of_command(&exe, &mut elves)?;
+    let plan = make_plan(&objects, &exe, &mut elves)?.ok_or_else(|| TracerError::Spawn {
         command: command.clone(),
         reason: "neither it nor its libraries define malloc, and it is not a Go program \
                  (a stripped static binary?)"

@@ -14,7 +14,10 @@ use std::{
 
 use blazesym::symbolize::{self, Input, Symbolized, source::Source};
 
-use crate::target::Maps;
+use crate::{
+    object::{ElfObject, Segments},
+    target::Maps,
+};
 
 pub use crate::schema::{Frame, is_user_frame};
 use crate::schema::{Frames, SiteKind};
@@ -111,9 +114,6 @@ pub struct Symbolizer {
     held: HashMap<((u32, u32), u64), Held>,
 }
 
-/// A binary's loadable segments as (file offset, size, virtual address).
-type Segments = Vec<(u64, u64, u64)>;
-
 /// A separate debug file and the binary's segments, to translate offsets for it.
 type DebugFile = (PathBuf, Segments);
 
@@ -123,7 +123,7 @@ struct Held {
     /// `/proc/self/fd/N`.
     via: PathBuf,
     /// Separate debug file found by build id, with the binary's segments
-    /// (file offset, size, virtual address) to translate offsets for it.
+    /// to translate offsets for it.
     debug: Option<DebugFile>,
     /// For a Go binary without DWARF (built with `-ldflags=-s -w`): its
     /// `.gopclntab`, with the segments to reach virtual addresses.
@@ -140,29 +140,14 @@ const BUILD_ID_DIR: &str = "/usr/lib/debug/.build-id";
 /// blazesym finds debug files itself from a binary's canonical path, but a
 /// file of a container (or of an exited process) has no path valid here.
 fn inspect(
-    file: &std::fs::File,
+    elf: &ElfObject,
 ) -> (
     Option<DebugFile>,
     Option<(crate::go::pclntab::Pclntab, Segments)>,
 ) {
-    use object::{Object, ObjectSegment};
-    let Some(cache) = file.try_clone().ok().map(object::ReadCache::new) else {
-        return (None, None);
-    };
-    let Ok(obj) = object::File::parse(&cache) else {
-        return (None, None);
-    };
-    let segments: Segments = obj
-        .segments()
-        .map(|seg| {
-            let (off, size) = seg.file_range();
-            (off, size, seg.address())
-        })
-        .collect();
-    let debug = obj
+    let segments = elf.segments().clone();
+    let debug = elf
         .build_id()
-        .ok()
-        .flatten()
         .filter(|id| id.len() >= 2)
         .map(|id| {
             let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -172,21 +157,11 @@ fn inspect(
     if let Some(path) = debug {
         return (Some((path, segments)), None);
     }
-    let has_dwarf = obj.section_by_name(".debug_info").is_some()
-        || obj.section_by_name(".zdebug_info").is_some();
-    let pclntab = (!has_dwarf)
-        .then(|| crate::go::pclntab::Pclntab::parse(&obj))
+    let pclntab = (!elf.has_dwarf())
+        .then(|| crate::go::pclntab::Pclntab::parse(&elf.file()))
         .flatten()
         .map(|tab| (tab, segments));
     (None, pclntab)
-}
-
-/// Virtual address of file offset `off` through the loadable segments.
-fn file_offset_to_vaddr(segments: &[(u64, u64, u64)], off: u64) -> Option<u64> {
-    segments
-        .iter()
-        .find(|(o, size, _)| *o <= off && off < o + size)
-        .map(|(o, _, va)| off - o + va)
 }
 
 impl Symbolizer {
@@ -226,7 +201,13 @@ impl Symbolizer {
                 Ok(f) => {
                     use std::os::fd::AsRawFd;
                     let via = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
-                    let (debug, pclntab) = inspect(&f);
+                    let (debug, pclntab) = match ElfObject::from_file(&f, &m.open_path) {
+                        Ok(elf) => inspect(&elf),
+                        Err(e) => {
+                            log::debug!("{e}");
+                            (None, None)
+                        }
+                    };
                     self.held.insert(
                         key,
                         Held {
@@ -262,7 +243,7 @@ impl Symbolizer {
                 let held = self.held.get(&(m.dev, m.inode));
                 let module = module_of[i].clone();
                 if let Some((tab, segs)) = held.and_then(|h| h.pclntab.as_ref())
-                    && let Some(va) = file_offset_to_vaddr(segs, off)
+                    && let Some(va) = segs.offset_to_vaddr(off)
                 {
                     let frames: Vec<Frame> = tab
                         .symbolize(va)
@@ -283,7 +264,7 @@ impl Symbolizer {
                 }
                 let debug = held.and_then(|h| {
                     let (path, segs) = h.debug.as_ref()?;
-                    Some((path.clone(), file_offset_to_vaddr(segs, off)?))
+                    Some((path.clone(), segs.offset_to_vaddr(off)?))
                 });
                 let (key, addr) = match (debug, held) {
                     (Some((path, vaddr)), _) => ((path, true), vaddr),
@@ -434,18 +415,6 @@ mod tests {
         let mut deep: Vec<Frame> = (0..126).map(|_| f("x")).collect();
         deep.push(f("start_thread"));
         assert!(trim_at_root(&mut deep, 127, 127), "depth limit reached");
-    }
-
-    #[test]
-    fn offsets_translate_through_segments() {
-        let segs = [
-            (0, 0x1000, 0),
-            (0x1000, 0x5000, 0x1000),
-            (0x6000, 0x800, 0x7000),
-        ];
-        assert_eq!(file_offset_to_vaddr(&segs, 0x1234), Some(0x1234));
-        assert_eq!(file_offset_to_vaddr(&segs, 0x6010), Some(0x7010));
-        assert_eq!(file_offset_to_vaddr(&segs, 0x9000), None);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! argument registers are still intact.
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::object::ElfObject;
 
 /// A function of the binary: virtual address, size, and its bytes' file offset.
 #[derive(Clone, Debug)]
@@ -23,25 +24,18 @@ pub struct Function {
 /// Looks up a function: in `.symtab` (kept unless built with `-ldflags=-s`),
 /// else in `.gopclntab` (always there).
 pub fn function(
-    file: &object::File,
+    elf: &ElfObject,
     pclntab: Option<&super::pclntab::Pclntab>,
     name: &str,
 ) -> Option<Function> {
-    let (addr, size) = match file
-        .symbols()
-        .find(|s| s.kind() == SymbolKind::Text && s.name() == Ok(name))
-    {
-        Some(sym) => (sym.address(), sym.size()),
+    let (addr, size) = match elf.function(name) {
+        Some(sym) => (sym.addr, sym.size),
         None => {
             let (entry, end) = pclntab?.find_function(name)?;
             (entry, end - entry)
         }
     };
-    let file_offset = file.segments().find_map(|seg| {
-        let (off, size) = seg.file_range();
-        let va = seg.address();
-        (va <= addr && addr < va + size).then(|| addr - va + off)
-    })?;
+    let file_offset = elf.segments().vaddr_to_offset(addr)?;
     Some(Function {
         name: name.to_string(),
         addr,
@@ -106,13 +100,6 @@ pub fn is_go_wrapper(name: &str) -> bool {
 }
 
 /// Bytes of a function from the file image.
-pub fn code<'d>(data: &'d [u8], f: &Function) -> Option<&'d [u8]> {
-    data.get(f.file_offset as usize..(f.file_offset + f.size) as usize)
-}
-
-/// Virtual address of a data symbol (e.g. `runtime.MemProfileRate`).
-pub fn data_symbol(file: &object::File, name: &str) -> Option<(u64, u64)> {
-    file.symbols()
-        .find(|s| s.kind() == SymbolKind::Data && s.name() == Ok(name))
-        .map(|s| (s.address(), s.size()))
+pub fn code<'d>(elf: &'d ElfObject, f: &Function) -> Option<&'d [u8]> {
+    elf.read_at_offset(f.file_offset, f.size)
 }

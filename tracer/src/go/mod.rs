@@ -20,9 +20,7 @@ pub mod version;
 
 use std::collections::HashMap;
 
-pub use code::{
-    Function, after_prologue, call_targets, code, data_symbol, function, is_go_wrapper, ret_sites,
-};
+pub use code::{Function, after_prologue, call_targets, code, function, is_go_wrapper, ret_sites};
 pub use runtime::{
     Bucket, BucketCounts, MemProfileLayout, RuntimeMem, find_mem_profile_rate, scale_sample,
 };

@@ -1,11 +1,11 @@
 //! The Go runtime probes for a Go executable, and what the collector needs
 //! to know about its runtime (offsets, where the memory profile lives).
 
-use object::{Object, ObjectSegment};
 use tracer_common::Program;
 
 use crate::{
     error::TracerError,
+    object::ElfObjects,
     probes::{ObjectRef, PlannedProbe},
 };
 
@@ -35,15 +35,19 @@ pub struct GoPlan {
     pub pie: bool,
 }
 
-/// Plans the Go runtime probes for `obj` if it is a Go executable.
-pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
-    let unreadable = |reason: String| TracerError::UnreadableBinary {
-        path: obj.path.clone(),
-        reason,
-    };
-    let data = std::fs::read(&obj.open_path).map_err(|e| unreadable(e.to_string()))?;
-    let file = object::File::parse(&*data).map_err(|e| unreadable(e.to_string()))?;
-    let Some(version) = super::go_version(&file) else {
+/// Plans the Go runtime probes for `obj` if it is a Go executable. The file
+/// comes from `elves`, shared with the other planners.
+pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>, TracerError> {
+    let elf = elves.get(&obj.open_path).map_err(|e| match e {
+        // Named as the user knows it, not by the path we open.
+        TracerError::UnreadableBinary { reason, .. } => TracerError::UnreadableBinary {
+            path: obj.path.clone(),
+            reason,
+        },
+        e => e,
+    })?;
+    let elf = &*elf;
+    let Some(version) = super::go_version(elf) else {
         return Ok(None);
     };
     if version.major == 1 && version.minor < super::OLDEST_MINOR {
@@ -58,7 +62,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     }
     // Offsets from DWARF when the binary has it: right for any release. The
     // per-release table serves stripped binaries.
-    let (offsets, known_version, cycle) = match super::dwarf_facts(&file) {
+    let (offsets, known_version, cycle) = match super::dwarf_facts(elf) {
         Some(f) => {
             log::debug!("{}: Go runtime offsets from DWARF", obj.path.display());
             (f.offsets, true, f.mem_record_cycle)
@@ -71,14 +75,16 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     // With the symbol table and DWARF, the heap profile is read from the
     // runtime's own records (as runtime.MemProfile does): no probe on the
     // sampling path at all. Stripped binaries get the two heap probes.
-    let mem_profile = super::data_symbol(&file, "runtime.mbuckets")
+    let mem_profile = elf
+        .data_symbol("runtime.mbuckets")
+        .map(|s| s.addr)
         .zip(cycle)
         .filter(|(_, cycle)| *cycle >= 16 && cycle % 8 == 0)
-        .map(|((mbuckets, _), cycle_size)| super::MemProfileLayout {
+        .map(|(mbuckets, cycle_size)| super::MemProfileLayout {
             mbuckets,
             cycle_size,
         });
-    let pclntab = super::pclntab::Pclntab::parse(&file);
+    let pclntab = super::pclntab::Pclntab::parse(&elf.file());
     let pcln = pclntab.as_ref();
     let mut probes = Vec::new();
     let mut missing = Vec::new();
@@ -94,23 +100,23 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     let file_off = |f: &super::Function, va: u64| f.file_offset + (va - f.addr);
     // An "entry" probe on the first push rbp past the stack-growth prologue.
     let entry_probe = |f: &super::Function, program: Program| {
-        let code = super::code(&data, f)?;
+        let code = super::code(elf, f)?;
         let at = super::after_prologue(code, f.addr).unwrap_or(f.addr);
         Some(probe(f.name.clone(), file_off(f, at), program))
     };
     // Exits before creations, frees before allocations.
-    let exit = super::function(&file, pcln, "runtime.gdestroy")
-        .or_else(|| super::function(&file, pcln, "runtime.goexit0"));
+    let exit = super::function(elf, pcln, "runtime.gdestroy")
+        .or_else(|| super::function(elf, pcln, "runtime.goexit0"));
     let mut entries = vec![(exit, Program::GoGoexit, "runtime.gdestroy/goexit0")];
     if mem_profile.is_none() {
         // Heap samples through probes only where the profile cannot be read.
         entries.push((
-            super::function(&file, pcln, "runtime.mProf_Free"),
+            super::function(elf, pcln, "runtime.mProf_Free"),
             Program::GoProfileFree,
             "runtime.mProf_Free",
         ));
         entries.push((
-            super::function(&file, pcln, "runtime.setprofilebucket"),
+            super::function(elf, pcln, "runtime.setprofilebucket"),
             Program::GoProfileBucket,
             "runtime.setprofilebucket",
         ));
@@ -121,8 +127,8 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
             None => missing.push(name),
         }
     }
-    if let Some(f) = super::function(&file, pcln, "runtime.newproc1")
-        && let Some(code) = super::code(&data, &f)
+    if let Some(f) = super::function(elf, pcln, "runtime.newproc1")
+        && let Some(code) = super::code(elf, &f)
     {
         for ret in super::ret_sites(code, f.addr) {
             let name = format!("{}+{:#x}", f.name, ret - f.addr);
@@ -133,7 +139,7 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     }
     // Timers: creation, stop, final firing.
     let mut newtimer = None;
-    let (_, modinfo) = super::build_info(&file).unwrap_or_default();
+    let (_, modinfo) = super::build_info(elf).unwrap_or_default();
     let mut offsets = offsets;
     offsets.count_chan_timers =
         u64::from((version.major == 1 && version.minor <= 22) || super::async_timer_chan(&modinfo));
@@ -152,12 +158,12 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
         ]
     };
     for (name, program, cookie) in timer_hooks {
-        let Some(f) = super::function(&file, pcln, name) else {
+        let Some(f) = super::function(elf, pcln, name) else {
             // The linker drops the timer code of programs that use no timers.
             log::info!("{name} is not in {}: no timer sites", obj.path.display());
             continue;
         };
-        let Some(code) = super::code(&data, &f) else {
+        let Some(code) = super::code(elf, &f) else {
             continue;
         };
         let at = super::after_prologue(code, f.addr).unwrap_or(f.addr);
@@ -167,8 +173,8 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
     }
     let mut sendtime = None;
     if new_timers {
-        newtimer = super::function(&file, pcln, "time.newTimer").map(|f| (f.addr, f.addr + f.size));
-        sendtime = super::function(&file, pcln, "time.sendTime").map(|f| f.addr);
+        newtimer = super::function(elf, pcln, "time.newTimer").map(|f| (f.addr, f.addr + f.size));
+        sendtime = super::function(elf, pcln, "time.sendTime").map(|f| f.addr);
     }
     if !missing.is_empty() {
         log::warn!(
@@ -178,24 +184,21 @@ pub fn plan_go(obj: &ObjectRef) -> Result<Option<GoPlan>, TracerError> {
             missing.join(", ")
         );
     }
-    let first_segment = file
-        .segments()
-        .map(|s| (s.address(), s.file_range().0))
-        .find(|(_, off)| *off == 0)
-        .unwrap_or((0, 0));
+    let first_segment = elf.segments().at_file_start().unwrap_or((0, 0));
     Ok(Some(GoPlan {
         version,
         offsets,
         known_version,
         probes,
-        mem_profile_rate: super::data_symbol(&file, "runtime.MemProfileRate")
-            .map(|s| s.0)
-            .or_else(|| super::find_mem_profile_rate(&file, &data, pcln?)),
+        mem_profile_rate: elf
+            .data_symbol("runtime.MemProfileRate")
+            .map(|s| s.addr)
+            .or_else(|| super::find_mem_profile_rate(elf, pcln?)),
         mem_profile,
         object: obj.clone(),
         first_segment,
         newtimer,
         sendtime,
-        pie: file.kind() == object::ObjectKind::Dynamic,
+        pie: elf.is_dynamic(),
     }))
 }

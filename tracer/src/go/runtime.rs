@@ -2,10 +2,9 @@
 //! heap sampling rate and the memory profile's buckets, as
 //! `runtime.MemProfile` reads them.
 
-use iced_x86::{Code, Decoder, DecoderOptions};
-use object::{Object, ObjectSegment};
-
 use super::code::function;
+use crate::object::ElfObject;
+use iced_x86::{Code, Decoder, DecoderOptions};
 
 /// The runtime's initial `MemProfileRate` (512 KiB), in every release.
 const DEFAULT_MEM_PROFILE_RATE: u64 = 512 * 1024;
@@ -13,33 +12,22 @@ const DEFAULT_MEM_PROFILE_RATE: u64 = 512 * 1024;
 /// Finds `runtime.MemProfileRate` without a symbol table: the one qword that
 /// the `runtime.mallocgc*` functions load RIP-relative and whose initial
 /// value in the file is the runtime's default rate.
-pub fn find_mem_profile_rate(
-    file: &object::File,
-    data: &[u8],
-    pclntab: &super::pclntab::Pclntab,
-) -> Option<u64> {
+pub fn find_mem_profile_rate(elf: &ElfObject, pclntab: &super::pclntab::Pclntab) -> Option<u64> {
     use iced_x86::{OpKind, Register};
     let initial = |va: u64| -> Option<u64> {
-        file.segments().find_map(|seg| {
-            let (off, size) = seg.file_range();
-            let a = seg.address();
-            if va < a || va + 8 > a + size {
-                return None;
-            }
-            let at = (off + va - a) as usize;
-            Some(u64::from_le_bytes(data.get(at..at + 8)?.try_into().ok()?))
-        })
+        Some(u64::from_le_bytes(
+            elf.read_at_vaddr(va, 8)?.try_into().ok()?,
+        ))
     };
     let mut found = std::collections::BTreeSet::new();
     for (name, entry, end) in pclntab.functions() {
         if !name.starts_with("runtime.mallocgc") {
             continue;
         }
-        let Some(f) = function(file, Some(pclntab), &name) else {
+        let Some(f) = function(elf, Some(pclntab), &name) else {
             continue;
         };
-        let Some(code) = data.get(f.file_offset as usize..(f.file_offset + (end - entry)) as usize)
-        else {
+        let Some(code) = elf.read_at_offset(f.file_offset, end - entry) else {
             continue;
         };
         let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);

@@ -4,6 +4,8 @@
 use object::{Object, ObjectSection};
 use tracer_common::GoOffsets;
 
+use crate::object::ElfObject;
+
 /// A Go release, from `.go.buildinfo`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GoVersion {
@@ -38,10 +40,11 @@ pub fn parse_version(raw: &str) -> Option<GoVersion> {
 /// The Go version of a Go binary: from `.go.buildinfo` (Go 1.18+, inline
 /// strings), or, for a binary whose build info was removed, from the
 /// `runtime.buildVersion` string of one that has a `.gopclntab`.
-pub fn go_version(file: &object::File) -> Option<GoVersion> {
-    if let Some((version, _)) = build_info(file) {
+pub fn go_version(elf: &ElfObject) -> Option<GoVersion> {
+    if let Some((version, _)) = build_info(elf) {
         return parse_version(&version);
     }
+    let file = elf.file();
     file.section_by_name(".gopclntab")?;
     let mut found = std::collections::BTreeSet::new();
     for section in file.sections() {
@@ -81,9 +84,8 @@ pub(crate) fn version_tokens(data: &[u8]) -> Vec<String> {
 }
 
 /// The version and module-info strings of `.go.buildinfo`.
-pub fn build_info(file: &object::File) -> Option<(String, String)> {
-    let section = file.section_by_name(".go.buildinfo")?;
-    let data = section.data().ok()?;
+pub fn build_info(elf: &ElfObject) -> Option<(String, String)> {
+    let data = elf.section_data(".go.buildinfo")?;
     const MAGIC: &[u8] = b"\xff Go buildinf:";
     if data.len() < 32 || &data[..14] != MAGIC || data[15] & 2 == 0 {
         return None;
@@ -158,8 +160,8 @@ pub fn offsets_for(v: &GoVersion) -> (GoOffsets, bool) {
 
 /// Runtime struct offsets read from the binary's DWARF, which is right for
 /// any release (the per-version table is the fallback for stripped binaries).
-pub fn offsets_from_dwarf(file: &object::File) -> Option<GoOffsets> {
-    dwarf_facts(file).map(|f| f.offsets)
+pub fn offsets_from_dwarf(elf: &ElfObject) -> Option<GoOffsets> {
+    dwarf_facts(elf).map(|f| f.offsets)
 }
 
 /// What the binary's DWARF says about the runtime's structures.
@@ -172,8 +174,9 @@ pub struct DwarfFacts {
 }
 
 /// Reads [`DwarfFacts`] in one pass over the DWARF units.
-pub fn dwarf_facts(file: &object::File) -> Option<DwarfFacts> {
+pub fn dwarf_facts(elf: &ElfObject) -> Option<DwarfFacts> {
     use gimli::{AttributeValue, EndianSlice, LittleEndian};
+    let file = elf.file();
     let sections =
         gimli::DwarfSections::load(|id| -> Result<std::borrow::Cow<[u8]>, gimli::Error> {
             Ok(file

@@ -8,10 +8,13 @@ pub mod placement;
 
 use std::path::{Path, PathBuf};
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSymbol, SymbolKind};
 use tracer_common::{Op, Program};
 
-use crate::error::TracerError;
+use crate::{
+    error::TracerError,
+    object::{ElfObject, ElfObjects},
+};
 
 /// A hookable allocator function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -190,20 +193,8 @@ impl PlannedProbe {
 
 /// Defined function symbols of interest in one ELF file: file offset of the
 /// function and the shift to its cheapest entry-probe point.
-pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64, u64)>, TracerError> {
-    let unreadable = |reason: String| TracerError::UnreadableBinary {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let data = std::fs::read(path).map_err(|e| unreadable(e.to_string()))?;
-    let file = object::File::parse(&*data).map_err(|e| unreadable(e.to_string()))?;
-    let segments: Vec<(u64, u64, u64)> = file
-        .segments()
-        .filter_map(|s| {
-            let (off, size) = s.file_range();
-            (size > 0).then(|| (s.address(), size, off))
-        })
-        .collect();
+pub fn allocator_symbols(elf: &ElfObject) -> Vec<(Hook, u64, u64)> {
+    let file = elf.file();
     let mut found: Vec<(Hook, u64, u64)> = Vec::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if !sym.is_definition() || sym.kind() != SymbolKind::Text {
@@ -218,21 +209,16 @@ pub fn allocator_symbols(path: &Path) -> Result<Vec<(Hook, u64, u64)>, TracerErr
         if found.iter().any(|(h, _, _)| *h == hook) {
             continue;
         }
-        let addr = sym.address();
-        let Some(offset) = segments
-            .iter()
-            .find(|(va, size, _)| *va <= addr && addr < va + size)
-            .map(|(va, _, off)| addr - va + off)
-        else {
+        let Some(offset) = elf.segments().vaddr_to_offset(sym.address()) else {
             continue;
         };
-        let len = sym.size().clamp(1, 64) as usize;
-        let shift = data
-            .get(offset as usize..offset as usize + len)
+        let len = sym.size().clamp(1, 64);
+        let shift = elf
+            .read_at_offset(offset, len)
             .map_or(0, placement::entry_offset);
         found.push((hook, offset, shift));
     }
-    Ok(found)
+    found
 }
 
 /// True for the dynamic loader, whose private minimal malloc only serves
@@ -248,15 +234,19 @@ fn is_dynamic_loader(path: &Path) -> bool {
 /// wherever they are defined. Aliases (same offset in one file, e.g. memalign
 /// and aligned_alloc in some glibc versions) are hooked once, since two probes
 /// at one address would both fire for one call. Empty when no object defines
-/// malloc (a pure Go binary).
-pub fn plan_libc(objects: &[ObjectRef]) -> Result<Vec<PlannedProbe>, TracerError> {
+/// malloc (a pure Go binary). Files come from `elves`, shared with the
+/// other planners.
+pub fn plan_libc(
+    objects: &[ObjectRef],
+    elves: &mut ElfObjects,
+) -> Result<Vec<PlannedProbe>, TracerError> {
     let mut probes = Vec::new();
     for obj in objects {
         if is_dynamic_loader(&obj.path) {
             continue;
         }
-        let symbols = match allocator_symbols(&obj.open_path) {
-            Ok(s) => s,
+        let symbols = match elves.get(&obj.open_path) {
+            Ok(elf) => allocator_symbols(&elf),
             // A library we cannot parse (e.g. a mapped data file with +x) only
             // matters if it is the allocator; the caller reports NoAllocator.
             Err(e) => {
@@ -303,19 +293,22 @@ pub fn objects_of(target: &crate::target::Target) -> Vec<ObjectRef> {
 
 /// The objects a command will map once started, without running it: its
 /// executable and the libraries its dynamic loader resolves (`ld.so --list`
-/// loads nothing and runs no code of the program).
-pub fn objects_of_command(exe: &Path) -> Result<Vec<ObjectRef>, TracerError> {
+/// loads nothing and runs no code of the program). The executable is opened
+/// through `elves`, for the planners to reuse.
+pub fn objects_of_command(
+    exe: &Path,
+    elves: &mut ElfObjects,
+) -> Result<Vec<ObjectRef>, TracerError> {
     let unreadable = |reason: String| TracerError::UnreadableBinary {
         path: exe.to_path_buf(),
         reason,
     };
-    let data = std::fs::read(exe).map_err(|e| unreadable(e.to_string()))?;
-    let file = object::File::parse(&*data).map_err(|e| unreadable(e.to_string()))?;
+    let elf = elves.get(exe)?;
     let mut objects = vec![ObjectRef {
         path: exe.to_path_buf(),
         open_path: exe.to_path_buf(),
     }];
-    let Some(interp) = interpreter(&file) else {
+    let Some(interp) = elf.interpreter() else {
         return Ok(objects); // static executable
     };
     let out = std::process::Command::new(&interp)
@@ -336,23 +329,6 @@ pub fn objects_of_command(exe: &Path) -> Result<Vec<ObjectRef>, TracerError> {
         });
     }
     Ok(objects)
-}
-
-fn interpreter(file: &object::File) -> Option<String> {
-    use object::read::elf::ProgramHeader;
-    let object::File::Elf64(elf) = file else {
-        return None;
-    };
-    let endian = elf.endian();
-    let data = elf.data();
-    for ph in elf.elf_program_headers() {
-        if ph.p_type(endian) == object::elf::PT_INTERP {
-            let bytes = ph.data(endian, data).ok()?;
-            let s = std::str::from_utf8(bytes).ok()?;
-            return Some(s.trim_end_matches('\0').to_string());
-        }
-    }
-    None
 }
 
 /// Library paths from `ld.so --list` output
@@ -386,7 +362,7 @@ mod tests {
 
     #[test]
     fn finds_malloc_family_in_libc() {
-        let syms = allocator_symbols(&libc_path()).unwrap();
+        let syms = allocator_symbols(&ElfObject::open(&libc_path()).unwrap());
         for hook in [
             Hook::Malloc,
             Hook::Free,
@@ -407,7 +383,9 @@ mod tests {
             path: libc_path(),
             open_path: libc_path(),
         };
-        let plan = plan_libc(std::slice::from_ref(&libc)).unwrap();
+        let mut elves = ElfObjects::new();
+        let plan = plan_libc(std::slice::from_ref(&libc), &mut elves).unwrap();
+        assert_eq!(elves.len(), 1);
         let first_alloc = plan.iter().position(|p| !p.frees).unwrap();
         assert!(
             plan[first_alloc..].iter().all(|p| !p.frees),
@@ -441,7 +419,7 @@ mod tests {
             path: "/nonexistent".into(),
             open_path: "/nonexistent".into(),
         };
-        assert!(plan_libc(&[none]).unwrap().is_empty());
+        assert!(plan_libc(&[none], &mut elves).unwrap().is_empty());
     }
 
     #[test]
