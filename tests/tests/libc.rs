@@ -764,3 +764,110 @@ fn colliding_stacks_fall_back_to_the_tracers_own_table() {
         assert_eq!(frames, [function, "run_all", "main"], "whole stacks");
     }
 }
+
+/// A binary stripped of its symbols, its debug file kept apart as Debian's
+/// -dbgsym packages do: without it, the leak's frame is named
+/// `module+0xoffset` (an offset `addr2line` maps to `leak_malloc`) and a
+/// notice names the module; with `--debug-dir`, the frame has its name and
+/// line again.
+#[test]
+fn stripped_binaries_name_offsets_and_take_debug_dirs() {
+    if !privileged("stripped_binaries_name_offsets_and_take_debug_dirs") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tracer-debugdir-{}", std::process::id()));
+    let _cleanup = RemoveDir(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    let original = fixture("allocs-fp");
+    let stripped = dir.join("allocs-stripped");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    run(Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&original));
+    let data = std::fs::read(&original).unwrap();
+    let build_id = {
+        use object::Object;
+        object::File::parse(&*data)
+            .unwrap()
+            .build_id()
+            .unwrap()
+            .expect("a build id")
+    };
+    let hex: String = build_id.iter().map(|b| format!("{b:02x}")).collect();
+    let debug_dir = dir.join("debug");
+    let debug_file = debug_dir.join(format!(".build-id/{}/{}.debug", &hex[..2], &hex[2..]));
+    std::fs::create_dir_all(debug_file.parent().unwrap()).unwrap();
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&original)
+        .arg(&debug_file));
+    let line = marker_line(&source("c/allocs.c"), "leak_malloc");
+
+    let trace = |extra: &[&str]| -> (Vec<Value>, Value) {
+        let mut target = Proc::spawn(Command::new(&stripped).arg("wait"));
+        target.expect_line("ready", T);
+        let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+            .args(extra)
+            .on_attached(|_| target.send("go"))
+            .start();
+        target.expect_line("done", T);
+        let report = end_normally(&mut target, &mut tracer, &mut stream);
+        (stream.seen, report)
+    };
+
+    // Without the debug file: offsets, and a notice naming the module.
+    let (seen, report) = trace(&[]);
+    let module = stripped.display().to_string();
+    assert!(
+        seen.iter().any(|v| v["type"] == "notice"
+            && v["message"].as_str().unwrap().contains("no symbols")
+            && v["message"].as_str().unwrap().contains(&module)),
+        "a notice names {module}: {seen:?}"
+    );
+    // The site allocating exactly leak_malloc's 10 x 1000 B, found by the
+    // fixture's arithmetic since it has no name.
+    let site = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "heap" && s["outstanding_bytes"] == 10000 && s["allocs"] == 10)
+        .unwrap_or_else(|| panic!("no 10 x 1000 B site:\n{}", describe_sites(&report)));
+    let f = &site["frames"][0];
+    let name = f["function"].as_str().unwrap();
+    let prefix = "allocs-stripped+0x";
+    assert!(name.starts_with(prefix), "{f}");
+    let offset = u64::from_str_radix(&name[prefix.len()..], 16).unwrap();
+    // The return address is after the call: the call is at offset - 1.
+    let resolved = run(Command::new("addr2line")
+        .args(["-f", "-e"])
+        .arg(&original)
+        .arg(format!("{:#x}", offset - 1)));
+    let resolved = String::from_utf8_lossy(&resolved);
+    assert_eq!(
+        resolved.lines().next(),
+        Some("leak_malloc"),
+        "addr2line reads {name} as {resolved}"
+    );
+    assert!(resolved.contains(&format!("allocs.c:{line}")), "{resolved}");
+
+    // With the debug directory: the name and line again, no notice.
+    let (seen, report) = trace(&["--debug-dir", debug_dir.to_str().unwrap()]);
+    let site = site_at(&report, "heap", "leak_malloc", line);
+    assert_eq!(site["outstanding_bytes"], 10000);
+    assert!(
+        !seen
+            .iter()
+            .any(|v| v["type"] == "notice" && v["message"].as_str().unwrap().contains(&module)),
+        "no notice about {module} once its debug file is found"
+    );
+}

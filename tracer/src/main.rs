@@ -205,6 +205,10 @@ struct Common {
     /// Never write to the target's memory (Go heap sampling stays as it is).
     #[arg(long)]
     no_write: bool,
+    /// Also look for separate debug files here (`.build-id/xx/….debug`, or
+    /// by debuglink) before /usr/lib/debug; repeatable.
+    #[arg(long = "debug-dir", value_name = "DIR")]
+    debug_dirs: Vec<PathBuf>,
     /// Warn when the target's memory is estimated to hit its limit within
     /// this many seconds.
     #[arg(long, default_value = "300", value_parser = parse_secs)]
@@ -277,6 +281,7 @@ impl Common {
             duration: self.duration,
             trend_window: self.trend_window,
             exports: self.output.exports(),
+            debug_dirs: self.debug_dirs.clone(),
             go_sampling: tracer::go::SamplingPolicy {
                 rate: self.go_sample_rate,
                 no_write: self.no_write,
@@ -334,6 +339,14 @@ impl Common {
         };
         if self.crit_usage < self.warn_usage {
             fail("--crit-usage must not be below --warn-usage");
+        }
+        for dir in &self.debug_dirs {
+            if !dir.is_dir() {
+                fail(&format!(
+                    "--debug-dir {}: no such directory; give a directory holding debug files",
+                    dir.display()
+                ));
+            }
         }
         if self.crit_eta > self.warn_eta {
             fail("--crit-eta must not exceed --warn-eta");

@@ -12,6 +12,8 @@ pub struct Options {
     pub sizes: MapSizes,
     /// Window over which growth rates are computed.
     pub trend_window: Duration,
+    /// Directories of separate debug files, searched before /usr/lib/debug.
+    pub debug_dirs: Vec<std::path::PathBuf>,
     /// How the Go heap sampling rate may be changed in the target.
     pub go_sampling: crate::go::SamplingPolicy,
     /// OOM-risk alerting; None turns it off.

@@ -81,7 +81,8 @@ struct Traced {
 
 impl Traced {
     fn new(pid: u32, maps: Maps, go: Option<&GoPlan>, opts: &Options) -> Self {
-        let mut collector = Collector::new(pid, Symbolizer::new(maps.clone()), opts.trend_window);
+        let symbols = Symbolizer::with_debug_dirs(maps.clone(), &opts.debug_dirs);
+        let mut collector = Collector::new(pid, symbols, opts.trend_window);
         if let Some(plan) = go {
             collector = collector.with_go(GoTarget::new(pid, plan.clone(), &maps));
         }
@@ -116,6 +117,26 @@ impl Traced {
         }
     }
 
+    /// Tells the user, once per module, which frames stay unnamed and why.
+    fn tell_missing_symbols(&mut self, sink: &mut dyn Sink) -> std::io::Result<()> {
+        let missing = self
+            .collector
+            .symbolizer_mut()
+            .new_modules_without_symbols();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        sink.notice(
+            self.pid,
+            &format!(
+                "no symbols for some code of {}: those frames show as module+0xoffset; install \
+                 the debug symbols (Debian: the package's -dbgsym or -dbg) or pass --debug-dir \
+                 DIR holding .build-id/xx/....debug files",
+                missing.join(", ")
+            ),
+        )
+    }
+
     /// A snapshot outside the interval's (on demand, at the end), with the
     /// last memory status the watch saw.
     fn snapshot_now(&mut self, kernel: &mut Kernel) -> Result<Snapshot, TracerError> {
@@ -136,6 +157,7 @@ impl Traced {
         self.settle_go(opts, sink)?;
         let mut snap = self.collector.collect(kernel)?;
         kernel.flush_logs();
+        self.tell_missing_symbols(sink)?;
         if let Some(w) = self.watch.as_mut() {
             w.update(&mut snap, sink)?;
         }
@@ -160,6 +182,7 @@ impl Traced {
         }
         // The maps outlive the target: the final snapshot still holds everything.
         let snap = self.snapshot_now(kernel)?;
+        self.tell_missing_symbols(sink)?;
         if reason == EndReason::TargetExited {
             if let Some(kill) = self.watch.as_ref().and_then(|w| w.oom_kill(kernel, &snap)) {
                 sink.oom_kill(&kill)?;

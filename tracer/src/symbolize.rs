@@ -112,6 +112,13 @@ pub struct Symbolizer {
     /// Every mapped file, held open: its `/proc/self/fd/N` path still reaches
     /// the inode after the target exits, whichever namespace it lives in.
     held: HashMap<((u32, u32), u64), Held>,
+    /// Where separate debug files are looked for (`--debug-dir`, then
+    /// /usr/lib/debug): by build id under `.build-id/`, and by debuglink.
+    debug_dirs: Vec<PathBuf>,
+    /// Modules some frame of which no symbol covers, and those the user was
+    /// already told about.
+    without_symbols: std::collections::BTreeSet<String>,
+    told: std::collections::BTreeSet<String>,
 }
 
 /// A separate debug file and the binary's segments, to translate offsets for it.
@@ -130,8 +137,9 @@ struct Held {
     pclntab: Option<(crate::go::pclntab::Pclntab, Segments)>,
 }
 
-/// Directory of separate debug files named by build id (Debian's -dbg packages).
-const BUILD_ID_DIR: &str = "/usr/lib/debug/.build-id";
+/// The system's directory of separate debug files (Debian's -dbg and
+/// -dbgsym packages install theirs under `.build-id/` there).
+pub const SYSTEM_DEBUG_DIR: &str = "/usr/lib/debug";
 
 /// What symbolization needs to know about a file beyond blazesym, read in one
 /// parse when the file is opened: its separate debug file (by build id) or,
@@ -141,19 +149,19 @@ const BUILD_ID_DIR: &str = "/usr/lib/debug/.build-id";
 /// file of a container (or of an exited process) has no path valid here.
 fn inspect(
     elf: &ElfObject,
+    debug_dirs: &[PathBuf],
 ) -> (
     Option<DebugFile>,
     Option<(crate::go::pclntab::Pclntab, Segments)>,
 ) {
     let segments = elf.segments().clone();
-    let debug = elf
-        .build_id()
-        .filter(|id| id.len() >= 2)
-        .map(|id| {
-            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-            PathBuf::from(format!("{BUILD_ID_DIR}/{}/{}.debug", &hex[..2], &hex[2..]))
-        })
-        .filter(|p| p.exists());
+    let debug = elf.build_id().filter(|id| id.len() >= 2).and_then(|id| {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        debug_dirs
+            .iter()
+            .map(|d| d.join(format!(".build-id/{}/{}.debug", &hex[..2], &hex[2..])))
+            .find(|p| p.exists())
+    });
     if let Some(path) = debug {
         return (Some((path, segments)), None);
     }
@@ -166,6 +174,14 @@ fn inspect(
 
 impl Symbolizer {
     pub fn new(maps: Maps) -> Self {
+        Self::with_debug_dirs(maps, &[])
+    }
+
+    /// A symbolizer that also looks for separate debug files in `dirs`
+    /// (before the system's /usr/lib/debug).
+    pub fn with_debug_dirs(maps: Maps, dirs: &[PathBuf]) -> Self {
+        let mut debug_dirs = dirs.to_vec();
+        debug_dirs.push(PathBuf::from(SYSTEM_DEBUG_DIR));
         let inner = symbolize::Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
@@ -173,15 +189,32 @@ impl Symbolizer {
             // Paths under /proc/PID/root vanish with the target; keep what we
             // parsed instead of re-checking the file each time.
             .enable_auto_reload(false)
+            // For .gnu_debuglink; build ids are looked up by us (`inspect`).
+            .set_debug_dirs(Some(&debug_dirs))
             .build();
         let mut s = Self {
             inner,
             maps: Maps::default(),
             loaded: HashSet::new(),
             held: HashMap::new(),
+            debug_dirs,
+            without_symbols: Default::default(),
+            told: Default::default(),
         };
         s.update_maps(maps);
         s
+    }
+
+    /// Modules with frames no symbol covers that were not reported yet (each
+    /// is reported once).
+    pub fn new_modules_without_symbols(&mut self) -> Vec<String> {
+        let new: Vec<String> = self
+            .without_symbols
+            .difference(&self.told)
+            .cloned()
+            .collect();
+        self.told.extend(new.iter().cloned());
+        new
     }
 
     /// The maps snapshot addresses are resolved against.
@@ -202,7 +235,7 @@ impl Symbolizer {
                     use std::os::fd::AsRawFd;
                     let via = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
                     let (debug, pclntab) = match ElfObject::from_file(&f, &m.open_path) {
-                        Ok(elf) => inspect(&elf),
+                        Ok(elf) => inspect(&elf, &self.debug_dirs),
                         Err(e) => {
                             log::debug!("{e}");
                             (None, None)
@@ -306,6 +339,14 @@ impl Symbolizer {
         }
         for (i, frames) in from_pclntab {
             per_ip[i] = frames;
+        }
+        for (i, frames) in per_ip.iter().enumerate() {
+            if let ([f], Some(m)) = (frames.as_slice(), &module_of[i])
+                && f.file.is_none()
+                && f.function.ends_with(&format!("+{:#x}", offset_of[i]))
+            {
+                self.without_symbols.insert(m.clone());
+            }
         }
         per_ip.into_iter().flatten().collect()
     }
