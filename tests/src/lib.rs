@@ -782,14 +782,6 @@ impl<'h> Tracing<'h> {
     }
 }
 
-/// Starts `tracer attach PID` with JSON on its stdout, snapshots every 0.2 s,
-/// `extra` arguments and `env`; returns the tracer, its stream and the
-/// `attached` event, once every probe is live. Shorthand for
-/// [`Tracing::attach`]`(pid).args(extra).envs(env).start()`.
-pub fn attach_json(pid: u32, extra: &[&str], env: &[(&str, &str)]) -> (Proc, Stream, Value) {
-    Tracing::attach(pid).args(extra).envs(env).start()
-}
-
 /// Ends a traced run the normal way: closes the target's stdin, expects it
 /// to exit 0, then the tracer to write its report and exit 0. Returns the
 /// report.
@@ -818,6 +810,24 @@ pub fn probe_programs(attached: &Value) -> Vec<String> {
         .iter()
         .map(|p| p["program"].as_str().unwrap_or_default().to_string())
         .collect()
+}
+
+/// `tracer report -f json RECORDING EXTRA…`, which must succeed; its events,
+/// parsed as [`parse_lines`] does.
+pub fn replay_json<S: AsRef<std::ffi::OsStr>>(recording: &Path, extra: &[S]) -> Vec<Value> {
+    let out = Command::new(tracer_bin())
+        .args(["report", "-f", "json"])
+        .arg(recording)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tracer report {}: {}",
+        recording.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_lines(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Parses a recorded JSON Lines stream, each line checked against the

@@ -221,19 +221,7 @@ fn pprof_profile_and_report_replay() {
     let recorded = parse_lines(&std::fs::read_to_string(&recording).unwrap());
     let original = recorded.iter().find(|v| v["type"] == "report").unwrap();
     let replay_profile = dir.join("replay.pb.gz");
-    let out = Command::new(tracer_bin())
-        .args(["report", "-f", "json"])
-        .arg(&recording)
-        .arg("--pprof")
-        .arg(&replay_profile)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let replayed = parse_lines(&String::from_utf8_lossy(&out.stdout));
+    let replayed = replay_json(&recording, &[Path::new("--pprof"), &replay_profile]);
     let kinds: Vec<&Value> = replayed.iter().map(|v| &v["type"]).collect();
     assert_eq!(kinds, ["attached", "target_exited", "report"]);
     let report = &replayed[2];
@@ -280,17 +268,7 @@ fn report_of_a_cut_recording_uses_its_last_snapshot() {
     // As the OOM killer or `kill -9` would: no final report.
     tracer.signal(libc::SIGKILL);
     tracer.wait(T);
-    let out = Command::new(tracer_bin())
-        .args(["report", "-f", "json"])
-        .arg(&recording)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let replayed = parse_lines(&String::from_utf8_lossy(&out.stdout));
+    let replayed = replay_json::<&str>(&recording, &[]);
     let notice = replayed.iter().find(|v| v["type"] == "notice").unwrap();
     assert!(
         notice["message"]

@@ -126,17 +126,7 @@ fn many_sites_stream_small_snapshots_and_exact_reports() {
     // its report (the tracer killed), as the tests' own rebuild does.
     let cut = dir.join("cut.jsonl");
     std::fs::write(&cut, raw[..=last_i].join("\n")).unwrap();
-    let out = Command::new(tracer_bin())
-        .args(["report", "-f", "json", "--top", "100000"])
-        .arg(&cut)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let replayed = parse_lines(&String::from_utf8_lossy(&out.stdout));
+    let replayed = replay_json::<&str>(&cut, &[]);
     let replayed = replayed.last().unwrap();
     assert_eq!(replayed["type"], "report");
     assert_eq!(replayed["sites"], last["sites"]);
