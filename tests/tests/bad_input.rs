@@ -210,3 +210,40 @@ fn kernel_without_btf_or_uprobes() {
         .unwrap();
     assert_fails(&out, 4, "does not support uprobes");
 }
+
+/// A thread id (from `ps -L`, `top -H`) is traced as its process, with a
+/// notice; it used to fail as "not permitted".
+#[test]
+fn a_thread_id_traces_its_process() {
+    if !privileged("a_thread_id_traces_its_process") {
+        return;
+    }
+    let t = Duration::from_secs(60);
+    let target = Proc::spawn(Command::new("/usr/bin/python3").args([
+        "-c",
+        "import threading, time\n\
+         t = threading.Thread(target=time.sleep, args=(60,), daemon=True)\n\
+         t.start()\n\
+         print(t.native_id, flush=True)\n\
+         time.sleep(60)",
+    ]));
+    let tid: u32 = target.line(t).trim().parse().unwrap();
+    assert_ne!(tid, target.pid(), "the thread has its own id");
+    let (mut tracer, mut stream, attached) = Tracing::attach(tid).args(["--duration", "1"]).start();
+    assert_eq!(
+        attached["pid"],
+        target.pid(),
+        "the thread's process is traced"
+    );
+    stream.next_of("report", t);
+    assert_eq!(tracer.wait(t), Some(0));
+    let notice = format!("{tid} is a thread of process {}", target.pid());
+    assert!(
+        stream
+            .seen
+            .iter()
+            .any(|v| v["type"] == "notice" && v["message"].as_str().unwrap().contains(&notice)),
+        "a notice says `{notice}`: {:?}",
+        stream.seen
+    );
+}

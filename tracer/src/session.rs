@@ -214,6 +214,7 @@ impl Traced {
 /// Traces the running process `pid` until it exits, `duration` elapses or the
 /// user interrupts.
 pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
+    let pid = process_of_thread(pid, sink)?;
     let target = Target::resolve(pid)?;
     target::check_environment()?;
     let objects = probes::objects_of(&target);
@@ -247,6 +248,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
 /// allocator (no uprobes: no overhead in the target). Alerts then carry no
 /// call sites; the OOM kill is still recorded.
 pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
+    let pid = process_of_thread(pid, sink)?;
     let target = Target::resolve(pid)?;
     target::check_environment()?;
     let exit_fd = PidFd::open(pid)?;
@@ -319,6 +321,18 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
         process::reap(pid);
     }
     result
+}
+
+/// The process of `pid`, telling the user when `pid` is one of its threads.
+fn process_of_thread(pid: u32, sink: &mut dyn Sink) -> Result<u32, TracerError> {
+    let process = target::process_of(pid)?;
+    if process != pid {
+        sink.notice(
+            process,
+            &format!("{pid} is a thread of process {process}: tracing the process"),
+        )?;
+    }
+    Ok(process)
 }
 
 /// Tells the user when sampling cannot skip the return trap of left-out

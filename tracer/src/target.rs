@@ -182,6 +182,21 @@ pub struct Target {
     pub maps: Maps,
 }
 
+/// The process a thread id belongs to (itself for a process id): tracing is
+/// per process, and `ps -L`, `top -H` and profilers show thread ids.
+pub fn process_of(pid: u32) -> Result<u32, TracerError> {
+    if pid == 0 {
+        return Err(TracerError::NoSuchProcess(pid));
+    }
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| proc_error(pid, &e))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(pid))
+}
+
 impl Target {
     /// Checks that `pid` is a live user process we may trace and reads its maps.
     pub fn resolve(pid: u32) -> Result<Self, TracerError> {
@@ -318,6 +333,25 @@ mod tests {
 7fff5e7c0000-7fff5e7e1000 rw-p 00000000 00:00 0 [stack]
 7fff5e7f0000-7fff5e7f2000 r-xp 00000000 00:00 0 [vdso]
 ";
+
+    #[test]
+    fn a_thread_id_resolves_to_its_process() {
+        let me = std::process::id();
+        assert_eq!(process_of(me).unwrap(), me);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+        let tid = rx.recv().unwrap();
+        assert_ne!(tid, me);
+        assert_eq!(process_of(tid).unwrap(), me);
+        t.join().unwrap();
+        assert!(matches!(
+            process_of(u32::MAX - 1),
+            Err(TracerError::NoSuchProcess(_))
+        ));
+    }
 
     #[test]
     fn code_is_executable_memory_only() {
