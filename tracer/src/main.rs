@@ -362,13 +362,18 @@ fn main() -> ExitCode {
         | Command::Run { common, .. } => common.validate(),
         Command::Report { output, .. } => output.validate(),
     }
-    let level = match cli.verbose {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
-        _ => log::LevelFilter::Debug,
+    // -v: what the tracer does (plan, attach, each snapshot); -vv: its
+    // debugging detail; -vvv: the libraries' too (aya's relocation log alone
+    // is hundreds of lines).
+    let (level, libraries) = match cli.verbose {
+        0 => (log::LevelFilter::Warn, log::LevelFilter::Warn),
+        1 => (log::LevelFilter::Info, log::LevelFilter::Warn),
+        2 => (log::LevelFilter::Debug, log::LevelFilter::Info),
+        _ => (log::LevelFilter::Trace, log::LevelFilter::Debug),
     };
     env_logger::Builder::new()
-        .filter_level(level)
+        .filter_level(libraries)
+        .filter_module("tracer", level)
         .parse_env("TRACER_LOG")
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()

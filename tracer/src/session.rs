@@ -155,7 +155,15 @@ impl Traced {
     ) -> Result<(), TracerError> {
         self.refresh_maps();
         self.settle_go(opts, sink)?;
+        let started = Instant::now();
         let mut snap = self.collector.collect(kernel)?;
+        log::info!(
+            "pid {}: {} sites, {} B outstanding, read and symbolized in {:.1} ms",
+            self.pid,
+            snap.sites.len(),
+            snap.total_outstanding_bytes,
+            started.elapsed().as_secs_f64() * 1e3
+        );
         kernel.flush_logs();
         self.tell_missing_symbols(sink)?;
         if let Some(w) = self.watch.as_mut() {
@@ -226,8 +234,17 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
         .as_ref()
         .map(|g| GoTarget::kernel_offsets(g, Some(&target.maps)))
         .unwrap_or_default();
+    let started = Instant::now();
     let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
     let probes = kernel.attach(&plan.probes, pid)?;
+    log::info!(
+        "pid {pid}: {} probes live in {:.2} s{}",
+        probes.len(),
+        started.elapsed().as_secs_f64(),
+        plan.go
+            .as_ref()
+            .map_or(String::new(), |g| format!(" (Go {})", g.version.raw))
+    );
     session_notice(&kernel, sink, pid)?;
     let info = Attached {
         schema_version: SCHEMA_VERSION,

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use super::{Attached, EndReason, Exit, Sink, human_bytes};
-use crate::schema::{Lost, SiteKind, SiteReport, Snapshot};
+use crate::schema::{Lost, SiteKind, SiteReport, Snapshot, TRUNCATED_STACKS};
 
 pub struct TableSink<W: Write> {
     out: W,
@@ -84,19 +84,34 @@ fn growth(g: f64) -> String {
 
 pub use crate::symbolize::is_user_frame;
 
-/// One line naming every non-zero loss, or saying there is none.
+/// One line naming every non-zero loss, or saying there is none, then the
+/// truncated stacks (not a loss: their bytes are all counted).
 pub fn lost_line(lost: &Lost) -> String {
     let parts: Vec<String> = lost
         .described()
-        .map(|(_, n, what)| (n, what))
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, what)| format!("{n} {what}"))
+        .filter(|(name, n, _)| *n > 0 && *name != TRUNCATED_STACKS)
+        .map(|(_, n, what)| format!("{n} {what}"))
         .collect();
-    if parts.is_empty() {
-        "lost: nothing".into()
+    let mut line = if parts.is_empty() {
+        "lost: nothing".to_string()
     } else {
         format!("lost: {}", parts.join("; "))
+    };
+    let truncated = lost.get(TRUNCATED_STACKS);
+    if truncated > 0 {
+        line.push_str(&format!("; {truncated} sites with truncated stacks"));
     }
+    line
+}
+
+/// The files probed, each once, in the order first probed.
+fn probed_files(info: &Attached) -> Vec<&str> {
+    let mut seen = std::collections::HashSet::new();
+    info.probes
+        .iter()
+        .map(|p| p.path.as_str())
+        .filter(|p| seen.insert(*p))
+        .collect()
 }
 
 impl<W: Write> TableSink<W> {
@@ -139,8 +154,7 @@ impl<W: Write> TableSink<W> {
 impl<W: Write> Sink for TableSink<W> {
     fn attached(&mut self, info: &Attached) -> io::Result<()> {
         self.comm = info.comm.clone();
-        let mut objects: Vec<&str> = info.probes.iter().map(|p| p.path.as_str()).collect();
-        objects.dedup();
+        let objects = probed_files(info);
         writeln!(
             self.out,
             "tracer: attached to pid {} ({}): {} probes in {}",
@@ -339,7 +353,46 @@ impl<W: Write> Sink for TableSink<W> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_user_frame;
+    use super::*;
+    use crate::schema::AttachedProbe;
+
+    #[test]
+    fn each_probed_file_is_named_once() {
+        let probe = |path: &str| AttachedProbe {
+            function: "f".into(),
+            path: path.into(),
+            offset: 0,
+            program: "p".into(),
+        };
+        let info = Attached {
+            schema_version: 2,
+            pid: 1,
+            comm: "a".into(),
+            exe: "/bin/a".into(),
+            go_version: None,
+            probes: vec![
+                probe("/lib/libc.so.6"),
+                probe("/bin/a"),
+                probe("/lib/libc.so.6"),
+            ],
+        };
+        assert_eq!(probed_files(&info), ["/lib/libc.so.6", "/bin/a"]);
+    }
+
+    #[test]
+    fn truncation_is_not_listed_as_a_loss() {
+        let mut values = [0u64; tracer_common::COUNTER_COUNT as usize];
+        assert_eq!(lost_line(&Lost::from_counters(&values, 0)), "lost: nothing");
+        assert_eq!(
+            lost_line(&Lost::from_counters(&values, 13)),
+            "lost: nothing; 13 sites with truncated stacks"
+        );
+        values[tracer_common::Counter::StackLost as usize] = 2;
+        assert_eq!(
+            lost_line(&Lost::from_counters(&values, 0)),
+            "lost: 2 stacks unrecorded (stack table full, raise --max-stacks)"
+        );
+    }
 
     #[test]
     fn user_frames() {
