@@ -379,7 +379,10 @@ fn run_traces_from_the_first_allocation() {
     let out = std::env::temp_dir().join(format!("tracer-run-{}.jsonl", std::process::id()));
     // `now`: the target allocates as soon as main starts, so any window
     // between exec and attach would lose sites.
+    // No interval before the target exits: what the report holds was read
+    // at the exit (sites) or at the start (memory).
     let (mut tracer, _, _) = Tracing::run([fixture("allocs-fp").into_os_string(), "now".into()])
+        .interval("30")
         .output(&out)
         .start();
     assert_eq!(tracer.wait(T), Some(0));
@@ -395,6 +398,15 @@ fn run_traces_from_the_first_allocation() {
     let report = stream.last().unwrap();
     assert_eq!(report["type"], "report");
     assert_exact_sites(report, true);
+    assert!(
+        !stream.iter().any(|v| v["type"] == "snapshot"),
+        "the target exits before the first interval"
+    );
+    assert!(
+        report["memory"]["usage_bytes"].as_u64().unwrap() > 0,
+        "a report of a short run has the target's memory: {}",
+        report["memory"]
+    );
 }
 
 /// The table view, Ctrl-C, and the final report naming the leaking function.

@@ -30,17 +30,22 @@ pub struct MemoryWatch {
 
 impl MemoryWatch {
     pub fn new(pid: u32, opts: &AlertOptions) -> Self {
-        let oom_kills_at_start = memlimit::Source::of_pid(pid)
-            .read()
-            .ok()
-            .and_then(|s| s.oom_kills);
+        let start = memlimit::Source::of_pid(pid).read().ok();
+        // A target that exits before the first interval still has its
+        // memory in the final report: the state read at start.
+        let last = start.clone().map(|state| MemoryStatus {
+            state,
+            eta_s: None,
+            growth_bytes_per_s: None,
+            level: crate::schema::Level::Ok,
+        });
         Self {
             pid,
             trend: Trend::new(opts.window),
             alerter: Alerter::new(opts.thresholds),
             notifier: Notifier::new(opts.exec.clone(), opts.webhook.clone()),
-            last: None,
-            oom_kills_at_start,
+            oom_kills_at_start: start.and_then(|s| s.oom_kills),
+            last,
         }
     }
 
