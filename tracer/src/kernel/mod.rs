@@ -398,8 +398,6 @@ impl Kernel {
     }
 }
 
-/// Mounts tracefs at /sys/kernel/tracing if no tracefs is there (tracepoint
-
 impl Drop for Kernel {
     /// Detaches every probe at once. Each detach waits ~110 ms in the kernel
     /// (uprobe unregistration); one after another that is seconds for a few
@@ -427,6 +425,7 @@ impl Drop for Kernel {
     }
 }
 
+/// Mounts tracefs at /sys/kernel/tracing if no tracefs is there (tracepoint
 /// attachment reads event ids from it), as bpftrace and perf do.
 fn ensure_tracefs() -> Result<(), KernelError> {
     let dir = std::path::Path::new("/sys/kernel/tracing");
