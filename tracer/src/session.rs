@@ -2,7 +2,7 @@
 //! read maps each interval → symbolize → sinks, until the targets exit, the
 //! duration elapses or the user interrupts.
 //!
-//! A session traces a set of processes ([`Traced`], one per pid) with one set
+//! A session traces a set of processes (`Traced`, one per pid) with one set
 //! of kernel objects; each process has its own collector (symbols, Go side),
 //! exit watch and memory watch. This module only orchestrates: process
 //! control is in [`crate::process`], the memory watch in [`crate::alert`],

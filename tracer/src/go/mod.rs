@@ -5,11 +5,11 @@
 //! - [`version`]: which release built the binary; struct offsets (DWARF, or
 //!   the per-release table).
 //! - [`plan`]: which runtime functions get probes, and where.
-//! - [`code`]: functions in the binary and where probes go in them.
+//! - [`code`](mod@code): functions in the binary and where probes go in them.
 //! - [`pclntab`]: our own `.gopclntab` reader (names, lines, inlining) for
 //!   stripped binaries.
 //! - [`runtime`]: the target's runtime read through `/proc/PID/mem`.
-//! - [`sites`]: goroutine and sampled-heap sites.
+//! - `sites`: goroutine and sampled-heap sites.
 
 pub mod code;
 pub mod pclntab;
