@@ -535,3 +535,64 @@ fn heap_sampled_before_attach_is_read_from_the_runtime() {
         end_normally(&mut target, &mut tracer, &mut stream);
     }
 }
+
+/// The rate the tracer wrote into a target that had sampling off is written
+/// back when the tracer detaches from the still running target (the target
+/// is left as it was found), unless --keep-writes.
+#[test]
+fn go_heap_sampling_rate_is_restored_on_detach() {
+    if !privileged("go_heap_sampling_rate_is_restored_on_detach") {
+        return;
+    }
+    let binary = fixture("leaky-go1.27");
+    // runtime.MemProfileRate's address, from the binary's own symbol table
+    // (a Go executable is not position-independent: no load bias).
+    let data = std::fs::read(&binary).unwrap();
+    let addr = {
+        use object::{Object, ObjectSymbol};
+        object::File::parse(&*data)
+            .unwrap()
+            .symbols()
+            .find(|s| s.name() == Ok("runtime.MemProfileRate"))
+            .expect("runtime.MemProfileRate in .symtab")
+            .address()
+    };
+    let rate_of = |pid: u32| {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 8];
+        std::fs::File::open(format!("/proc/{pid}/mem"))
+            .unwrap()
+            .read_exact_at(&mut b, addr)
+            .unwrap();
+        u64::from_le_bytes(b)
+    };
+    for (extra, after) in [(&[][..], 0), (&["--keep-writes"][..], 524288)] {
+        let target = Proc::spawn(Command::new(&binary).arg("wait"));
+        target.expect_line("ready", T);
+        assert_eq!(rate_of(target.pid()), 0, "the fixture has sampling off");
+        let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+            .args(["--duration", "2"])
+            .args(extra)
+            .start();
+        stream.next_of("snapshot", T);
+        assert_eq!(rate_of(target.pid()), 524288, "turned on while traced");
+        stream.next_of("report", T);
+        assert_eq!(tracer.wait(T), Some(0));
+        assert_eq!(
+            rate_of(target.pid()),
+            after,
+            "after detaching with {extra:?}"
+        );
+        let said = if after == 0 {
+            "restored the target's runtime.MemProfileRate to 0"
+        } else {
+            "left the target's runtime.MemProfileRate at 524288"
+        };
+        assert!(
+            stream.seen.iter().any(|v| v["type"] == "notice"
+                && v["message"].as_str().unwrap().contains(said)),
+            "a notice says `{said}`: {:?}",
+            stream.seen
+        );
+    }
+}

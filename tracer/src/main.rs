@@ -205,6 +205,10 @@ struct Common {
     /// Never write to the target's memory (Go heap sampling stays as it is).
     #[arg(long)]
     no_write: bool,
+    /// Leave the Go heap sampling rate the tracer set in place when it
+    /// detaches (by default the target's own rate is written back).
+    #[arg(long, conflicts_with = "no_write")]
+    keep_writes: bool,
     /// Also look for separate debug files here (`.build-id/xx/….debug`, or
     /// by debuglink) before /usr/lib/debug; repeatable.
     #[arg(long = "debug-dir", value_name = "DIR")]
@@ -285,6 +289,7 @@ impl Common {
             go_sampling: tracer::go::SamplingPolicy {
                 rate: self.go_sample_rate,
                 no_write: self.no_write,
+                keep_writes: self.keep_writes,
             },
             alerts: (!self.no_alerts).then(|| AlertOptions {
                 thresholds: Thresholds {

@@ -185,6 +185,10 @@ impl Traced {
     ) -> Result<(), TracerError> {
         if reason != EndReason::TargetExited {
             self.refresh_maps();
+            let pid = self.pid;
+            if let Some(go) = self.collector.go_mut() {
+                go.restore(opts.go_sampling, sink, pid)?;
+            }
         } else if let Some(maps) = self.own_child.as_ref().and_then(ExitWatcher::maps_at_exit) {
             self.collector.symbolizer_mut().update_maps(maps);
         }

@@ -42,6 +42,9 @@ pub struct SamplingPolicy {
     pub rate: Option<u64>,
     /// Never write to the target's memory.
     pub no_write: bool,
+    /// Leave what was written in place when detaching (by default the
+    /// target's original rate is written back).
+    pub keep_writes: bool,
 }
 
 /// The Go side of one traced process: its plan (functions, offsets), its
@@ -55,6 +58,9 @@ pub struct GoTarget {
     starts: HashMap<u64, Frame>,
     /// The sampling policy still waits for the executable to be mapped.
     policy_pending: bool,
+    /// The target's own rate, when the tracer changed it: what detaching
+    /// writes back.
+    original_rate: Option<u64>,
 }
 
 impl GoTarget {
@@ -67,6 +73,7 @@ impl GoTarget {
             rate: DEFAULT_GO_SAMPLE_RATE,
             starts: HashMap::new(),
             policy_pending: true,
+            original_rate: None,
         };
         go.resolve(maps);
         go
@@ -161,15 +168,55 @@ impl GoTarget {
         match self.mem.set_rate(wanted) {
             Ok(()) => {
                 self.rate = wanted;
+                self.original_rate = Some(current);
                 sink.notice(
                     pid,
                     &format!(
                         "set the target's Go heap sampling rate (runtime.MemProfileRate) to \
-                         {wanted} bytes (it was {current}); --no-write forbids this"
+                         {wanted} bytes (it was {current}) until the tracer detaches; \
+                         --no-write forbids this, --keep-writes leaves it set"
                     ),
                 )
             }
             Err(e) => sink.notice(pid, &format!("cannot set runtime.MemProfileRate: {e}")),
+        }
+    }
+}
+
+impl GoTarget {
+    /// Writes back the target's own heap sampling rate if the tracer changed
+    /// it (unless `--keep-writes`), telling the user. The target is still
+    /// running: the tracer is detaching from it.
+    pub fn restore(
+        &mut self,
+        policy: SamplingPolicy,
+        sink: &mut dyn Sink,
+        pid: u32,
+    ) -> std::io::Result<()> {
+        let Some(original) = self.original_rate else {
+            return Ok(());
+        };
+        if policy.keep_writes {
+            return sink.notice(
+                pid,
+                &format!(
+                    "left the target's runtime.MemProfileRate at {} bytes (--keep-writes); it was {original}",
+                    self.rate
+                ),
+            );
+        }
+        match self.mem.set_rate(original) {
+            Ok(()) => {
+                self.original_rate = None;
+                sink.notice(
+                    pid,
+                    &format!("restored the target's runtime.MemProfileRate to {original}"),
+                )
+            }
+            Err(e) => sink.notice(
+                pid,
+                &format!("cannot restore runtime.MemProfileRate to {original}: {e}"),
+            ),
         }
     }
 }
