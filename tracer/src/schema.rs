@@ -13,7 +13,7 @@
 //! This module sits at the bottom: it imports nothing else of the crate.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::Arc,
     time::SystemTime,
@@ -743,18 +743,12 @@ impl Encoder {
     pub fn encode(&mut self, snap: &Snapshot) -> Vec<Event> {
         let mut events = Vec::new();
         let mut changed = Vec::new();
-        let mut now: HashMap<&str, ()> = HashMap::with_capacity(snap.sites.len());
+        let mut now: HashSet<&str> = HashSet::with_capacity(snap.sites.len());
         for site in &snap.sites {
-            now.insert(&site.site_id, ());
-            let info_changed = self.infos.get(&site.site_id).is_none_or(|i| {
-                i.kind != site.kind
-                    || i.truncated != site.truncated
-                    || i.sampled != site.sampled
-                    || i.start_function != site.start_function
-                    || i.frames != site.frames
-            });
+            now.insert(&site.site_id);
+            let info = site.info(snap.pid);
+            let info_changed = self.infos.get(&site.site_id) != Some(&info);
             if info_changed {
-                let info = site.info(snap.pid);
                 self.infos.insert(site.site_id.clone(), info.clone());
                 events.push(Event::Site(info));
             }
@@ -767,7 +761,7 @@ impl Encoder {
         let mut removed: Vec<String> = self
             .numbers
             .keys()
-            .filter(|id| !now.contains_key(id.as_str()))
+            .filter(|id| !now.contains(id.as_str()))
             .cloned()
             .collect();
         removed.sort();
