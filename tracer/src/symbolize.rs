@@ -266,6 +266,8 @@ impl Symbolizer {
         let mut by_module: HashMap<(PathBuf, bool), Vec<(usize, u64)>> = HashMap::new();
         let mut module_of: Vec<Option<String>> = vec![None; ips.len()];
         let mut offset_of: Vec<u64> = vec![0; ips.len()];
+        // Whether a symbol (DWARF, ELF or .gopclntab) named the address.
+        let mut named = vec![false; ips.len()];
         for (i, &ip) in ips.iter().enumerate() {
             // A return address points after the call; ip-1 lies inside it,
             // which gives the right line and the right inlining context.
@@ -334,16 +336,17 @@ impl Symbolizer {
             for ((i, _), sym) in items.iter().zip(results) {
                 if let Symbolized::Sym(sym) = sym {
                     per_ip[*i] = frames_of(&sym, ips[*i], module_of[*i].clone());
+                    named[*i] = true;
                 }
             }
         }
         for (i, frames) in from_pclntab {
             per_ip[i] = frames;
+            named[i] = true;
         }
-        for (i, frames) in per_ip.iter().enumerate() {
-            if let ([f], Some(m)) = (frames.as_slice(), &module_of[i])
-                && f.file.is_none()
-                && f.function.ends_with(&format!("+{:#x}", offset_of[i]))
+        for (i, m) in module_of.iter().enumerate() {
+            if let Some(m) = m
+                && !named[i]
             {
                 self.without_symbols.insert(m.clone());
             }
