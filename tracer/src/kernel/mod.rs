@@ -408,18 +408,14 @@ impl Drop for Kernel {
     fn drop(&mut self) {
         let links = std::mem::take(&mut self.links);
         let sessions = std::mem::take(&mut self.session_links);
+        // A closure no thread could be spawned for is dropped by the failed
+        // spawn: its link is then detached here, in turn.
         std::thread::scope(|s| {
-            let detach = |f: Box<dyn FnOnce() + Send>| {
-                // No thread to spare: detach here, in turn.
-                if let Err(e) = std::thread::Builder::new().spawn_scoped(s, f) {
-                    log::debug!("detaching without a thread: {e}");
-                }
-            };
             for link in links {
-                detach(Box::new(move || drop(link)));
+                let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(link));
             }
             for fd in sessions {
-                detach(Box::new(move || drop(fd)));
+                let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(fd));
             }
         });
     }
