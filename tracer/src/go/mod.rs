@@ -181,9 +181,7 @@ impl GoTarget {
             Err(e) => sink.notice(pid, &format!("cannot set runtime.MemProfileRate: {e}")),
         }
     }
-}
 
-impl GoTarget {
     /// Writes back the target's own heap sampling rate if the tracer changed
     /// it (unless `--keep-writes`), telling the user. The target is still
     /// running: the tracer is detaching from it.
