@@ -589,8 +589,10 @@ fn go_heap_sampling_rate_is_restored_on_detach() {
             "left the target's runtime.MemProfileRate at 524288"
         };
         assert!(
-            stream.seen.iter().any(|v| v["type"] == "notice"
-                && v["message"].as_str().unwrap().contains(said)),
+            stream
+                .seen
+                .iter()
+                .any(|v| v["type"] == "notice" && v["message"].as_str().unwrap().contains(said)),
             "a notice says `{said}`: {:?}",
             stream.seen
         );
