@@ -115,6 +115,26 @@ counters! {
     TimersRetired = 20, "timers_retired", Activity, "";
     /// Allocations left out by sampling (`--sample-bytes`).
     Unsampled = 21, "unsampled", Activity, "";
+    /// Stacks walked by the DWARF unwinder (objects without frame pointers).
+    UnwindWalks = 22, "unwind_walks", Activity, "";
+    /// Frames whose rule came from the per-pc cache, and those that needed
+    /// the table search.
+    UnwindCacheHits = 23, "unwind_cache_hits", Activity, "";
+    UnwindCacheMisses = 24, "unwind_cache_misses", Activity, "";
+    /// DWARF walks that ended early, by reason (each such stack is also
+    /// counted as truncated): a pc no table row covers ...
+    UnwindNoRule = 25, "unwind_no_rule", Activity, "";
+    /// ... a rule the unwinder does not implement ...
+    UnwindUnsupported = 26, "unwind_unsupported", Activity, "";
+    /// ... a return address outside every executable mapping ...
+    UnwindBadReturn = 27, "unwind_bad_return", Activity, "";
+    /// ... the target's stack unreadable ...
+    UnwindReadFailed = 28, "unwind_read_failed", Activity, "";
+    /// ... deeper than the tracer records ...
+    UnwindDepth = 29, "unwind_depth", Activity, "";
+    /// ... a pc in a mapping not yet known to the unwinder (mapped since the
+    /// last refresh, e.g. dlopen).
+    UnwindNoMapping = 30, "unwind_no_mapping", Activity, "";
 }
 
 impl Counter {

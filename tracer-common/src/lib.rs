@@ -9,6 +9,7 @@
 
 pub mod maps;
 pub mod program;
+pub mod unwind;
 
 pub use program::{Attach, Program};
 
@@ -262,6 +263,10 @@ mod user {
     unsafe impl aya::Pod for super::GoOffsets {}
     unsafe impl aya::Pod for super::StackBuf {}
     unsafe impl aya::Pod for super::OomVictim {}
+    unsafe impl aya::Pod for super::unwind::UnwindRow {}
+    unsafe impl aya::Pod for super::unwind::ExecMapping {}
+    unsafe impl aya::Pod for super::unwind::ProcMappings {}
+    unsafe impl aya::Pod for super::unwind::PcKey {}
 }
 
 #[cfg(test)]
@@ -281,6 +286,13 @@ mod tests {
         assert_eq!(size_of::<OomVictim>(), 8 * 6);
         assert_eq!(size_of::<GoOffsets>(), 8 * 8);
         assert_eq!(size_of::<StackBuf>(), 8 * MAX_STACK_DEPTH);
+        assert_eq!(size_of::<unwind::UnwindRow>(), 4 + 1 + 1 + 2 + 4 + 4);
+        assert_eq!(size_of::<unwind::ExecMapping>(), 8 * 3 + 4 + 4);
+        assert_eq!(
+            size_of::<unwind::ProcMappings>(),
+            8 + size_of::<unwind::ExecMapping>() * unwind::MAX_EXEC_MAPPINGS
+        );
+        assert_eq!(size_of::<unwind::PcKey>(), 16);
     }
 
     #[test]

@@ -46,12 +46,25 @@ pub const OWN_STACKS: &str = "OWN_STACKS";
 pub const COUNTERS: &str = "COUNTERS";
 /// Array of one [`OomVictim`](crate::OomVictim).
 pub const OOM_VICTIM: &str = "OOM_VICTIM";
+/// Array of [`UnwindRow`](crate::unwind::UnwindRow): every object's unwind
+/// table, one after another (shared by the processes mapping the object).
+pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+/// Hash map: tgid → [`ProcMappings`](crate::unwind::ProcMappings); a process
+/// present here has its stacks walked by the DWARF unwinder.
+pub const UNWIND_MAPPINGS: &str = "UNWIND_MAPPINGS";
+/// LRU hash map: [`PcKey`](crate::unwind::PcKey) → the
+/// [`UnwindRow`](crate::unwind::UnwindRow) that applies at that pc.
+pub const UNWIND_CACHE: &str = "UNWIND_CACHE";
+/// Per-CPU array of one walk state (kernel-side only).
+pub const UNWIND_WALK: &str = "UNWIND_WALK";
+/// Per-CPU array of one search state (kernel-side only).
+pub const UNWIND_BISECT: &str = "UNWIND_BISECT";
 
 /// Every global above.
 pub const GLOBALS: [&str; 4] = [TARGET_TGID, SAMPLE_BYTES, PAGE_SIZE, GO_OFFSETS];
 
 /// Every map above.
-pub const MAPS: [&str; 12] = [
+pub const MAPS: [&str; 17] = [
     GO_TIMERS,
     GO_GOROUTINES,
     GO_SITES,
@@ -64,6 +77,11 @@ pub const MAPS: [&str; 12] = [
     OWN_STACKS,
     COUNTERS,
     OOM_VICTIM,
+    UNWIND_ROWS,
+    UNWIND_MAPPINGS,
+    UNWIND_CACHE,
+    UNWIND_WALK,
+    UNWIND_BISECT,
 ];
 
 #[cfg(test)]
@@ -72,8 +90,8 @@ mod tests {
 
     #[test]
     fn map_and_global_names_are_distinct() {
-        let all: [&str; 16] = {
-            let mut v = [""; 16];
+        let all: [&str; 21] = {
+            let mut v = [""; 21];
             v[..4].copy_from_slice(&GLOBALS);
             v[4..].copy_from_slice(&MAPS);
             v

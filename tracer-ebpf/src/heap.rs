@@ -22,7 +22,7 @@ use crate::{
     counters::{add, count},
     maps::{ALLOCS, PENDING, SITES, is_target, sample_bytes},
     mmap::{MAP_FAILED, round_up_page},
-    stacks::{read_stack, sp_of, stack_id_of},
+    stacks::{read_stack, sp_of, user_stack_id},
 };
 
 /// A session entry's verdict: the kernel runs the return half only after 0.
@@ -338,13 +338,15 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
         }
         return Ok(0);
     }
-    match op {
+    // One call of `record` (and of the stack walk in it): the verifier
+    // checks an inlined walk once per call site.
+    let (addr, kind) = match op {
         Op::Malloc | Op::Calloc | Op::AlignedAlloc | Op::Memalign | Op::Valloc | Op::Pvalloc => {
             if ret == 0 {
                 count(Counter::FailedAllocs);
                 return Ok(0);
             }
-            record(ctx, ret, pending.size, Kind::Heap);
+            (ret, Kind::Heap)
         }
         Op::PosixMemalign => {
             // Returns an error number, the block goes through the out-pointer.
@@ -356,7 +358,7 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
                 count(Counter::UnmatchedReturns);
                 return Err(1);
             };
-            record(ctx, p, pending.size, Kind::Heap);
+            (p, Kind::Heap)
         }
         Op::Realloc | Op::ReallocArray => {
             if ret == 0 {
@@ -372,7 +374,7 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
             if pending.addr != 0 {
                 release(pending.addr, Kind::Heap, u64::MAX);
             }
-            record(ctx, ret, pending.size, Kind::Heap);
+            (ret, Kind::Heap)
         }
         Op::Mmap | Op::Mremap => {
             if ret == MAP_FAILED {
@@ -382,18 +384,19 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
             if matches!(op, Op::Mremap) {
                 release(pending.addr, Kind::Mmap, u64::MAX);
             }
-            record(ctx, ret, pending.size, Kind::Mmap);
+            (ret, Kind::Mmap)
         }
-    }
+    };
+    record(ctx, regs, addr, pending.size, kind);
     Ok(0)
 }
 
 /// Accounts a new block at `addr` to the current user stack.
 #[inline(always)]
-fn record<C: StackIdContext>(ctx: &C, addr: u64, size: u64, kind: Kind) {
-    // At the return probe the registers are the caller's, so the frame-pointer
-    // walk starts at the call site itself.
-    let stack_id = stack_id_of(ctx);
+fn record<C: StackIdContext>(ctx: &C, regs: *mut pt_regs, addr: u64, size: u64, kind: Kind) {
+    // At the return probe the registers are the caller's, so the walk starts
+    // at the call site itself.
+    let stack_id = user_stack_id(ctx, regs, (bpf_get_current_pid_tgid() >> 32) as u32);
     // A block at this address that we still hold was freed by a path we do not
     // see; drop it so its bytes are not reported as leaked forever.
     if unsafe { ALLOCS.get(&addr) }.is_some() {

@@ -27,6 +27,7 @@ mod maps;
 mod mmap;
 mod oom;
 mod stacks;
+mod unwind;
 
 use aya_ebpf::{
     macros::{tracepoint, uprobe, uretprobe},

@@ -11,6 +11,7 @@ use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
     DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, OomVictim,
     Pending, SiteKey, SiteStats, StackBuf,
+    unwind::{PcKey, ProcMappings, UnwindRow},
 };
 
 use crate::counters::count;
@@ -102,6 +103,27 @@ pub(crate) static OWN_STACKS: HashMap<u32, StackBuf> =
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Every object's unwind table; sized by the collector before load.
+#[map]
+pub(crate) static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, 0);
+
+/// Processes walked by the DWARF unwinder, and their executable mappings.
+#[map]
+pub(crate) static UNWIND_MAPPINGS: HashMap<u32, ProcMappings> = HashMap::with_max_entries(64, 0);
+
+/// The rule found for a pc, so hot allocation sites skip the searches.
+#[map]
+pub(crate) static UNWIND_CACHE: LruHashMap<PcKey, UnwindRow> = LruHashMap::with_max_entries(16384, 0);
+
+/// A walk's state between steps, per CPU (see [`crate::unwind::Walk`]).
+#[map]
+pub(crate) static UNWIND_WALK: PerCpuArray<crate::unwind::Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// A search's state between steps, per CPU.
+#[map]
+pub(crate) static UNWIND_BISECT: PerCpuArray<crate::unwind::Bisect> =
+    PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub(crate) static OOM_VICTIM: Array<OomVictim> = Array::with_max_entries(1, 0);

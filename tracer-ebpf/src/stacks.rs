@@ -1,7 +1,7 @@
 //! The target's user stack: its pointer, its words, and the id of the whole
 //! stack, from the kernel's stack table or, on a hash collision there, the
-//! tracer's own (see [`crate::maps::OWN_STACKS`]). A future DWARF unwinder
-//! for binaries without frame pointers belongs here.
+//! tracer's own (see [`crate::maps::OWN_STACKS`]), or, for processes mapping
+//! code without frame pointers, from the DWARF unwinder ([`crate::unwind`]).
 
 use aya_ebpf::{
     EbpfContext,
@@ -14,6 +14,7 @@ use tracer_common::{Counter, MAX_STACK_DEPTH, STACK_ID_NONE, STACK_ID_OWN, Stack
 
 use crate::{
     LOG_TARGET,
+    unwind::{FNV_BASIS, Walked, fnv},
     counters::count,
     maps::{OWN_STACKS, STACK_SCRATCH, STACKS},
 };
@@ -49,6 +50,35 @@ pub(crate) fn stack_id_of<C: StackIdContext>(ctx: &C) -> u32 {
     STACK_ID_NONE
 }
 
+/// The id of the user stack at `regs` (a return probe's: the caller's
+/// registers): the DWARF unwinder's for processes it walks, else the
+/// frame-pointer walk's ([`stack_id_of`]).
+#[inline(always)]
+pub(crate) fn user_stack_id<C: StackIdContext>(ctx: &C, regs: *mut pt_regs, tgid: u32) -> u32 {
+    let walked = if crate::unwind::wants(tgid) {
+        crate::unwind::walk(tgid, regs)
+    } else {
+        Walked::NotMapped
+    };
+    // One call of each path: the verifier checks a callee once per call site.
+    match walked {
+        Walked::Stack { buf, n, hash } => {
+            if let Some(id) = store_walked(buf, n, hash) {
+                return id;
+            }
+        }
+        // Not walked here, or the first pc is in no mapping the unwinder
+        // knows yet (a process just started, its maps being read): the
+        // kernel's frame-pointer walk.
+        Walked::NotMapped => return stack_id_of(ctx),
+        Walked::Failed => {}
+    }
+    if count(Counter::StackLost) == 0 {
+        warn!(ctx, target: LOG_TARGET, "stack tables full: stacks are being lost");
+    }
+    STACK_ID_NONE
+}
+
 /// The stack in the tracer's own table, added if new.
 #[inline(never)]
 fn own_stack_id<C: EbpfContext>(ctx: &C) -> Option<u32> {
@@ -61,27 +91,31 @@ fn own_stack_id<C: EbpfContext>(ctx: &C) -> Option<u32> {
     if len <= 0 {
         return None;
     }
-    let n = (len as usize / 8).min(MAX_STACK_DEPTH);
-    // FNV-1a over the addresses; the rest of the buffer is zeroed so the
-    // stored stack ends where the walk did.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    // bpf_get_stack zeroes the buffer past the stack: hashing and storing
+    // it whole keeps one stack one entry.
+    let mut h = FNV_BASIS;
     for i in 0..MAX_STACK_DEPTH {
         // SAFETY: i < MAX_STACK_DEPTH, inside the buffer.
-        let slot = unsafe { (*buf).ips.as_mut_ptr().add(i) };
-        if i >= n {
-            unsafe { *slot = 0 };
-        } else {
-            h = (h ^ unsafe { *slot }).wrapping_mul(0x0100_0000_01b3);
-        }
+        h = fnv(h, unsafe { *(*buf).ips.as_ptr().add(i) });
     }
-    let id = STACK_ID_OWN | (h as u32 & (STACK_ID_OWN - 1));
+    store_walked(buf, MAX_STACK_DEPTH as u32, h)
+}
+
+/// Stores a stack (the first `n` entries of `buf`, the per-CPU
+/// scratch, ending with its end record; `hash` covers them) in the tracer's
+/// own table, if new, and returns its id. What follows the end record in
+/// the buffer is left as it is: readers stop at the record.
+#[inline(never)]
+fn store_walked(buf: *mut StackBuf, n: u32, hash: u64) -> Option<u32> {
+    let id = STACK_ID_OWN | (hash as u32 & (STACK_ID_OWN - 1));
     if unsafe { OWN_STACKS.get(&id) }.is_none() {
-        // NOEXIST: if another CPU stores a stack under this id first, the
-        // comparison below decides.
         let _ = OWN_STACKS.insert(&id, unsafe { &*buf }, BPF_NOEXIST as u64);
     }
     let stored = OWN_STACKS.get_ptr(&id)?;
     for i in 0..MAX_STACK_DEPTH {
+        if i as u32 >= n {
+            break;
+        }
         // SAFETY: both point at live buffers of MAX_STACK_DEPTH addresses.
         let (a, b) = unsafe { (*(*stored).ips.as_ptr().add(i), *(*buf).ips.as_ptr().add(i)) };
         if a != b {

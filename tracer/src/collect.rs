@@ -221,14 +221,30 @@ impl Collector {
         if let Some(cached) = self.stacks.get(&stack_id) {
             return cached.clone();
         }
-        let mut ips = kernel.stack(stack_id).unwrap_or_default();
+        let stack = kernel.stack(stack_id).unwrap_or_default();
+        log::trace!("stack {stack_id:#x}: {:x?} end {:?}", stack.ips, stack.end);
+        let mut ips = stack.ips;
         let recorded = ips.len();
         let left_the_stack = cut_at_non_code(&mut ips, self.symbols.maps());
         let mut frames = self.symbols.symbolize_stack(&ips);
-        let mut truncated = trim_at_root(&mut frames, recorded, MAX_STACK_DEPTH);
-        if left_the_stack && !ends_at_root(&frames) {
-            truncated = true;
-        }
+        let truncated = match stack.end {
+            // The DWARF walker knows whether it reached the thread's root.
+            Some(end) => {
+                if end == tracer_common::unwind::end::ROOT && !left_the_stack {
+                    trim_at_root(&mut frames, recorded, MAX_STACK_DEPTH);
+                    false
+                } else {
+                    true
+                }
+            }
+            None => {
+                let mut truncated = trim_at_root(&mut frames, recorded, MAX_STACK_DEPTH);
+                if left_the_stack && !ends_at_root(&frames) {
+                    truncated = true;
+                }
+                truncated
+            }
+        };
         let frames: Frames = frames.into();
         // An address outside every known mapping may be a library loaded since
         // the last maps snapshot: do not cache, retry next interval.

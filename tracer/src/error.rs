@@ -77,6 +77,9 @@ pub enum TracerError {
     #[error("failed to read the kernel map {map}: {reason}")]
     MapRead { map: &'static str, reason: String },
 
+    #[error("failed to write the kernel map {map}: {reason}")]
+    MapWrite { map: &'static str, reason: String },
+
     #[error("{path}: {reason}")]
     Recording { path: PathBuf, reason: String },
 
@@ -130,6 +133,7 @@ impl TracerError {
             | Self::NoEbpfObject
             | Self::Attach { .. }
             | Self::MapRead { .. }
+            | Self::MapWrite { .. }
             | Self::Listen { .. }
             | Self::Output(_)
             | Self::Export { .. }

@@ -25,5 +25,6 @@ pub mod session;
 pub mod sink;
 pub mod symbolize;
 pub mod target;
+pub mod unwind;
 
 pub use error::TracerError;

@@ -192,6 +192,12 @@ struct Common {
     /// Distinct stacks the kernel can record.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
     max_stacks: u32,
+    /// Rows of DWARF unwind tables the kernel holds, for every code file the
+    /// target maps without frame pointers (16 bytes each; python3 with libc
+    /// needs about 110k). Default: what the files mapped at attach need,
+    /// plus room for libraries loaded later.
+    #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u32).range(1..))]
+    unwind_rows: Option<u32>,
     /// Sample heap allocations by size instead of tracing each one: a block
     /// of s bytes is kept with probability min(1, s/N) and weighs 1/p, so
     /// totals stay unbiased; left-out allocations cost no map update and no
@@ -310,6 +316,7 @@ impl Common {
                 threads: self.max_threads,
                 goroutines: self.max_goroutines,
                 sample_bytes: self.sample_bytes.unwrap_or(0),
+                unwind_rows: self.unwind_rows.unwrap_or(0),
             },
         }
     }

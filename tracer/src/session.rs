@@ -29,7 +29,56 @@ use crate::{
     sink::Sink,
     symbolize::Symbolizer,
     target::{self, Maps, Target},
+    unwind::{Installed, Unwinder},
 };
+
+/// Rows the unwind array keeps free for libraries loaded after attach
+/// (dlopen), beyond half of what the files mapped at start need.
+const UNWIND_HEADROOM: u32 = 1 << 16;
+
+/// Builds the unwind tables of `paths`, and sizes the kernel's row array for
+/// them and for libraries loaded later.
+fn prepare_unwind<'a>(
+    paths: impl IntoIterator<Item = &'a Path>,
+    sizes: &mut crate::kernel::MapSizes,
+) -> Unwinder {
+    let mut unwinder = Unwinder::new();
+    // 0: not set by the user (--unwind-rows).
+    if sizes.unwind_rows > 0 {
+        unwinder.limit(sizes.unwind_rows);
+    }
+    unwinder.prepare(paths);
+    if sizes.unwind_rows == 0 {
+        let built = unwinder.capacity_for(0);
+        sizes.unwind_rows = unwinder.capacity_for((built / 2).max(UNWIND_HEADROOM));
+    }
+    unwinder
+}
+
+/// Tells the user how the process's stacks are walked, the first time.
+fn unwind_notice(pid: u32, inst: &Installed, sink: &mut dyn Sink) -> std::io::Result<()> {
+    if !inst.full.is_empty() {
+        sink.notice(
+            pid,
+            &format!(
+                "the unwind tables of {} did not fit (raise --unwind-rows): their frames are \
+                 walked with frame pointers",
+                inst.full.join(", ")
+            ),
+        )?;
+    }
+    log::info!(
+        "pid {pid}: DWARF unwind tables {} rows ({:.1} MiB); frame pointers for {}",
+        inst.rows,
+        inst.bytes() as f64 / (1 << 20) as f64,
+        if inst.frame_pointer_files.is_empty() {
+            "no file".to_string()
+        } else {
+            inst.frame_pointer_files.join(", ")
+        }
+    );
+    Ok(())
+}
 
 /// Everything to hook in one target.
 struct Plan {
@@ -150,10 +199,17 @@ impl Traced {
     fn interval(
         &mut self,
         kernel: &mut Kernel,
+        unwinder: &mut Unwinder,
         opts: &Options,
         sink: &mut dyn Sink,
     ) -> Result<(), TracerError> {
         self.refresh_maps();
+        // Libraries loaded since (dlopen), the image after exec.
+        if let Some(inst) =
+            unwinder.install(kernel, self.pid, self.collector.symbolizer_mut().maps())?
+        {
+            unwind_notice(self.pid, &inst, sink)?;
+        }
         self.settle_go(opts, sink)?;
         let started = Instant::now();
         let mut snap = self.collector.collect(kernel)?;
@@ -239,7 +295,20 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
         .map(|g| GoTarget::kernel_offsets(g, Some(&target.maps)))
         .unwrap_or_default();
     let started = Instant::now();
-    let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
+    let mut sizes = opts.sizes;
+    let mut unwinder = prepare_unwind(
+        target
+            .maps
+            .executable_objects()
+            .iter()
+            .map(|m| m.open_path.as_path()),
+        &mut sizes,
+    );
+    let mut kernel = Kernel::load(pid, sizes, offsets)?;
+    unwinder.flush(&mut kernel, sizes.unwind_rows)?;
+    if let Some(inst) = unwinder.install(&mut kernel, pid, &target.maps)? {
+        unwind_notice(pid, &inst, sink)?;
+    }
     let probes = kernel.attach(&plan.probes, pid)?;
     log::info!(
         "pid {pid}: {} probes live in {:.2} s{}",
@@ -262,7 +331,14 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
     // Before `attached`, which tells scripts that everything is in place.
     traced.settle_go(opts, sink)?;
     sink.attached(&info)?;
-    trace_loop(&mut kernel, vec![(traced, exit_fd)], opts, sink).await
+    trace_loop(
+        &mut kernel,
+        &mut unwinder,
+        vec![(traced, exit_fd)],
+        opts,
+        sink,
+    )
+    .await
 }
 
 /// Watches the memory limit of `pid` and alerts, without hooking its
@@ -284,7 +360,16 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
     };
     let traced = Traced::new(pid, target.maps.clone(), None, opts);
     sink.attached(&info)?;
-    trace_loop(&mut kernel, vec![(traced, exit_fd)], opts, sink).await
+    // Nothing is walked: no tables.
+    let mut unwinder = Unwinder::disabled();
+    trace_loop(
+        &mut kernel,
+        &mut unwinder,
+        vec![(traced, exit_fd)],
+        opts,
+        sink,
+    )
+    .await
 }
 
 /// Starts `argv` and traces it from its first instruction: the child is held
@@ -311,7 +396,11 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             .as_ref()
             .map(|g| GoTarget::kernel_offsets(g, None))
             .unwrap_or_default();
-        let mut kernel = Kernel::load(pid, opts.sizes, offsets)?;
+        let mut sizes = opts.sizes;
+        let mut unwinder =
+            prepare_unwind(objects.iter().map(|o| o.open_path.as_path()), &mut sizes);
+        let mut kernel = Kernel::load(pid, sizes, offsets)?;
+        unwinder.flush(&mut kernel, sizes.unwind_rows)?;
         let probes = kernel.attach(&plan.probes, pid)?;
         session_notice(&kernel, sink, pid)?;
         let info = Attached {
@@ -325,15 +414,30 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
             probes,
         };
-        sink.attached(&info)?;
         child.release()?;
-        // The maps are the child's after exec; they are read at the first
-        // interval, once it has mapped its libraries. The Go runtime resets
-        // MemProfileRate during start-up, so the sampling policy is applied
-        // from the first interval on.
+        // The unwinder needs the addresses the loader chose: watch the maps
+        // closely until every library is mapped (until then the kernel walks
+        // frame pointers). Before `attached`, which tells scripts that
+        // everything is in place.
+        if let Some(maps) = wait_for_objects(pid, &objects).await
+            && let Some(inst) = unwinder.install(&mut kernel, pid, &maps)?
+        {
+            unwind_notice(pid, &inst, sink)?;
+        }
+        sink.attached(&info)?;
+        // The symbolizer reads the maps at the first interval. The Go runtime
+        // resets MemProfileRate during start-up, so the sampling policy is
+        // applied from the first interval on.
         let mut traced = Traced::new(pid, Maps::default(), plan.go.as_ref(), opts);
         traced.own_child = Some(watcher);
-        trace_loop(&mut kernel, vec![(traced, exit_fd)], opts, sink).await
+        trace_loop(
+            &mut kernel,
+            &mut unwinder,
+            vec![(traced, exit_fd)],
+            opts,
+            sink,
+        )
+        .await
     }
     .await;
     if result.is_err() {
@@ -342,6 +446,37 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
         process::reap(pid);
     }
     result
+}
+
+/// The maps of a child just released, once every object of its plan is
+/// mapped (the loader maps all libraries before running any of their code),
+/// polled every millisecond for at most a second; None if it exited.
+async fn wait_for_objects(pid: u32, objects: &[ObjectRef]) -> Option<Maps> {
+    let want: Vec<&Path> = objects.iter().map(|o| o.path.as_path()).collect();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut last = None;
+    while Instant::now() < deadline {
+        let maps = Maps::read(pid).ok()?;
+        let all = want.iter().all(|w| {
+            maps.mappings
+                .iter()
+                .any(|m| m.executable && (m.path == *w || same_file(&m.path, w)))
+        });
+        if all {
+            return Some(maps);
+        }
+        last = Some(maps);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    last
+}
+
+/// Whether two paths name one file (a library found through a symlink).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// The process of `pid`, telling the user when `pid` is one of its threads.
@@ -374,6 +509,7 @@ fn session_notice(kernel: &Kernel, sink: &mut dyn Sink, pid: u32) -> std::io::Re
 /// or every target has exited; SIGUSR1 writes the exports on demand.
 async fn trace_loop(
     kernel: &mut Kernel,
+    unwinder: &mut Unwinder,
     targets: Vec<(Traced, PidFd)>,
     opts: &Options,
     sink: &mut dyn Sink,
@@ -418,7 +554,7 @@ async fn trace_loop(
         tokio::select! {
             _ = ticker.tick() => {
                 for t in traced.iter_mut().filter(|t| !t.exited) {
-                    t.interval(kernel, opts, sink)?;
+                    t.interval(kernel, unwinder, opts, sink)?;
                 }
             }
             _ = sigusr1.recv() => {

@@ -134,6 +134,28 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
         ("demo.c", "demo", &["-fno-omit-frame-pointer"]),
         ("oomleak.c", "oomleak", &["-fno-omit-frame-pointer"]),
         ("bench.c", "bench", &["-fno-omit-frame-pointer"]),
+        // Stacks without frame pointers: DWARF call-frame information only
+        // (and a build with none at all, which must truncate cleanly).
+        (
+            "deepchain.c",
+            "deepchain",
+            &[
+                "-fomit-frame-pointer",
+                "-fasynchronous-unwind-tables",
+                "-fno-optimize-sibling-calls",
+            ],
+        ),
+        (
+            "deepchain.c",
+            "deepchain-nocfi",
+            &[
+                "-fomit-frame-pointer",
+                "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables",
+                "-fno-optimize-sibling-calls",
+                "-g0",
+            ],
+        ),
         // -O0: the two call lines per level must stay two calls.
         (
             "manysites.c",

@@ -19,6 +19,7 @@ use aya::{
 use tracer_common::{
     Attach, COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, Program, STACK_ID_OWN,
     SiteKey, SiteStats, StackBuf, maps,
+    unwind::{ProcMappings, UnwindRow, end_reason},
 };
 
 use self::uprobe_session::SessionProgram;
@@ -43,6 +44,8 @@ pub struct MapSizes {
     pub goroutines: u32,
     /// Heap sampling rate in bytes (`--sample-bytes`); 0: every allocation.
     pub sample_bytes: u64,
+    /// Rows of the unwind-table array (see [`crate::unwind`]).
+    pub unwind_rows: u32,
 }
 
 impl Default for MapSizes {
@@ -54,6 +57,7 @@ impl Default for MapSizes {
             threads: tracer_common::DEFAULT_MAX_THREADS,
             goroutines: tracer_common::DEFAULT_MAX_GOROUTINES,
             sample_bytes: 0,
+            unwind_rows: 0,
         }
     }
 }
@@ -113,6 +117,8 @@ pub struct Kernel {
     go_sites: HashMap<MapData, GoSiteKey, SiteStats>,
     go_buckets: HashMap<MapData, u64, SiteStats>,
     oom_victim: Array<MapData, OomVictim>,
+    unwind_rows: Array<MapData, UnwindRow>,
+    unwind_mappings: HashMap<MapData, u32, ProcMappings>,
     pub sizes: MapSizes,
     /// With sampling, allocator entries and returns run as uprobe sessions
     /// (see [`uprobe_session`]); else why not.
@@ -121,6 +127,15 @@ pub struct Kernel {
     session_links: Vec<OwnedFd>,
     /// The uprobe links, owned here to detach them all at once on drop.
     links: Vec<UProbeLink>,
+}
+
+/// A recorded stack: return addresses, innermost first, and for stacks
+/// walked by the DWARF unwinder why the walk ended
+/// ([`tracer_common::unwind::end`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawStack {
+    pub ips: Vec<u64>,
+    pub end: Option<u64>,
 }
 
 /// Counter totals summed over CPUs, indexed by [`Counter`].
@@ -159,6 +174,7 @@ impl Kernel {
             .map_max_entries(maps::STACKS, sizes.stacks)
             .map_max_entries(maps::OWN_STACKS, sizes.stacks)
             .map_max_entries(maps::PENDING, sizes.threads)
+            .map_max_entries(maps::UNWIND_ROWS, sizes.unwind_rows.max(1))
             .load(EBPF_OBJECT)
             .map_err(load_err)?;
         // Before any map is taken out of `ebpf`: the program shares them all.
@@ -203,6 +219,9 @@ impl Kernel {
         let go_sites = HashMap::try_from(take(&mut ebpf, maps::GO_SITES)?).map_err(load_err)?;
         let go_buckets = HashMap::try_from(take(&mut ebpf, maps::GO_BUCKETS)?).map_err(load_err)?;
         let oom_victim = Array::try_from(take(&mut ebpf, maps::OOM_VICTIM)?).map_err(load_err)?;
+        let unwind_rows = Array::try_from(take(&mut ebpf, maps::UNWIND_ROWS)?).map_err(load_err)?;
+        let unwind_mappings =
+            HashMap::try_from(take(&mut ebpf, maps::UNWIND_MAPPINGS)?).map_err(load_err)?;
         Ok(Self {
             ebpf,
             logger,
@@ -213,6 +232,8 @@ impl Kernel {
             go_sites,
             go_buckets,
             oom_victim,
+            unwind_rows,
+            unwind_mappings,
             sizes,
             session,
             session_links: Vec::new(),
@@ -368,13 +389,62 @@ impl Kernel {
     }
 
     /// Instruction pointers of a recorded stack, innermost first.
-    pub fn stack(&self, stack_id: u32) -> Option<Vec<u64>> {
+    pub fn stack(&self, stack_id: u32) -> Option<RawStack> {
         if stack_id & STACK_ID_OWN != 0 {
             let buf = self.own_stacks.get(&stack_id, 0).ok()?;
-            return Some(buf.ips.iter().copied().take_while(|&ip| ip != 0).collect());
+            // A walked stack ends at its end record (what follows is stale);
+            // a frame-pointer one at the first 0.
+            let mut ips = Vec::new();
+            let mut end = None;
+            for &ip in buf.ips.iter().take_while(|&&ip| ip != 0) {
+                if let Some(reason) = end_reason(ip) {
+                    end = Some(reason);
+                    break;
+                }
+                ips.push(ip);
+            }
+            return Some(RawStack { ips, end });
         }
         let trace = self.stacks.get(&stack_id, 0).ok()?;
-        Some(trace.frames().iter().map(|f| f.ip).collect())
+        Some(RawStack {
+            ips: trace.frames().iter().map(|f| f.ip).collect(),
+            end: None,
+        })
+    }
+
+    /// Writes unwind rows at `start` of the row array.
+    pub fn write_unwind_rows(&mut self, start: u32, rows: &[UnwindRow]) -> Result<(), TracerError> {
+        for (i, row) in rows.iter().enumerate() {
+            self.unwind_rows
+                .set(start + i as u32, row, 0)
+                .map_err(|e| TracerError::MapWrite {
+                    map: maps::UNWIND_ROWS,
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Lists process `pid`'s executable mappings for the DWARF walker.
+    pub fn set_unwind_mappings(&mut self, pid: u32, m: &ProcMappings) -> Result<(), TracerError> {
+        self.unwind_mappings
+            .insert(pid, m, 0)
+            .map_err(|e| TracerError::MapWrite {
+                map: maps::UNWIND_MAPPINGS,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Leaves process `pid` to the frame-pointer walker.
+    pub fn remove_unwind_mappings(&mut self, pid: u32) -> Result<(), TracerError> {
+        match self.unwind_mappings.remove(&pid) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(TracerError::MapWrite {
+                map: maps::UNWIND_MAPPINGS,
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// Counters summed over all CPUs.
