@@ -69,6 +69,21 @@ impl Segments {
             .map(|s| off - s.offset + s.vaddr)
     }
 
+    /// Virtual address at which a mapping of the file from `offset` (page
+    /// aligned, as in /proc/PID/maps) starts: through the segment the
+    /// loader mapped there, the last one whose page-aligned start is at or
+    /// below `offset`. Not [`Self::offset_to_vaddr`]: when a segment does
+    /// not start on a page boundary, the page before it also belongs to the
+    /// previous segment, at another virtual distance.
+    pub fn mapping_vaddr(&self, offset: u64, page: u64) -> Option<u64> {
+        let s = self
+            .0
+            .iter()
+            .filter(|s| s.offset & !(page - 1) <= offset && offset < s.offset + s.file_size.max(1))
+            .max_by_key(|s| s.offset)?;
+        Some((s.vaddr + offset).checked_sub(s.offset)?)
+    }
+
     /// File range of the `len` bytes at virtual address `va`, when one
     /// segment holds all of them in the file.
     pub fn file_range(&self, va: u64, len: u64) -> Option<Range<usize>> {
@@ -347,6 +362,26 @@ impl ElfObjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mappings_take_the_vaddr_of_the_segment_mapped_there() {
+        // Rust/lld-style: text not page aligned in the file, and one page
+        // before it shared with the read-only segment.
+        let segs = Segments::new(vec![
+            Segment {
+                vaddr: 0,
+                offset: 0,
+                file_size: 0x13bb0,
+            },
+            Segment {
+                vaddr: 0x14bb0,
+                offset: 0x13bb0,
+                file_size: 0x3eb83,
+            },
+        ]);
+        assert_eq!(segs.mapping_vaddr(0x13000, 4096), Some(0x14000));
+        assert_eq!(segs.mapping_vaddr(0, 4096), Some(0));
+    }
 
     fn segs() -> Segments {
         Segments::new(vec![

@@ -270,15 +270,50 @@ fn c_fixtures_build() -> Result<()> {
             .arg(&bin)
             .arg(&src))?;
     }
-    Ok(())
+    rust_fixtures(&out)
+}
+
+/// A Rust release build without frame pointers, the way Rust programs ship.
+fn rust_fixtures(out: &Path) -> Result<()> {
+    let src = root().join("tests/fixtures/rust/rustleak.rs");
+    let bin = out.join("rustleak");
+    if modified(&bin).is_some_and(|b| modified(&src).is_some_and(|s| s <= b)) {
+        return Ok(());
+    }
+    println!("fixtures: compiling {}", bin.display());
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    run(Command::new(rustc)
+        .args([
+            "--edition",
+            "2021",
+            "-C",
+            "opt-level=3",
+            "-C",
+            "debuginfo=1",
+        ])
+        .args(["-C", "force-frame-pointers=no", "-o"])
+        .arg(&bin)
+        .arg(&src))
 }
 
 fn test(args: &[String]) -> Result<()> {
     let route = toolchain::setup()?;
-    toolchain::apt_install(&[(
-        "prometheus",
-        "a real Prometheus server: the exports tests let it scrape the tracer",
-    )])?;
+    toolchain::apt_install(&[
+        (
+            "prometheus",
+            "a real Prometheus server: the exports tests let it scrape the tracer",
+        ),
+        (
+            "ripgrep",
+            "Debian's ripgrep, a Rust program built without frame pointers: the \
+             unwinding tests trace it",
+        ),
+        (
+            "python3",
+            "Debian's python3, built without frame pointers: the unwinding tests \
+             trace it",
+        ),
+    ])?;
     build(&route)?;
     fixtures()?;
     // The newest Go reads the tracer's pprof files back (`go tool pprof`).

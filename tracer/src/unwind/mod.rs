@@ -212,7 +212,7 @@ impl Unwinder {
             let Some(obj) = self.elves.get(&path).ok() else {
                 continue;
             };
-            let Some(vaddr) = obj.segments().offset_to_vaddr(m.offset) else {
+            let Some(vaddr) = obj.segments().mapping_vaddr(m.offset, page_size()) else {
                 continue;
             };
             let (rows_start, rows_len) = placed.unwrap_or((0, 0));
@@ -260,6 +260,11 @@ impl Unwinder {
         self.installed.insert(pid, entries);
         Ok(Some(out))
     }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u64
 }
 
 /// The kernel's dev_t of a (major, minor) pair, as `stat` gives it.
