@@ -11,14 +11,7 @@ const T: Duration = Duration::from_secs(60);
 
 /// A `#define NAME value` of deepchain.c.
 fn define(name: &str) -> u64 {
-    let text = std::fs::read_to_string(source("c/deepchain.c")).unwrap();
-    text.lines()
-        .find_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next() == Some("#define") && w.next() == Some(name))
-                .then(|| w.next().unwrap().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no #define {name} in deepchain.c"))
+    constant_define("c/deepchain.c", name)
 }
 
 fn functions(site: &Value) -> Vec<String> {
@@ -179,10 +172,10 @@ fn constant(rel: &str, name: &str) -> u64 {
 /// Attaches to `cmd` (which prints "ready", grows on a line, prints
 /// "done") and returns a snapshot taken while it holds what it grew, and the
 /// last one before detaching.
-fn snapshot_while_held(cmd: &mut Command, held_bytes: u64) -> Value {
+fn snapshot_while_held(cmd: &mut Command, held_bytes: u64) -> (Value, Value) {
     let mut target = Proc::spawn(cmd);
     target.expect_line("ready", T);
-    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+    let (mut tracer, mut stream, attached) = Tracing::attach(target.pid())
         .interval("0.25")
         .on_attached(|_| target.send("go"))
         .start();
@@ -195,7 +188,7 @@ fn snapshot_while_held(cmd: &mut Command, held_bytes: u64) -> Value {
     assert_eq!(tracer.wait(T), Some(0));
     target.close_stdin();
     assert_eq!(target.wait(T), Some(0), "the target runs normally");
-    snap
+    (snap, attached)
 }
 
 /// Debian's python3 (no frame pointers, no debug symbols installed): the
@@ -210,10 +203,18 @@ fn python_native_stacks_reach_the_interpreter_entry() {
     let size = constant("python/pyleak.py", "SIZE");
     // bytearray(SIZE) is one malloc(SIZE + 1).
     let want = n * (size + 1);
-    let snap = snapshot_while_held(
+    let (snap, attached) = snapshot_while_held(
         Command::new("/usr/bin/python3").arg(source("python/pyleak.py")),
         want,
     );
+    // The tables' memory is reported: python3 with libc is about 110k rows.
+    let unwind = &attached["unwind"];
+    let bytes = unwind["bytes"].as_u64().unwrap();
+    assert!(
+        bytes > 0 && bytes <= 4 << 20,
+        "python3's unwind tables within 4 MiB: {unwind}"
+    );
+    assert_eq!(bytes, unwind["rows"].as_u64().unwrap() * 16);
     let sites = snap["sites"].as_array().unwrap();
     let site = sites
         .iter()
@@ -351,4 +352,48 @@ fn ripgrep_stacks_stay_in_code() {
         "{whole} of {} sites whole",
         sites.len()
     );
+}
+
+/// A library without frame pointers loaded with dlopen after attach: its
+/// table is loaded when the maps change, and its stacks are whole.
+#[test]
+fn libraries_loaded_after_attach_are_unwound() {
+    if !privileged("libraries_loaded_after_attach_are_unwound") {
+        return;
+    }
+    let mut target = Proc::spawn(Command::new(fixture("dlchain")).arg(fixture("libchain.so")));
+    target.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .interval("0.25")
+        .on_attached(|_| target.send("go"))
+        .start();
+    target.expect_line("loaded", T);
+    // The maps are re-read at each interval, before its snapshot: two
+    // snapshots after the library was mapped, and its table is in place.
+    stream.next_of("snapshot", T);
+    stream.next_of("snapshot", T);
+    target.send("go");
+    target.expect_line("done", T);
+    let report = end_normally(&mut target, &mut tracer, &mut stream);
+    let n = constant_define("c/dlchain.c", "N");
+    let size = constant_define("c/dlchain.c", "SIZE");
+    let line = marker_line(&source("c/libchain.c"), "lib_malloc");
+    let site = site_at(&report, "heap", "lib_f3", line);
+    let f = functions(site);
+    assert_eq!(f, ["lib_f3", "lib_f2", "lib_f1", "main"], "{f:?}");
+    assert_eq!(site["truncated"], false);
+    assert_eq!(site["outstanding_bytes"], n * size);
+    assert_eq!(site["outstanding_count"], n);
+}
+
+/// A `#define NAME value` of a fixture source.
+fn constant_define(rel: &str, name: &str) -> u64 {
+    let text = std::fs::read_to_string(source(rel)).unwrap();
+    text.lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("#define") && w.next() == Some(name))
+                .then(|| w.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no #define {name} in {rel}"))
 }

@@ -609,6 +609,24 @@ pub struct Attached {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub go_version: Option<String>,
     pub probes: Vec<AttachedProbe>,
+    /// How the target's stacks are walked: present when the kernel walks
+    /// them with DWARF unwind tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwind: Option<UnwindInfo>,
+}
+
+/// The DWARF unwind tables loaded into the kernel for one process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnwindInfo {
+    /// Rows of the files the process maps (16 bytes each in the kernel).
+    pub rows: u64,
+    /// Kernel memory those rows take.
+    pub bytes: u64,
+    /// Code files walked with their tables.
+    pub files: u64,
+    /// Code files walked with frame pointers instead (Go, no call-frame
+    /// information, or tables that did not fit).
+    pub frame_pointer_files: Vec<String>,
 }
 
 fn schema_v1() -> u32 {
@@ -1154,6 +1172,12 @@ pub(crate) mod tests {
                     offset: 4,
                     program: "size_arg0".into(),
                 }],
+                unwind: Some(UnwindInfo {
+                    rows: 30_740,
+                    bytes: 491_840,
+                    files: 3,
+                    frame_pointer_files: vec!["/jit".into()],
+                }),
             }),
             Event::Notice(Notice {
                 pid: 7,

@@ -306,8 +306,10 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
     );
     let mut kernel = Kernel::load(pid, sizes, offsets)?;
     unwinder.flush(&mut kernel, sizes.unwind_rows)?;
+    let mut unwind = None;
     if let Some(inst) = unwinder.install(&mut kernel, pid, &target.maps)? {
         unwind_notice(pid, &inst, sink)?;
+        unwind = inst.info();
     }
     let probes = kernel.attach(&plan.probes, pid)?;
     log::info!(
@@ -326,6 +328,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
         exe: target.exe.display().to_string(),
         go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
         probes,
+        unwind,
     };
     let mut traced = Traced::new(pid, target.maps.clone(), plan.go.as_ref(), opts);
     // Before `attached`, which tells scripts that everything is in place.
@@ -357,6 +360,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
         exe: target.exe.display().to_string(),
         go_version: None,
         probes: Vec::new(),
+        unwind: None,
     };
     let traced = Traced::new(pid, target.maps.clone(), None, opts);
     sink.attached(&info)?;
@@ -413,7 +417,9 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             exe: exe.display().to_string(),
             go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
             probes,
+            unwind: None,
         };
+        let mut info = info;
         child.release()?;
         // The unwinder needs the addresses the loader chose: watch the maps
         // closely until every library is mapped (until then the kernel walks
@@ -423,6 +429,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             && let Some(inst) = unwinder.install(&mut kernel, pid, &maps)?
         {
             unwind_notice(pid, &inst, sink)?;
+            info.unwind = inst.info();
         }
         sink.attached(&info)?;
         // The symbolizer reads the maps at the first interval. The Go runtime

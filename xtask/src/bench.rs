@@ -35,6 +35,7 @@ struct Run {
     truth: Option<(u64, u64)>,
     reported: Option<(u64, u64)>,
     lost: Option<Value>,
+    activity: Option<Value>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -267,6 +268,7 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
             };
             run.reported = Some((site("leak_site_a"), site("leak_site_b")));
             run.lost = Some(report["lost"].clone());
+            run.activity = Some(report["activity"].clone());
         }
     }
     Ok(run)
@@ -435,6 +437,8 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     let out_dir = root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let bench = fixtures_dir().join("bench");
+    // The same program built without frame pointers: the DWARF unwinder.
+    let bench_nofp = fixtures_dir().join("bench-nofp");
     let gobench = fixtures_dir().join("gobench-go1.27");
     let modes = [
         "untraced",
@@ -443,6 +447,8 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
         "sampled-uretprobe",
         "bpftrace",
         "heaptrack",
+        "untraced-nofp",
+        "tracer-nofp",
     ];
     let mut c: Vec<(&str, Vec<Run>)> = modes.iter().map(|m| (*m, Vec::new())).collect();
     // Allocation-heavy (2 goroutines+timers per 20k allocations), then
@@ -456,7 +462,11 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     for round in 1..=rounds {
         println!("bench: round {round}/{rounds}");
         for (mode, runs) in c.iter_mut() {
-            runs.push(c_run(mode, &bench, pairs, &out_dir).with_context(|| format!("C {mode}"))?);
+            let (tool, bin) = match mode.strip_suffix("-nofp") {
+                Some(tool) => (tool, &bench_nofp),
+                None => (*mode, &bench),
+            };
+            runs.push(c_run(tool, bin, pairs, &out_dir).with_context(|| format!("C {mode}"))?);
         }
         for (mode, runs) in go.iter_mut() {
             let (tool, goroutines) = match *mode {
@@ -475,6 +485,46 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     println!("bench: the JSON stream of a many-site target");
     let stream = stream_sizes(&out_dir)?;
     report(&c, &go, pairs, &out_dir, steady, &stream)
+}
+
+/// The frame-pointer build against the one without (both 10 frames deep):
+/// what the DWARF unwinder adds, and how often its per-pc cache answers.
+fn unwinding_summary(c: &[(&str, Vec<Run>)]) {
+    let med = |name: &str| {
+        c.iter()
+            .find(|(m, _)| *m == name)
+            .map_or(f64::NAN, |(_, r)| {
+                median(r.iter().map(|r| r.cost).collect())
+            })
+    };
+    let fp = med("tracer") - med("untraced");
+    let nofp = med("tracer-nofp") - med("untraced-nofp");
+    let hits = |name: &str| -> Option<(u64, u64)> {
+        let a = c
+            .iter()
+            .find(|(m, _)| *m == name)?
+            .1
+            .last()?
+            .activity
+            .clone()?;
+        Some((
+            a["unwind_cache_hits"].as_u64()?,
+            a["unwind_cache_misses"].as_u64()?,
+        ))
+    };
+    println!(
+        "\nunwinding, 10 frames deep: added {fp:.1} ns/pair with frame pointers, {nofp:.1} without \
+         ({:.2}x; goal <= 1.3x)",
+        nofp / fp
+    );
+    for name in ["tracer", "tracer-nofp"] {
+        if let Some((h, m)) = hits(name) {
+            println!(
+                "  {name}: per-pc rule cache {h} hits, {m} misses ({:.2}% hits)",
+                h as f64 * 100.0 / (h + m).max(1) as f64
+            );
+        }
+    }
 }
 
 fn report(
@@ -514,12 +564,20 @@ fn report(
         let cpu = med(runs, &|r| r.tool_cpu_s);
         let rss = med(runs, &|r| r.tool_maxrss_kb.map(|k| k as f64));
         let attach = med(runs, &|r| r.attach_s);
-        let ratio_to_tracer =
-            if ["tracer", "sampled", "sampled-uretprobe", "untraced"].contains(mode) {
-                String::new()
-            } else {
-                format!("{:.2}", added("tracer") / (ns - base))
-            };
+        let ratio_to_tracer = if [
+            "tracer",
+            "sampled",
+            "sampled-uretprobe",
+            "untraced",
+            "untraced-nofp",
+            "tracer-nofp",
+        ]
+        .contains(mode)
+        {
+            String::new()
+        } else {
+            format!("{:.2}", added("tracer") / (ns - base))
+        };
         let accuracy = runs
             .last()
             .and_then(|r| Some((r.truth?, r.reported?)))
@@ -608,6 +666,7 @@ fn report(
          ≈ {per_event_us:.1} µs per traced goroutine+timer lifecycle",
         (ctr / cbase - 1.0) * 100.0
     );
+    unwinding_summary(c);
     println!(
         "\nsteady state, 100k malloc+free pairs/s traced: tracer process {:.2}% of a core \
          (the target, probes included, {:.0}%)",

@@ -134,6 +134,15 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
         ("demo.c", "demo", &["-fno-omit-frame-pointer"]),
         ("oomleak.c", "oomleak", &["-fno-omit-frame-pointer"]),
         ("bench.c", "bench", &["-fno-omit-frame-pointer"]),
+        (
+            "bench.c",
+            "bench-nofp",
+            &[
+                "-fomit-frame-pointer",
+                "-fasynchronous-unwind-tables",
+                "-fno-optimize-sibling-calls",
+            ],
+        ),
         // Stacks without frame pointers: DWARF call-frame information only
         // (and a build with none at all, which must truncate cleanly).
         (
@@ -156,6 +165,19 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
                 "-g0",
             ],
         ),
+        // A library loaded with dlopen after attach, and its loader.
+        (
+            "libchain.c",
+            "libchain.so",
+            &[
+                "-shared",
+                "-fPIC",
+                "-fomit-frame-pointer",
+                "-fasynchronous-unwind-tables",
+                "-fno-optimize-sibling-calls",
+            ],
+        ),
+        ("dlchain.c", "dlchain", &["-fomit-frame-pointer"]),
         // -O0: the two call lines per level must stay two calls.
         (
             "manysites.c",

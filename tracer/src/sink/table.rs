@@ -163,6 +163,24 @@ impl<W: Write> Sink for TableSink<W> {
             info.probes.len(),
             objects.join(", ")
         )?;
+        if let Some(u) = &info.unwind {
+            writeln!(
+                self.out,
+                "tracer: stacks walked with the DWARF unwind tables of {} files ({} rows, {} of \
+                 kernel memory){}",
+                u.files,
+                u.rows,
+                human_bytes(u.bytes as f64),
+                if u.frame_pointer_files.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; with frame pointers: {}",
+                        u.frame_pointer_files.join(", ")
+                    )
+                }
+            )?;
+        }
         self.out.flush()
     }
 
@@ -375,6 +393,7 @@ mod tests {
                 probe("/bin/a"),
                 probe("/lib/libc.so.6"),
             ],
+            unwind: None,
         };
         assert_eq!(probed_files(&info), ["/lib/libc.so.6", "/bin/a"]);
     }

@@ -52,6 +52,8 @@ pub struct Unwinder {
 pub struct Installed {
     /// Rows of the files this process maps.
     pub rows: u64,
+    /// Files walked with their tables.
+    pub files: u64,
     /// Files walked with frame pointers (no call-frame information, Go).
     pub frame_pointer_files: Vec<String>,
     /// Files whose tables did not fit: raise `--unwind-rows`.
@@ -62,6 +64,22 @@ impl Installed {
     /// Bytes of kernel memory the process's tables take.
     pub fn bytes(&self) -> u64 {
         self.rows * std::mem::size_of::<UnwindRow>() as u64
+    }
+
+    /// What the `attached` event says of it; None when nothing is walked
+    /// with tables.
+    pub fn info(&self) -> Option<crate::schema::UnwindInfo> {
+        (self.rows > 0).then(|| crate::schema::UnwindInfo {
+            rows: self.rows,
+            bytes: self.bytes(),
+            files: self.files,
+            frame_pointer_files: self
+                .frame_pointer_files
+                .iter()
+                .chain(&self.full)
+                .cloned()
+                .collect(),
+        })
     }
 }
 
@@ -218,6 +236,7 @@ impl Unwinder {
             let (rows_start, rows_len) = placed.unwrap_or((0, 0));
             if placed.is_some() && counted.insert(id) {
                 out.rows += u64::from(rows_len);
+                out.files += 1;
             }
             if placed.is_none() && counted.insert(id) {
                 let why = self.without.get(&id).map(String::as_str).unwrap_or("");
