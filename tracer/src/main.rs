@@ -192,6 +192,11 @@ struct Common {
     /// Distinct stacks the kernel can record.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
     max_stacks: u32,
+    /// Walk every stack with frame pointers only (the kernel's walker), as
+    /// profilers did before DWARF unwinding: a little cheaper for programs
+    /// built with frame pointers; code without them gives truncated stacks.
+    #[arg(long, conflicts_with = "unwind_rows")]
+    frame_pointers_only: bool,
     /// Rows of DWARF unwind tables the kernel holds, for every code file the
     /// target maps without frame pointers (16 bytes each; python3 with libc
     /// needs about 110k). Default: what the files mapped at attach need,
@@ -292,6 +297,7 @@ impl Common {
             trend_window: self.trend_window,
             exports: self.output.exports(),
             debug_dirs: self.debug_dirs.clone(),
+            frame_pointers_only: self.frame_pointers_only,
             go_sampling: tracer::go::SamplingPolicy {
                 rate: self.go_sample_rate,
                 no_write: self.no_write,

@@ -81,7 +81,7 @@ impl Segments {
             .iter()
             .filter(|s| s.offset & !(page - 1) <= offset && offset < s.offset + s.file_size.max(1))
             .max_by_key(|s| s.offset)?;
-        Some((s.vaddr + offset).checked_sub(s.offset)?)
+        (s.vaddr + offset).checked_sub(s.offset)
     }
 
     /// File range of the `len` bytes at virtual address `va`, when one

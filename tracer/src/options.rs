@@ -14,6 +14,9 @@ pub struct Options {
     pub trend_window: Duration,
     /// Directories of separate debug files, searched before /usr/lib/debug.
     pub debug_dirs: Vec<std::path::PathBuf>,
+    /// Walk every stack with frame pointers (the kernel's walker), never
+    /// with DWARF unwind tables.
+    pub frame_pointers_only: bool,
     /// How the Go heap sampling rate may be changed in the target.
     pub go_sampling: crate::go::SamplingPolicy,
     /// OOM-risk alerting; None turns it off.

@@ -40,8 +40,12 @@ const UNWIND_HEADROOM: u32 = 1 << 16;
 /// them and for libraries loaded later.
 fn prepare_unwind<'a>(
     paths: impl IntoIterator<Item = &'a Path>,
+    opts: &Options,
     sizes: &mut crate::kernel::MapSizes,
 ) -> Unwinder {
+    if opts.frame_pointers_only {
+        return Unwinder::disabled();
+    }
     let mut unwinder = Unwinder::new();
     // 0: not set by the user (--unwind-rows).
     if sizes.unwind_rows > 0 {
@@ -302,6 +306,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
             .executable_objects()
             .iter()
             .map(|m| m.open_path.as_path()),
+        opts,
         &mut sizes,
     );
     let mut kernel = Kernel::load(pid, sizes, offsets)?;
@@ -401,8 +406,11 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             .map(|g| GoTarget::kernel_offsets(g, None))
             .unwrap_or_default();
         let mut sizes = opts.sizes;
-        let mut unwinder =
-            prepare_unwind(objects.iter().map(|o| o.open_path.as_path()), &mut sizes);
+        let mut unwinder = prepare_unwind(
+            objects.iter().map(|o| o.open_path.as_path()),
+            opts,
+            &mut sizes,
+        );
         let mut kernel = Kernel::load(pid, sizes, offsets)?;
         unwinder.flush(&mut kernel, sizes.unwind_rows)?;
         let probes = kernel.attach(&plan.probes, pid)?;

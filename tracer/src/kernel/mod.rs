@@ -440,6 +440,12 @@ impl Kernel {
         match self.unwind_mappings.remove(&pid) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // aya reports a missing key on delete as the syscall's ENOENT.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(TracerError::MapWrite {
                 map: maps::UNWIND_MAPPINGS,
                 reason: e.to_string(),

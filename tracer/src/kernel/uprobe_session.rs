@@ -24,6 +24,7 @@ use super::KernelError;
 use tracer_common::Program;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 /// `enum bpf_attach_type` of Linux 6.13+ (newer than aya's bindings).
@@ -45,6 +46,26 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    _attach_btf_id: u32,
+}
+
+/// `union bpf_attr` for BPF_BTF_LOAD.
+#[repr(C)]
+#[derive(Default)]
+struct BtfLoadAttr {
+    btf: u64,
+    btf_log_buf: u64,
+    btf_size: u32,
+    btf_log_size: u32,
+    btf_log_level: u32,
+    _pad: u32,
 }
 
 /// `union bpf_attr` for BPF_LINK_CREATE of a uprobe_multi link.
@@ -111,6 +132,32 @@ impl SessionProgram {
     pub fn load(object: &[u8], program: Program, ebpf: &Ebpf) -> Result<Self, KernelError> {
         let name = program.name();
         let mut obj = aya_obj::Object::parse(object).map_err(KernelError::Object)?;
+        // The verifier wants the program's BTF and function info for
+        // callbacks (bpf_loop): load the object's BTF as aya does.
+        let btf = match aya::features().btf() {
+            Some(features) => obj
+                .fixup_and_sanitize_btf(features)
+                .ok()
+                .flatten()
+                .map(|btf| btf.to_bytes()),
+            None => None,
+        };
+        let btf_fd = match &btf {
+            Some(bytes) => {
+                let mut attr = BtfLoadAttr {
+                    btf: bytes.as_ptr() as u64,
+                    btf_size: bytes.len() as u32,
+                    ..Default::default()
+                };
+                Some(
+                    bpf(BPF_BTF_LOAD, &mut attr).map_err(|source| KernelError::Syscall {
+                        program: "BTF",
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
         let defs = obj.maps.clone();
         let maps: Vec<(String, RawFd, aya_obj::Map)> = ebpf
             .maps()
@@ -128,7 +175,10 @@ impl SessionProgram {
             .programs
             .get(name)
             .ok_or(KernelError::MissingProgram(name))?;
-        let insns = &obj.functions[&prog.function_key()].instructions;
+        let function = &obj.functions[&prog.function_key()];
+        let insns = &function.instructions;
+        let func_info = function.func_info.func_info_bytes();
+        let line_info = function.line_info.line_info_bytes();
         let license = CString::new(obj.license.as_bytes()).map_err(|_| KernelError::License)?;
         let mut prog_name = [0u8; 16];
         for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
@@ -143,6 +193,19 @@ impl SessionProgram {
             expected_attach_type: BPF_TRACE_UPROBE_SESSION,
             ..Default::default()
         };
+        if let Some(fd) = &btf_fd {
+            attr.prog_btf_fd = fd.as_raw_fd() as u32;
+            if function.func_info_rec_size > 0 {
+                attr.func_info_rec_size = function.func_info_rec_size as u32;
+                attr.func_info = func_info.as_ptr() as u64;
+                attr.func_info_cnt = function.func_info.len() as u32;
+            }
+            if function.line_info_rec_size > 0 {
+                attr.line_info_rec_size = function.line_info_rec_size as u32;
+                attr.line_info = line_info.as_ptr() as u64;
+                attr.line_info_cnt = function.line_info.len() as u32;
+            }
+        }
         match bpf(BPF_PROG_LOAD, &mut attr) {
             Ok(fd) => Ok(Self { fd }),
             Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
