@@ -484,7 +484,38 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     let steady = steady_cpu(&bench, 100_000, 20)?;
     println!("bench: the JSON stream of a many-site target");
     let stream = stream_sizes(&out_dir)?;
-    report(&c, &go, pairs, &out_dir, steady, &stream)
+    println!("bench: attaching to python3");
+    let python = python_attach(rounds, &out_dir)?;
+    report(&c, &go, pairs, &out_dir, steady, &stream, python)
+}
+
+/// Attaching to Debian's python3 (built without frame pointers; its unwind
+/// tables, and libc's, built at attach): seconds until `attached`, and the
+/// tables' kernel memory the tracer reports. Medians of `rounds`.
+fn python_attach(rounds: usize, out_dir: &Path) -> Result<(f64, u64)> {
+    let script = root().join("tests/fixtures/python/pyleak.py");
+    let mut times = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..rounds {
+        let mut target = Target::start(Command::new("/usr/bin/python3").arg(&script))?;
+        let out = out_dir.join("python-attach.jsonl");
+        let _ = std::fs::remove_file(&out);
+        let started = Instant::now();
+        let mut tracer = tracer_attach(target.child.id(), &out).spawn()?;
+        wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
+        times.push(started.elapsed().as_secs_f64());
+        let text = std::fs::read_to_string(&out)?;
+        let attached: Value = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["type"] == "attached")
+            .context("no attached event")?;
+        bytes = attached["unwind"]["bytes"].as_u64().unwrap_or(0);
+        target.go()?;
+        target.finish();
+        let _ = tracer.wait();
+    }
+    Ok((median(times), bytes))
 }
 
 /// The frame-pointer build against the one without (both 10 frames deep):
@@ -534,6 +565,7 @@ fn report(
     out_dir: &Path,
     steady: (f64, f64),
     stream: &StreamSizes,
+    python: (f64, u64),
 ) -> Result<()> {
     let med =
         |runs: &[Run], f: &dyn Fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f).collect());
@@ -668,6 +700,12 @@ fn report(
     );
     unwinding_summary(c);
     println!(
+        "  attach to python3 (its and libc's unwind tables built): {:.2} s (goal < 1 s); \
+         tables {:.2} MiB of kernel memory (goal <= 4 MiB)",
+        python.0,
+        python.1 as f64 / (1 << 20) as f64
+    );
+    println!(
         "\nsteady state, 100k malloc+free pairs/s traced: tracer process {:.2}% of a core \
          (the target, probes included, {:.0}%)",
         steady.0, steady.1
@@ -686,6 +724,7 @@ fn report(
                "churn_traced_ms": go[3].1.iter().map(|r| r.cost).collect::<Vec<_>>(),
                "churn_slowdown_pct": (ctr / cbase - 1.0) * 100.0},
         "pairs": pairs,
+        "python_attach": {"seconds": python.0, "unwind_bytes": python.1},
         "steady_100k_per_s": {"tracer_cpu_pct": steady.0, "target_cpu_pct": steady.1},
         "stream": {"sites": stream.sites, "site_events_bytes": stream.site_events,
                    "largest_snapshot_bytes": stream.first_snapshot,
