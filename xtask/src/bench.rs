@@ -193,7 +193,7 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
     let pid = target.child.id();
     let started = Instant::now();
     let tool = match mode {
-        "tracer" | "sampled" | "sampled-uretprobe" => {
+        "tracer" | "sampled" | "sampled-uretprobe" | "tracer-fponly" => {
             let out = out_dir.join("tracer.jsonl");
             let _ = std::fs::remove_file(&out);
             let sampling: &[&str] = if mode.starts_with("sampled") {
@@ -208,9 +208,16 @@ fn c_run(mode: &str, bench: &Path, pairs: u64, out_dir: &Path) -> Result<Run> {
             } else {
                 "1"
             };
+            // The kernel's frame-pointer walker instead of the DWARF tables.
+            let walker: &[&str] = if mode == "tracer-fponly" {
+                &["--frame-pointers-only"]
+            } else {
+                &[]
+            };
             let child = tracer_attach(pid, &out)
                 .env("TRACER_UPROBE_SESSION", sessions)
                 .args(sampling)
+                .args(walker)
                 .spawn()?;
             wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
             run.attach_s = Some(started.elapsed().as_secs_f64());
@@ -447,6 +454,7 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
         "sampled-uretprobe",
         "bpftrace",
         "heaptrack",
+        "tracer-fponly",
         "untraced-nofp",
         "tracer-nofp",
     ];
@@ -529,6 +537,7 @@ fn unwinding_summary(c: &[(&str, Vec<Run>)]) {
             })
     };
     let fp = med("tracer") - med("untraced");
+    let fponly = med("tracer-fponly") - med("untraced");
     let nofp = med("tracer-nofp") - med("untraced-nofp");
     let hits = |name: &str| -> Option<(u64, u64)> {
         let a = c
@@ -545,8 +554,10 @@ fn unwinding_summary(c: &[(&str, Vec<Run>)]) {
     };
     println!(
         "\nunwinding, 10 frames deep: added {fp:.1} ns/pair with frame pointers, {nofp:.1} without \
-         ({:.2}x; goal <= 1.3x)",
-        nofp / fp
+         ({:.2}x; goal <= 1.3x); the frame-pointer build with the kernel's walker \
+         (--frame-pointers-only) {fponly:.1} (DWARF walk {:.2}x that)",
+        nofp / fp,
+        fp / fponly
     );
     for name in ["tracer", "tracer-nofp"] {
         if let Some((h, m)) = hits(name) {
@@ -603,6 +614,7 @@ fn report(
             "untraced",
             "untraced-nofp",
             "tracer-nofp",
+            "tracer-fponly",
         ]
         .contains(mode)
         {
