@@ -397,3 +397,56 @@ fn constant_define(rel: &str, name: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("no #define {name} in {rel}"))
 }
+
+/// `tracer run` stops the command at its entry point until its mappings are
+/// listed for the kernel: even the allocations of its first instructions
+/// (stdio's buffers, before it reads its input) have whole stacks, with the
+/// input given before the tracer is even attached.
+#[test]
+fn run_mode_stacks_are_whole_from_the_first_instruction() {
+    if !privileged("run_mode_stacks_are_whole_from_the_first_instruction") {
+        return;
+    }
+    let out = out_file("run-first");
+    let mut tracer = Proc::spawn(
+        Command::new(tracer_bin())
+            .args(["run", "-f", "json", "-o"])
+            .arg(&out)
+            .arg("--")
+            .arg(fixture("deepchain"))
+            .arg("wait"),
+    );
+    // Before anything is attached: the command may run at once.
+    tracer.send("go");
+    tracer.expect_line("ready", T);
+    tracer.expect_line("done", T);
+    tracer.close_stdin();
+    assert_eq!(tracer.wait(T), Some(0));
+    let stream = parse_lines(&std::fs::read_to_string(&out).unwrap());
+    let _ = std::fs::remove_file(&out);
+    let report = stream.last().unwrap();
+    assert_eq!(report["type"], "report");
+    let sites = report["sites"].as_array().unwrap();
+    // puts("ready") allocates stdout's buffer: the program's first
+    // allocation, a few instructions into main.
+    let stdout_buffer = sites
+        .iter()
+        .find(|s| functions(s).iter().any(|f| f.contains("puts")))
+        .unwrap_or_else(|| panic!("no site under puts:\n{}", describe_sites(report)));
+    let f = functions(stdout_buffer);
+    assert_eq!(stdout_buffer["truncated"], false, "{f:?}");
+    assert_eq!(f.last().map(String::as_str), Some("main"), "{f:?}");
+    let chain = chain_sites(report);
+    assert_eq!(chain.len(), 3, "{}", describe_sites(report));
+    assert!(chain.iter().all(|s| s["truncated"] == false));
+    let total: u64 = chain
+        .iter()
+        .map(|s| s["outstanding_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        total,
+        define("MAIN_N") * define("MAIN_SIZE")
+            + define("THREAD_N") * define("THREAD_SIZE")
+            + define("SIGNAL_N") * define("SIGNAL_SIZE")
+    );
+}

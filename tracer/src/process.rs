@@ -46,15 +46,27 @@ pub fn reap(pid: u32) -> (Option<i32>, Option<i32>) {
     }
 }
 
-/// Watches a child we started with ptrace(PTRACE_SEIZE, PTRACE_O_TRACEEXIT).
+/// Watches a child we started with ptrace(PTRACE_SEIZE, PTRACE_O_TRACEEXIT |
+/// PTRACE_O_TRACEEXEC).
 ///
 /// At the exit stop the child's address space still exists, so its maps can
 /// be read: a short-lived command's stacks are then symbolized in the final
-/// report although it exited before the first interval. Signals are passed
-/// through unchanged; nothing else is traced. ptrace requests must come from
-/// the thread that seized, hence the dedicated thread.
+/// report although it exited before the first interval.
+///
+/// After its exec, the child is also stopped once at its entry point (a
+/// breakpoint on the ELF entry, put back before it runs): by then the loader
+/// has mapped every library, and no code of the program has run. Its maps
+/// are handed over ([`Self::at_entry`]) and it waits until the session
+/// resumes it ([`Self::resume`]), so the DWARF unwinder knows every mapping
+/// before the first allocation of `main`.
+///
+/// Signals are passed through unchanged; nothing else is traced. ptrace
+/// requests must come from the thread that seized, hence the dedicated
+/// thread.
 pub struct ExitWatcher {
     maps: mpsc::Receiver<Maps>,
+    entry: mpsc::Receiver<Maps>,
+    resume: mpsc::Sender<()>,
     status: mpsc::Receiver<(Option<i32>, Option<i32>)>,
     pid: u32,
     seized: bool,
@@ -63,11 +75,17 @@ pub struct ExitWatcher {
 impl ExitWatcher {
     pub fn start(pid: u32) -> Self {
         let (maps_tx, maps) = mpsc::channel();
+        let (entry_tx, entry) = mpsc::channel();
+        let (resume, resume_rx) = mpsc::channel::<()>();
         let (status_tx, status) = mpsc::channel();
         let (ready_tx, ready) = mpsc::channel();
         std::thread::spawn(move || {
             let p = pid_of(pid);
-            if let Err(e) = ptrace::seize(p, ptrace::Options::PTRACE_O_TRACEEXIT) {
+            let options = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACEEXEC;
+            // The entry breakpoint: its address and the word it replaced.
+            let mut breakpoint: Option<(u64, libc::c_long)> = None;
+            let mut execs = 0;
+            if let Err(e) = ptrace::seize(p, options) {
                 let _ = ready_tx.send(false);
                 log::warn!(
                     "cannot watch pid {pid} for its exit ({e}); stacks first seen after the last \
@@ -95,6 +113,37 @@ impl ExitWatcher {
                         if let Ok(m) = Maps::read(pid) {
                             let _ = maps_tx.send(m);
                         }
+                        let _ = ptrace::cont(p, None);
+                    }
+                    WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_EXEC => {
+                        execs += 1;
+                        // The command's own exec only (not a later one of its).
+                        if execs == 1 {
+                            breakpoint = set_entry_breakpoint(p, pid);
+                            if breakpoint.is_none() {
+                                log::debug!("pid {pid}: no entry stop; its maps are polled");
+                            }
+                        }
+                        let _ = ptrace::cont(p, None);
+                    }
+                    WaitStatus::Stopped(_, Signal::SIGTRAP)
+                        if breakpoint.is_some_and(|(addr, _)| at_breakpoint(p, addr)) =>
+                    {
+                        let (addr, word) = breakpoint.take().expect("checked");
+                        if clear_breakpoint(p, addr, word).is_err() {
+                            // Cannot happen while the child is stopped; if it
+                            // does, it must not run the int3.
+                            log::error!("pid {pid}: could not remove the entry breakpoint");
+                            let _ = kill(p, Signal::SIGKILL);
+                            continue;
+                        }
+                        if let Ok(m) = Maps::read(pid) {
+                            let _ = entry_tx.send(m);
+                            // Bounded: a session that never answers must not
+                            // hold the program forever.
+                            let _ = resume_rx.recv_timeout(Duration::from_secs(10));
+                        }
+                        // The trap was ours: not delivered.
                         let _ = ptrace::cont(p, None);
                     }
                     WaitStatus::PtraceEvent(_, sig, event) if event == libc::PTRACE_EVENT_STOP => {
@@ -126,10 +175,28 @@ impl ExitWatcher {
         let seized = ready.recv().unwrap_or(false);
         Self {
             maps,
+            entry,
+            resume,
             status,
             pid,
             seized,
         }
+    }
+
+    /// The child's maps at its entry point, once it is stopped there (all
+    /// its libraries mapped, none of its code run); None if it did not get
+    /// there within `timeout` (exec failed, not seized). Call
+    /// [`Self::resume`] after.
+    pub fn at_entry(&self, timeout: Duration) -> Option<Maps> {
+        if !self.seized {
+            return None;
+        }
+        self.entry.recv_timeout(timeout).ok()
+    }
+
+    /// Lets the child run on from its entry point.
+    pub fn resume(&self) {
+        let _ = self.resume.send(());
     }
 
     /// The child's maps read at its exit stop, if any.
@@ -146,6 +213,40 @@ impl ExitWatcher {
             .recv_timeout(Duration::from_secs(5))
             .unwrap_or((None, None))
     }
+}
+
+/// The ELF entry point of stopped process `pid` (AT_ENTRY of its auxv).
+fn entry_point(pid: u32) -> Option<u64> {
+    const AT_ENTRY: u64 = 9;
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).ok()?;
+    auxv.chunks_exact(16).find_map(|kv| {
+        let key = u64::from_ne_bytes(kv[..8].try_into().ok()?);
+        let value = u64::from_ne_bytes(kv[8..].try_into().ok()?);
+        (key == AT_ENTRY).then_some(value)
+    })
+}
+
+/// Puts an int3 on the entry point of stopped tracee `p`; the address and
+/// the word it replaced.
+fn set_entry_breakpoint(p: Pid, pid: u32) -> Option<(u64, libc::c_long)> {
+    let addr = entry_point(pid)?;
+    let word = ptrace::read(p, addr as ptrace::AddressType).ok()?;
+    let trapped = (word & !0xff) | 0xcc;
+    ptrace::write(p, addr as ptrace::AddressType, trapped).ok()?;
+    Some((addr, word))
+}
+
+/// Whether stopped tracee `p` just executed the int3 at `addr`.
+fn at_breakpoint(p: Pid, addr: u64) -> bool {
+    ptrace::getregs(p).is_ok_and(|r| r.rip == addr + 1)
+}
+
+/// Puts the original word back and the pc on it.
+fn clear_breakpoint(p: Pid, addr: u64, word: libc::c_long) -> nix::Result<()> {
+    ptrace::write(p, addr as ptrace::AddressType, word)?;
+    let mut regs = ptrace::getregs(p)?;
+    regs.rip = addr;
+    ptrace::setregs(p, regs)
 }
 
 /// A pidfd: becomes readable when the process exits (also when it is not our

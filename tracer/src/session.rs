@@ -429,13 +429,23 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
         };
         let mut info = info;
         child.release()?;
-        // The unwinder needs the addresses the loader chose: watch the maps
-        // closely until every library is mapped (until then the kernel walks
-        // frame pointers). Before `attached`, which tells scripts that
-        // everything is in place.
-        if let Some(maps) = wait_for_objects(pid, &objects).await
-            && let Some(inst) = unwinder.install(&mut kernel, pid, &maps)?
-        {
+        // The unwinder needs the addresses the loader chose: the child stops
+        // at its entry point with every library mapped, and runs on once
+        // they are listed for the kernel. Without that stop (not seized),
+        // the maps are polled until every library is there (the kernel
+        // walks frame pointers until then). Before `attached`, which tells
+        // scripts that everything is in place.
+        // Blocking, briefly: the loader's work, a few milliseconds.
+        let maps = match watcher.at_entry(Duration::from_secs(10)) {
+            Some(maps) => Some(maps),
+            None => wait_for_objects(pid, &objects).await,
+        };
+        let installed = match maps {
+            Some(maps) => unwinder.install(&mut kernel, pid, &maps),
+            None => Ok(None),
+        };
+        watcher.resume();
+        if let Some(inst) = installed? {
             unwind_notice(pid, &inst, sink)?;
             info.unwind = inst.info();
         }
