@@ -96,6 +96,7 @@ impl Collector {
                 allocs: stats.allocs,
                 frees: stats.frees,
                 alloc_bytes: stats.alloc_bytes,
+                states: Default::default(),
             });
         }
         if let Some(go) = self.go.as_mut() {
@@ -133,6 +134,7 @@ impl Collector {
                         alloc_bytes: 0,
                         growth_bytes_per_s: 0.0,
                         growth_count_per_s: 0.0,
+                        states: Default::default(),
                         start_function: site.start_function.clone(),
                         sampled: site.sampled,
                         truncated: site.truncated,
@@ -147,6 +149,9 @@ impl Collector {
             entry.0.allocs += site.allocs;
             entry.0.frees += site.frees;
             entry.0.alloc_bytes += site.alloc_bytes;
+            for (state, n) in site.states {
+                *entry.0.states.entry(state).or_default() += n;
+            }
         }
         let mut reports = Vec::with_capacity(merged.len());
         for (_, (mut report, bytes, count)) in merged {

@@ -46,6 +46,9 @@ pub fn reap(pid: u32) -> (Option<i32>, Option<i32>) {
     }
 }
 
+/// What runs at a watched child's exit stop, with its maps.
+pub type ExitHook = Box<dyn FnOnce(&Maps) + Send>;
+
 /// Watches a child we started with ptrace(PTRACE_SEIZE, PTRACE_O_TRACEEXIT |
 /// PTRACE_O_TRACEEXEC).
 ///
@@ -73,7 +76,9 @@ pub struct ExitWatcher {
 }
 
 impl ExitWatcher {
-    pub fn start(pid: u32) -> Self {
+    /// Seizes `pid`; `on_exit` runs at its exit stop with its maps, while
+    /// its memory is still readable.
+    pub fn start(pid: u32, mut on_exit: Option<ExitHook>) -> Self {
         let (maps_tx, maps) = mpsc::channel();
         let (entry_tx, entry) = mpsc::channel();
         let (resume, resume_rx) = mpsc::channel::<()>();
@@ -111,6 +116,9 @@ impl ExitWatcher {
                     }
                     WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_EXIT => {
                         if let Ok(m) = Maps::read(pid) {
+                            if let Some(hook) = on_exit.take() {
+                                hook(&m);
+                            }
                             let _ = maps_tx.send(m);
                         }
                         let _ = ptrace::cont(p, None);

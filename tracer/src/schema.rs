@@ -142,6 +142,10 @@ pub struct SiteReport {
     /// Growth of the outstanding count over the trend window, per second
     /// (goroutines and timers grow in count).
     pub growth_count_per_s: f64,
+    /// Goroutine sites read from the runtime's list: live goroutines by
+    /// state ("chan receive", "running"...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub states: BTreeMap<String, u64>,
     /// For goroutine sites: the goroutine's start function.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_function: Option<Frame>,
@@ -181,6 +185,8 @@ pub struct SiteNumbers {
     pub alloc_bytes: u64,
     pub growth_bytes_per_s: f64,
     pub growth_count_per_s: f64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub states: BTreeMap<String, u64>,
 }
 
 impl SiteReport {
@@ -232,6 +238,7 @@ impl SiteReport {
             alloc_bytes: self.alloc_bytes,
             growth_bytes_per_s: self.growth_bytes_per_s,
             growth_count_per_s: self.growth_count_per_s,
+            states: self.states.clone(),
         }
     }
 
@@ -246,6 +253,7 @@ impl SiteReport {
             alloc_bytes: n.alloc_bytes,
             growth_bytes_per_s: n.growth_bytes_per_s,
             growth_count_per_s: n.growth_count_per_s,
+            states: n.states.clone(),
             start_function: info.start_function.clone(),
             sampled: info.sampled,
             truncated: info.truncated,
@@ -894,6 +902,7 @@ pub(crate) mod tests {
             alloc_bytes: allocs * 10,
             growth_bytes_per_s: 0.0,
             growth_count_per_s: 0.0,
+            states: BTreeMap::new(),
             start_function: None,
             sampled: false,
             truncated: false,

@@ -399,7 +399,12 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
     let pid = child.pid;
     let result = async {
         let exit_fd = PidFd::open(pid)?;
-        let watcher = ExitWatcher::start(pid);
+        let exit_hook = plan.go.as_ref().and_then(|g| GoTarget::exit_hook(pid, g));
+        let (hook, exit_census) = match exit_hook {
+            Some((h, c)) => (Some(h), Some(c)),
+            None => (None, None),
+        };
+        let watcher = ExitWatcher::start(pid, hook);
         let offsets = plan
             .go
             .as_ref()
@@ -454,6 +459,9 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
         // resets MemProfileRate during start-up, so the sampling policy is
         // applied from the first interval on.
         let mut traced = Traced::new(pid, Maps::default(), plan.go.as_ref(), opts);
+        if let (Some(slot), Some(go)) = (exit_census, traced.collector.go_mut()) {
+            go.set_exit_census(slot);
+        }
         traced.own_child = Some(watcher);
         trace_loop(
             &mut kernel,

@@ -36,6 +36,8 @@ pub struct RawSite {
     pub allocs: u64,
     pub frees: u64,
     pub alloc_bytes: u64,
+    /// Goroutine sites read from the runtime's list: live ones by state.
+    pub states: std::collections::BTreeMap<String, u64>,
 }
 
 /// Functions in which a complete user stack ends.

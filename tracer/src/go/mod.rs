@@ -11,6 +11,7 @@
 //! - [`runtime`]: the target's runtime read through `/proc/PID/mem`.
 //! - `sites`: goroutine and sampled-heap sites.
 
+pub mod census;
 pub mod code;
 pub mod pclntab;
 pub mod plan;
@@ -20,6 +21,7 @@ pub mod version;
 
 use std::collections::HashMap;
 
+pub use census::{Census, CensusLayout, GoroutineGroup};
 pub use code::{Function, after_prologue, call_targets, code, function, is_go_wrapper, ret_sites};
 pub use runtime::{
     Bucket, BucketCounts, MemProfileLayout, RuntimeMem, find_mem_profile_rate, scale_sample,
@@ -61,7 +63,20 @@ pub struct GoTarget {
     /// The target's own rate, when the tracer changed it: what detaching
     /// writes back.
     original_rate: Option<u64>,
+    pid: u32,
+    /// Runtime address of `runtime.allgs`, once the executable is mapped.
+    allgs_addr: Option<u64>,
+    /// The last goroutine census: what the final report shows once the
+    /// target has exited.
+    last_census: Option<Census>,
+    /// The census taken at our own child's exit stop (`run`), if any.
+    exit_census: Option<ExitCensus>,
 }
+
+/// Where the census taken at a `run` child's exit stop lands.
+pub type ExitCensus = std::sync::Arc<std::sync::Mutex<Option<Census>>>;
+
+use crate::process::ExitHook;
 
 impl GoTarget {
     /// The Go side of `pid`, whose executable is mapped as `maps` says (empty
@@ -74,9 +89,44 @@ impl GoTarget {
             starts: HashMap::new(),
             policy_pending: true,
             original_rate: None,
+            pid,
+            allgs_addr: None,
+            last_census: None,
+            exit_census: None,
         };
         go.resolve(maps);
         go
+    }
+
+    /// For `run`: a hook that reads the goroutine list at the child's exit
+    /// stop (its memory is still there; a short-lived command may exit
+    /// before any interval), and where the result lands (give it to
+    /// [`Self::set_exit_census`]). None without a goroutine list.
+    pub fn exit_hook(pid: u32, plan: &GoPlan) -> Option<(ExitHook, ExitCensus)> {
+        let layout = plan.census.clone()?;
+        let plan = plan.clone();
+        let slot = ExitCensus::default();
+        let out = slot.clone();
+        let hook: ExitHook = Box::new(move |maps: &Maps| {
+            let Some(addr) = runtime_address(&plan, maps, layout.allgs) else {
+                return;
+            };
+            let layout = CensusLayout {
+                allgs: addr,
+                ..layout
+            };
+            if let Ok(c) = census::read(pid, 0, &layout)
+                && let Ok(mut slot) = out.lock()
+            {
+                *slot = Some(c);
+            }
+        });
+        Some((hook, slot))
+    }
+
+    /// Uses the census of [`Self::exit_hook`] once the target is gone.
+    pub fn set_exit_census(&mut self, slot: ExitCensus) {
+        self.exit_census = Some(slot);
     }
 
     /// The runtime offsets for the kernel side, with the runtime address of
@@ -108,6 +158,11 @@ impl GoTarget {
     /// Finds `runtime.MemProfileRate` and the memory profile in the target
     /// once its executable is mapped.
     pub fn resolve(&mut self, maps: &Maps) {
+        if self.allgs_addr.is_none()
+            && let Some(c) = &self.plan.census
+        {
+            self.allgs_addr = runtime_address(&self.plan, maps, c.allgs);
+        }
         if self.mem.rate_addr().is_none()
             && let Some(va) = self.plan.mem_profile_rate
             && let Some(addr) = runtime_address(&self.plan, maps, va)

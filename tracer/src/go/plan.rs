@@ -33,6 +33,9 @@ pub struct GoPlan {
     pub sendtime: Option<u64>,
     /// Position-independent executable: runtime addresses need the load bias.
     pub pie: bool,
+    /// Where the runtime's goroutine list is: goroutines are then read from
+    /// it each snapshot, and creation and exit get no probe.
+    pub census: Option<super::CensusLayout>,
 }
 
 /// Plans the Go runtime probes for `obj` if it is a Go executable. The file
@@ -104,10 +107,32 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
         let at = super::after_prologue(code, f.addr).unwrap_or(f.addr);
         Some(probe(f.name.clone(), file_off(f, at), program))
     };
+    // Goroutines from the runtime's own list when it can be found (no trap
+    // per goroutine); else probes on their creation and exit.
+    let census = if std::env::var_os("TRACER_GO_CENSUS").is_some_and(|v| v == "0") {
+        None
+    } else {
+        super::CensusLayout::find(elf, pcln, &offsets)
+    };
+    match &census {
+        Some(c) => log::debug!(
+            "{}: goroutines read from runtime.allgs at {:#x} ({} wait reasons)",
+            obj.path.display(),
+            c.allgs,
+            c.wait_reasons.len()
+        ),
+        None => log::info!(
+            "{}: runtime.allgs not found: goroutines traced with probes",
+            obj.path.display()
+        ),
+    }
     // Exits before creations, frees before allocations.
-    let exit = super::function(elf, pcln, "runtime.gdestroy")
-        .or_else(|| super::function(elf, pcln, "runtime.goexit0"));
-    let mut entries = vec![(exit, Program::GoGoexit, "runtime.gdestroy/goexit0")];
+    let mut entries = Vec::new();
+    if census.is_none() {
+        let exit = super::function(elf, pcln, "runtime.gdestroy")
+            .or_else(|| super::function(elf, pcln, "runtime.goexit0"));
+        entries.push((exit, Program::GoGoexit, "runtime.gdestroy/goexit0"));
+    }
     if mem_profile.is_none() {
         // Heap samples through probes only where the profile cannot be read.
         entries.push((
@@ -127,7 +152,9 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
             None => missing.push(name),
         }
     }
-    if let Some(f) = super::function(elf, pcln, "runtime.newproc1")
+    if census.is_some() {
+        // Read from the runtime's list.
+    } else if let Some(f) = super::function(elf, pcln, "runtime.newproc1")
         && let Some(code) = super::code(elf, &f)
     {
         for ret in super::ret_sites(code, f.addr) {
@@ -200,5 +227,6 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
         newtimer,
         sendtime,
         pie: elf.is_dynamic(),
+        census,
     }))
 }

@@ -19,6 +19,9 @@ impl GoTarget {
         symbols: &mut Symbolizer,
     ) -> Result<Vec<RawSite>, TracerError> {
         let mut raw = Vec::new();
+        if self.plan.census.is_some() {
+            raw.extend(self.census_sites(symbols));
+        }
         for (key, stats) in kernel.go_sites()? {
             // gopc is the return address of the `go` statement's call to
             // newproc; startpc is a function entry (+1 undoes the -1 applied
@@ -36,6 +39,7 @@ impl GoTarget {
                 allocs: stats.allocs,
                 frees: stats.frees,
                 alloc_bytes: 0,
+                states: Default::default(),
             });
         }
         // (bucket, sampled allocs, sampled frees, sampled live objects)
@@ -94,9 +98,82 @@ impl GoTarget {
                 allocs: allocs.round() as u64,
                 frees: frees.round() as u64,
                 alloc_bytes: alloc_bytes.round() as u64,
+                states: Default::default(),
             });
         }
         Ok(raw)
+    }
+
+    /// Goroutine sites from the runtime's list: live goroutines by creation
+    /// site and start function, with their states. The runtime's own
+    /// goroutines (GC workers, the finalizer...) are left out, as the
+    /// goroutine profile's `runtime.isSystemGoroutine` does.
+    fn census_sites(&mut self, symbols: &mut Symbolizer) -> Vec<RawSite> {
+        let census = match (&self.plan.census, self.allgs_addr) {
+            (Some(layout), Some(addr)) => {
+                let layout = super::CensusLayout {
+                    allgs: addr,
+                    ..layout.clone()
+                };
+                match super::census::read(self.pid, 0, &layout) {
+                    Ok(c) => {
+                        self.last_census = Some(c.clone());
+                        Some(c)
+                    }
+                    // Gone (the final report after exit): the read at the
+                    // exit stop, else the last one.
+                    Err(e) => {
+                        log::debug!("pid {}: goroutine list unreadable: {e}", self.pid);
+                        self.exit_census
+                            .as_ref()
+                            .and_then(|s| s.lock().ok()?.clone())
+                            .or_else(|| self.last_census.clone())
+                    }
+                }
+            }
+            _ => self
+                .exit_census
+                .as_ref()
+                .and_then(|s| s.lock().ok()?.clone())
+                .or_else(|| self.last_census.clone()),
+        };
+        let Some(census) = census else {
+            return Vec::new();
+        };
+        let mut raw = Vec::new();
+        for g in census.groups {
+            let start = self.start_function(symbols, g.startpc);
+            let entry = symbols.symbolize_stack(&[g.startpc + 1]).pop();
+            if entry
+                .as_ref()
+                .is_some_and(|f| f.function.starts_with("runtime.") && f.function != "runtime.main")
+            {
+                continue;
+            }
+            // gopc is the return address of the `go` statement's call.
+            let frames = symbols.symbolize_stack(&[g.gopc]);
+            // Created by the runtime itself (the main goroutine, workers).
+            if frames
+                .first()
+                .is_some_and(|f| f.function.starts_with("runtime."))
+            {
+                continue;
+            }
+            raw.push(RawSite {
+                kind: SiteKind::Goroutine,
+                frames: frames.into(),
+                truncated: false,
+                start_function: start,
+                sampled: false,
+                bytes: 0,
+                count: g.count as i64,
+                allocs: 0,
+                frees: 0,
+                alloc_bytes: 0,
+                states: g.states,
+            });
+        }
+        raw
     }
 
     /// The function a goroutine runs. For `go f(x)` Go ≥ 1.22 starts a

@@ -24,12 +24,29 @@ impl<W: Write> TableSink<W> {
     }
 }
 
+/// A goroutine site's states, ` [50 chan receive, 2 running]`; empty for
+/// sites without.
+fn states(site: &SiteReport) -> String {
+    if site.states.is_empty() {
+        return String::new();
+    }
+    let mut v: Vec<(&String, &u64)> = site.states.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    format!(
+        " [{}]",
+        v.iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// The site's frames as `f (file:line) ← g (file:line) ← …`, at most `n`.
 fn chain(site: &SiteReport, n: usize) -> String {
     let prefix = site
         .start_function
         .as_ref()
-        .map(|f| format!("go {} created at ", f.function))
+        .map(|f| format!("go {}{} created at ", f.function, states(site)))
         .unwrap_or_default();
     // The allocator and its wrappers (`_PyObject_Malloc`, `zmalloc`…) say
     // nothing about who allocated: start past them.
@@ -293,6 +310,14 @@ impl<W: Write> Sink for TableSink<W> {
         }
         for (i, site) in holders.iter().enumerate() {
             let what = match &site.start_function {
+                // Read from the runtime's list: live ones, by state.
+                Some(start) if !site.states.is_empty() => format!(
+                    "{} goroutines alive running {}{}, growth {}",
+                    site.outstanding_count,
+                    start.short(),
+                    states(site),
+                    growth_of(site),
+                ),
                 Some(start) => format!(
                     "{} goroutines alive running {}, growth {}, {} created / {} exited",
                     site.outstanding_count,
