@@ -50,6 +50,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Target {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// The "ready" line (some targets say where they listen on it).
+    ready: String,
 }
 
 impl Target {
@@ -69,8 +71,12 @@ impl Target {
                 }
             }
         });
-        let t = Self { child, lines };
-        t.expect("ready")?;
+        let mut t = Self {
+            child,
+            lines,
+            ready: String::new(),
+        };
+        t.ready = t.expect("ready")?;
         Ok(t)
     }
 
@@ -494,9 +500,71 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     let stream = stream_sizes(&out_dir)?;
     println!("bench: attaching to python3");
     let python = python_attach(rounds, &out_dir)?;
+    println!("bench: the Go HTTP service, untraced and traced, interleaved");
+    let mut http = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        http.0.push(go_http(false, 4, &out_dir)?);
+        http.1.push(go_http(true, 4, &out_dir)?);
+    }
     println!("bench: the goroutine census at 1,000,000 goroutines");
     let census = go_census(1_000_000, &out_dir)?;
-    report(&c, &go, pairs, &out_dir, steady, &stream, python, census)
+    report(&c, &go, pairs, &out_dir, steady, &stream, python, census)?;
+    println!(
+        "\nGo HTTP service (a goroutine, a context.WithTimeout timer and 2 KiB per request; \
+         server on CPU 1, keep-alive client on CPU 0), medians of {rounds} interleaved runs: \
+         untraced {:.0} req/s, traced {:.0} req/s: {:.1}% (goal >= 95%)",
+        median(http.0.clone()),
+        median(http.1.clone()),
+        median(http.1.clone()) / median(http.0.clone()) * 100.0
+    );
+    Ok(())
+}
+
+/// The Go HTTP service (`gohttp`): one goroutine, one WithTimeout timer
+/// and 2 KiB per request; server on CPU 1, keep-alive client on CPU 0.
+/// Requests per second for `secs` seconds, untraced or traced.
+fn go_http(traced: bool, secs: u64, out_dir: &Path) -> Result<f64> {
+    let bin = fixtures_dir().join("gohttp-go1.27");
+    let server = Target::start(
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(&bin)
+            .arg("serve"),
+    )?;
+    let port = server
+        .ready
+        .split_whitespace()
+        .nth(1)
+        .context("gohttp said no port")?
+        .to_string();
+    let tracer = if traced {
+        let out = out_dir.join("tracer-http.jsonl");
+        let _ = std::fs::remove_file(&out);
+        let child = tracer_attach(server.child.id(), &out).spawn()?;
+        wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
+        wait_for_line(&out, "\"snapshot\"", Duration::from_secs(30))?;
+        Some(child)
+    } else {
+        None
+    };
+    let out = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(&bin)
+        .args(["load", &port, &secs.to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps: f64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("gohttp load said `{text}`"))?;
+    if let Some(child) = tracer {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = wait_rusage(child);
+    }
+    server.finish();
+    Ok(rps)
 }
 
 /// The goroutine census at scale: `leaky park N` holds N goroutines blocked

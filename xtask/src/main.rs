@@ -235,6 +235,7 @@ fn go_fixtures(out: &Path) -> Result<()> {
         }
         if *version == GO_VERSIONS[GO_VERSIONS.len() - 1] {
             builds.push(("gobench", "", ""));
+            builds.push(("gohttp", "", ""));
         }
         for (name, suffix, ldflags) in builds {
             let src = root().join("tests/fixtures/go").join(name);
