@@ -326,6 +326,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
             .map_or(String::new(), |g| format!(" (Go {})", g.version.raw))
     );
     session_notice(&kernel, sink, pid)?;
+    census_notice(plan.go.as_ref(), sink, pid)?;
     let info = Attached {
         schema_version: SCHEMA_VERSION,
         pid,
@@ -420,6 +421,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
         unwinder.flush(&mut kernel, sizes.unwind_rows)?;
         let probes = kernel.attach(&plan.probes, pid)?;
         session_notice(&kernel, sink, pid)?;
+        census_notice(plan.go.as_ref(), sink, pid)?;
         let info = Attached {
             schema_version: SCHEMA_VERSION,
             pid,
@@ -522,6 +524,23 @@ fn process_of_thread(pid: u32, sink: &mut dyn Sink) -> Result<u32, TracerError> 
         )?;
     }
     Ok(process)
+}
+
+/// Tells the user when a Go program's goroutines cost a probe hit each
+/// (its goroutine list was not found).
+fn census_notice(go: Option<&GoPlan>, sink: &mut dyn Sink, pid: u32) -> std::io::Result<()> {
+    match go {
+        Some(g) if g.census.is_none() => sink.notice(
+            pid,
+            &format!(
+                "goroutines are traced with probes on their creation and exit (a trap each): \
+                 the runtime's goroutine list (runtime.allgs) was not found in {} (or \
+                 TRACER_GO_CENSUS=0 turned it off)",
+                g.object.path.display()
+            ),
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Tells the user when sampling cannot skip the return trap of left-out
