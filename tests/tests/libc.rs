@@ -885,3 +885,51 @@ fn stripped_binaries_name_offsets_and_take_debug_dirs() {
         "no notice about {module} once its debug file is found"
     );
 }
+
+/// Detaching takes a moment (the final report, closing every probe link); a
+/// second Ctrl-C quits at once. The target keeps running, unharmed.
+#[test]
+fn a_second_interrupt_quits_at_once() {
+    if !privileged("a_second_interrupt_quits_at_once") {
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let service = Proc::spawn(&mut Command::new(fixture("demo")));
+    service.expect_line("demo service pid", T);
+    let (mut tracer, _stream, _) = Tracing::attach(service.pid())
+        .stderr(std::process::Stdio::piped())
+        .start();
+    let stderr = tracer.child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    tracer.signal(libc::SIGINT);
+    let hint = wait_until("the detach hint", T, || {
+        lines.try_recv().ok().filter(|l| l.contains("Ctrl-C again"))
+    });
+    assert!(hint.contains("quit at once"), "{hint}");
+    tracer.signal(libc::SIGINT);
+    let status = wait_until("the tracer to end", T, || tracer.child.try_wait().unwrap());
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGINT),
+        "the second Ctrl-C ends the tracer: {status:?}"
+    );
+    // The target is untouched: still running.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", service.pid())).unwrap();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(matches!(state, "S" | "R"), "target state {state}");
+}

@@ -647,9 +647,26 @@ async fn trace_loop(
             }
         }
     };
+    if reason == EndReason::Interrupted {
+        // Detaching (the final report, restoring the Go sampling rate,
+        // closing every probe link) takes a moment: a second Ctrl-C quits at
+        // once. The kernel removes the probes when their descriptors close
+        // with the process, so the target is left clean either way.
+        quit_on_second_interrupt();
+        log::warn!("detaching; press Ctrl-C again to quit at once (skips the final report)");
+    }
     for t in traced.iter_mut().filter(|t| !t.exited) {
         t.finish(kernel, reason, started.elapsed(), opts, sink)
             .await?;
     }
     Ok(())
+}
+
+/// Gives SIGINT and SIGTERM back their default action (end the process):
+/// tokio's handlers would otherwise swallow them while the session detaches.
+fn quit_on_second_interrupt() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: resetting a signal to its default disposition.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
 }
