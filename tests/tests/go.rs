@@ -506,12 +506,16 @@ fn steady_state_counts_stay_flat() {
                 alive <= 40,
                 "go{version} {marker}: {alive} alive at the end"
             );
-            let half = counts.len() / 2;
-            let mean = |c: &[u64]| c.iter().sum::<u64>() as f64 / c.len().max(1) as f64;
-            assert!(
-                mean(&counts[half..]) <= mean(&counts[..half]) + 10.0,
-                "go{version} {marker}: counts trend upward: {counts:?}"
-            );
+            // A trend needs samples: goroutines read from the runtime's list
+            // show only when a snapshot catches some alive.
+            if counts.len() >= 4 {
+                let half = counts.len() / 2;
+                let mean = |c: &[u64]| c.iter().sum::<u64>() as f64 / c.len().max(1) as f64;
+                assert!(
+                    mean(&counts[half..]) <= mean(&counts[..half]) + 10.0,
+                    "go{version} {marker}: counts trend upward: {counts:?}"
+                );
+            }
         }
         // Still running normally after being traced and detached.
         let status = std::fs::read_to_string(format!("/proc/{}/status", target.pid()))

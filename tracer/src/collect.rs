@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tracer_common::{Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
+use tracer_common::{Counter, Kind, MAX_STACK_DEPTH, STACK_ID_NONE};
 
 pub use crate::schema::{
     Activity, Frames, Lost, ModuleMapping, SiteKind, SiteReport, Snapshot, site_id,
@@ -59,10 +59,20 @@ impl Collector {
     }
 
     /// Takes a snapshot now.
-    pub fn collect(&mut self, kernel: &Kernel) -> Result<Snapshot, TracerError> {
+    pub fn collect(&mut self, kernel: &mut Kernel) -> Result<Snapshot, TracerError> {
         let now = Instant::now();
+        // Timers retired by reading the runtime's heaps (no stop or fire
+        // probe then), per creation stack: the tracked timers, then the
+        // sites, then the heaps.
+        let tracked = self.go.as_ref().and_then(|g| g.tracked_timers(kernel));
+        let sites = kernel.sites()?;
+        let retired: HashMap<u32, u64> = match self.go.as_mut() {
+            Some(go) => go.retire_timers(kernel, tracked).clone(),
+            None => HashMap::new(),
+        };
+        let kernel: &Kernel = kernel;
         let mut raw = Vec::new();
-        for (key, stats) in kernel.sites()? {
+        for (key, stats) in sites {
             let Some(kind) = Kind::from_u32(key.kind) else {
                 log::warn!(
                     "site of unknown kind {} in the kernel map: skipped",
@@ -85,6 +95,11 @@ impl Collector {
                     frames = frames[internal..].into();
                 }
             }
+            let gone = if kind == Kind::Timer {
+                retired.get(&key.stack_id).copied().unwrap_or(0)
+            } else {
+                0
+            };
             raw.push(RawSite {
                 kind: kind.into(),
                 frames,
@@ -92,9 +107,9 @@ impl Collector {
                 start_function: None,
                 sampled: kernel.sizes.sample_bytes > 0 && kind == Kind::Heap,
                 bytes: stats.outstanding_bytes,
-                count: stats.outstanding_count,
+                count: stats.outstanding_count - gone as i64,
                 allocs: stats.allocs,
-                frees: stats.frees,
+                frees: stats.frees + gone,
                 alloc_bytes: stats.alloc_bytes,
                 states: Default::default(),
             });
@@ -102,7 +117,8 @@ impl Collector {
         if let Some(go) = self.go.as_mut() {
             raw.extend(go.sites(kernel, &mut self.symbols)?);
         }
-        let counters = kernel.counters()?;
+        let mut counters = kernel.counters()?;
+        counters.0[Counter::TimersRetired as usize] += retired.values().sum::<u64>();
         Ok(self.build(kernel, raw, counters, now))
     }
 

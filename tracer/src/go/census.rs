@@ -269,7 +269,7 @@ pub fn read(pid: u32, bias: u64, layout: &CensusLayout) -> std::io::Result<Censu
 
 /// Reads every (address, buffer) pair of process `pid` in one
 /// process_vm_readv; an error unless all bytes came.
-fn read_exact(pid: u32, parts: &mut [(u64, &mut [u8])]) -> std::io::Result<()> {
+pub(super) fn read_exact(pid: u32, parts: &mut [(u64, &mut [u8])]) -> std::io::Result<()> {
     let want: usize = parts.iter().map(|(_, b)| b.len()).sum();
     let local: Vec<libc::iovec> = parts
         .iter_mut()

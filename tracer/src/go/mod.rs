@@ -17,6 +17,7 @@ pub mod pclntab;
 pub mod plan;
 pub mod runtime;
 mod sites;
+pub mod timers;
 pub mod version;
 
 use std::collections::HashMap;
@@ -26,12 +27,13 @@ pub use code::{Function, after_prologue, call_targets, code, function, is_go_wra
 pub use runtime::{
     Bucket, BucketCounts, MemProfileLayout, RuntimeMem, find_mem_profile_rate, scale_sample,
 };
+pub use timers::{Pending, TimerHeapLayout};
 pub use version::{
     DwarfFacts, GoVersion, OLDEST_MINOR, async_timer_chan, build_info, dwarf_facts, go_version,
     offsets_for, offsets_from_dwarf, parse_version,
 };
 
-use crate::{probes::GoPlan, sink::Sink, symbolize::Frame, target::Maps};
+use crate::{kernel::Kernel, probes::GoPlan, sink::Sink, symbolize::Frame, target::Maps};
 
 /// Default Go heap sampling rate, the runtime's own default.
 pub const DEFAULT_GO_SAMPLE_RATE: u64 = 512 * 1024;
@@ -71,6 +73,10 @@ pub struct GoTarget {
     last_census: Option<Census>,
     /// The census taken at our own child's exit stop (`run`), if any.
     exit_census: Option<ExitCensus>,
+    /// Runtime address of `runtime.allp`, once the executable is mapped.
+    allp_addr: Option<u64>,
+    /// Timers retired by the scans, per creation stack id, since attach.
+    retired: HashMap<u32, u64>,
 }
 
 /// Where the census taken at a `run` child's exit stop lands.
@@ -93,9 +99,57 @@ impl GoTarget {
             allgs_addr: None,
             last_census: None,
             exit_census: None,
+            allp_addr: None,
+            retired: HashMap::new(),
         };
         go.resolve(maps);
         go
+    }
+
+    /// The timers the creation probe recorded, read before the site map so
+    /// that the sites' counts and the retirement below see the same timers.
+    /// None when the heaps are not read (stop and firing probes retire).
+    pub fn tracked_timers(&self, kernel: &Kernel) -> Option<Vec<(u64, u32)>> {
+        self.plan.timer_heaps?;
+        self.allp_addr?;
+        kernel.go_timers().ok()
+    }
+
+    /// Retires the `tracked` timers no heap holds any more (stopped, or
+    /// fired for good): forgets them in the kernel and counts them per
+    /// creation stack. Returns the timers retired so far per stack id.
+    pub fn retire_timers(
+        &mut self,
+        kernel: &mut Kernel,
+        tracked: Option<Vec<(u64, u32)>>,
+    ) -> &HashMap<u32, u64> {
+        let (Some(layout), Some(allp), Some(tracked)) =
+            (self.plan.timer_heaps, self.allp_addr, tracked)
+        else {
+            return &self.retired;
+        };
+        if tracked.is_empty() {
+            return &self.retired;
+        }
+        // The creation probe fires just before the runtime puts the timer in
+        // its heap: the heaps are read a moment after the tracked timers, so
+        // a timer absent from them has really left.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let pending = match timers::pending(self.pid, allp, &layout) {
+            Ok(p) => p,
+            // Gone, or a torn read: the next snapshot tries again.
+            Err(e) => {
+                log::debug!("pid {}: timer heaps unreadable: {e}", self.pid);
+                return &self.retired;
+            }
+        };
+        for (t, stack) in tracked {
+            if !pending.contains(&t) {
+                kernel.remove_go_timer(t);
+                *self.retired.entry(stack).or_default() += 1;
+            }
+        }
+        &self.retired
     }
 
     /// For `run`: a hook that reads the goroutine list at the child's exit
@@ -158,6 +212,11 @@ impl GoTarget {
     /// Finds `runtime.MemProfileRate` and the memory profile in the target
     /// once its executable is mapped.
     pub fn resolve(&mut self, maps: &Maps) {
+        if self.allp_addr.is_none()
+            && let Some(t) = &self.plan.timer_heaps
+        {
+            self.allp_addr = runtime_address(&self.plan, maps, t.allp);
+        }
         if self.allgs_addr.is_none()
             && let Some(c) = &self.plan.census
         {

@@ -36,6 +36,9 @@ pub struct GoPlan {
     /// Where the runtime's goroutine list is: goroutines are then read from
     /// it each snapshot, and creation and exit get no probe.
     pub census: Option<super::CensusLayout>,
+    /// Where the runtime's timer heaps are: a timer's stop and firing then
+    /// get no probe (a snapshot retires the timers no heap holds).
+    pub timer_heaps: Option<super::TimerHeapLayout>,
 }
 
 /// Plans the Go runtime probes for `obj` if it is a Go executable. The file
@@ -164,25 +167,46 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
     } else {
         missing.push("runtime.newproc1");
     }
-    // Timers: creation, stop, final firing.
+    // Timers: creation (for its stack); stop and final firing only where
+    // the timer heaps cannot be read.
+    let timer_heaps = if std::env::var_os("TRACER_GO_TIMER_HEAPS").is_some_and(|v| v == "0") {
+        None
+    } else if version.major == 1 {
+        super::TimerHeapLayout::find(elf, pcln, version.minor)
+    } else {
+        None
+    };
+    match &timer_heaps {
+        Some(t) => log::debug!(
+            "{}: timers retired from the runtime's heaps (allp {:#x}, heap at p+{:#x})",
+            obj.path.display(),
+            t.allp,
+            t.heap
+        ),
+        None => log::info!(
+            "{}: timer heaps not found: timer stops and firings traced with probes",
+            obj.path.display()
+        ),
+    }
     let mut newtimer = None;
     let (_, modinfo) = super::build_info(elf).unwrap_or_default();
     let mut offsets = offsets;
     offsets.count_chan_timers =
         u64::from((version.major == 1 && version.minor <= 22) || super::async_timer_chan(&modinfo));
     let new_timers = version.major > 1 || version.minor >= 23;
-    let timer_hooks: &[(&str, Program, Option<u64>)] = if new_timers {
-        &[
+    let timer_hooks: &[(&str, Program, Option<u64>)] = match (new_timers, timer_heaps.is_some()) {
+        (true, false) => &[
             ("runtime.(*timer).stop", Program::GoTimerStop, None),
             ("runtime.(*timer).unlockAndRun", Program::GoTimerFire, None),
             ("runtime.(*timer).modify", Program::GoTimerModify, None),
-        ]
-    } else {
-        &[
+        ],
+        (true, true) => &[("runtime.(*timer).modify", Program::GoTimerModify, None)],
+        (false, false) => &[
             ("time.stopTimer", Program::GoTimerStop, None),
             ("runtime.runOneTimer", Program::GoTimerFire, Some(1)),
             ("time.startTimer", Program::GoTimerStart, None),
-        ]
+        ],
+        (false, true) => &[("time.startTimer", Program::GoTimerStart, None)],
     };
     for (name, program, cookie) in timer_hooks {
         let Some(f) = super::function(elf, pcln, name) else {
@@ -228,5 +252,6 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
         sendtime,
         pie: elf.is_dynamic(),
         census,
+        timer_heaps,
     }))
 }

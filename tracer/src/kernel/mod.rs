@@ -116,6 +116,7 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     go_sites: HashMap<MapData, GoSiteKey, SiteStats>,
     go_buckets: HashMap<MapData, u64, SiteStats>,
+    go_timers: HashMap<MapData, u64, u32>,
     oom_victim: Array<MapData, OomVictim>,
     unwind_rows: Array<MapData, UnwindRow>,
     unwind_mappings: HashMap<MapData, u32, ProcMappings>,
@@ -218,6 +219,7 @@ impl Kernel {
         let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?).map_err(load_err)?;
         let go_sites = HashMap::try_from(take(&mut ebpf, maps::GO_SITES)?).map_err(load_err)?;
         let go_buckets = HashMap::try_from(take(&mut ebpf, maps::GO_BUCKETS)?).map_err(load_err)?;
+        let go_timers = HashMap::try_from(take(&mut ebpf, maps::GO_TIMERS)?).map_err(load_err)?;
         let oom_victim = Array::try_from(take(&mut ebpf, maps::OOM_VICTIM)?).map_err(load_err)?;
         let unwind_rows = Array::try_from(take(&mut ebpf, maps::UNWIND_ROWS)?).map_err(load_err)?;
         let unwind_mappings =
@@ -231,6 +233,7 @@ impl Kernel {
             counters,
             go_sites,
             go_buckets,
+            go_timers,
             oom_victim,
             unwind_rows,
             unwind_mappings,
@@ -379,6 +382,24 @@ impl Kernel {
     }
 
     /// Goroutines per creation site.
+    /// Timers pending since their creation probe: timer → creation stack id.
+    pub fn go_timers(&self) -> Result<Vec<(u64, u32)>, TracerError> {
+        self.go_timers
+            .iter()
+            .map(|r| {
+                r.map_err(|e| TracerError::MapRead {
+                    map: maps::GO_TIMERS,
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets timer `t` (retired: no timer heap holds it).
+    pub fn remove_go_timer(&mut self, t: u64) {
+        let _ = self.go_timers.remove(&t);
+    }
+
     pub fn go_sites(&self) -> Result<Vec<(GoSiteKey, SiteStats)>, TracerError> {
         read_all(&self.go_sites, maps::GO_SITES)
     }
