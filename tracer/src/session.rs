@@ -526,21 +526,30 @@ fn process_of_thread(pid: u32, sink: &mut dyn Sink) -> Result<u32, TracerError> 
     Ok(process)
 }
 
-/// Tells the user when a Go program's goroutines cost a probe hit each
-/// (its goroutine list was not found).
+/// Tells the user when a Go program's goroutines or timer stops cost a
+/// probe hit each (the runtime's structures were not found).
 fn census_notice(go: Option<&GoPlan>, sink: &mut dyn Sink, pid: u32) -> std::io::Result<()> {
-    match go {
-        Some(g) if g.census.is_none() => sink.notice(
-            pid,
-            &format!(
-                "goroutines are traced with probes on their creation and exit (a trap each): \
-                 the runtime's goroutine list (runtime.allgs) was not found in {} (or \
-                 TRACER_GO_CENSUS=0 turned it off)",
-                g.object.path.display()
-            ),
-        ),
-        _ => Ok(()),
+    let Some(g) = go else {
+        return Ok(());
+    };
+    let mut missing = Vec::new();
+    if g.census.is_none() {
+        missing.push("goroutines are traced with probes on their creation and exit (the goroutine list, runtime.allgs, was not found)");
     }
+    if g.timer_heaps.is_none() {
+        missing.push("timer stops and firings are traced with probes (the timer heaps, runtime.allp, were not found)");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    sink.notice(
+        pid,
+        &format!(
+            "{} in {} (or TRACER_GO_CENSUS=0 / TRACER_GO_TIMER_HEAPS=0 turned them off): a trap each",
+            missing.join("; "),
+            g.object.path.display()
+        ),
+    )
 }
 
 /// Tells the user when sampling cannot skip the return trap of left-out
