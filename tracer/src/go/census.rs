@@ -20,9 +20,12 @@
 
 use std::collections::BTreeMap;
 
-use iced_x86::{Code, Decoder, DecoderOptions, OpKind, Register};
+use iced_x86::{Code, Decoder, DecoderOptions, Register};
 
-use super::{code::function, pclntab::Pclntab};
+use super::{
+    code::{function, slice_loaded_by},
+    pclntab::Pclntab,
+};
 use crate::object::ElfObject;
 
 /// `_Gidle`, `_Gdead` and 1.27's `_Gdeadextra`: not goroutines.
@@ -65,7 +68,7 @@ impl CensusLayout {
         let allgs = elf
             .data_symbol("runtime.allgs")
             .map(|s| s.addr)
-            .or_else(|| allgs_from_code(elf, pclntab))?;
+            .or_else(|| slice_loaded_by(elf, pclntab, "runtime.forEachG"))?;
         let wait_reasons = wait_reason_names(elf, pclntab).unwrap_or_default();
         Some(Self {
             allgs,
@@ -95,23 +98,6 @@ impl CensusLayout {
             _ => "unknown",
         }
     }
-}
-
-/// The `allgs` slice header's address from `runtime.forEachG`'s code: the
-/// two RIP-relative qword loads at adjacent addresses (pointer, length).
-fn allgs_from_code(elf: &ElfObject, pclntab: Option<&Pclntab>) -> Option<u64> {
-    let f = function(elf, pclntab, "runtime.forEachG")?;
-    let code = elf.read_at_offset(f.file_offset, f.size.min(512))?;
-    let loads: Vec<u64> = Decoder::with_ip(64, code, f.addr, DecoderOptions::NONE)
-        .iter()
-        .filter(|i| {
-            i.code() == Code::Mov_r64_rm64
-                && i.op1_kind() == OpKind::Memory
-                && i.memory_base() == Register::RIP
-        })
-        .map(|i| i.ip_rel_memory_address())
-        .collect();
-    loads.iter().copied().find(|a| loads.contains(&(a + 8)))
 }
 
 /// The wait reason names, from the symbol table's

@@ -103,3 +103,27 @@ pub fn is_go_wrapper(name: &str) -> bool {
 pub fn code<'d>(elf: &'d ElfObject, f: &Function) -> Option<&'d [u8]> {
     elf.read_at_offset(f.file_offset, f.size)
 }
+
+/// The global slice whose header function `name` loads: the first address it
+/// reads RIP-relative together with the qword after it (the slice's pointer
+/// and length), as `runtime.forEachG` does `allgs` and `runtime.preemptall`
+/// does `allp`. How stripped binaries' runtime globals are found.
+pub fn slice_loaded_by(
+    elf: &ElfObject,
+    pclntab: Option<&super::pclntab::Pclntab>,
+    name: &str,
+) -> Option<u64> {
+    use iced_x86::{Code, Decoder, DecoderOptions, OpKind, Register};
+    let f = function(elf, pclntab, name)?;
+    let code = elf.read_at_offset(f.file_offset, f.size.min(512))?;
+    let loads: Vec<u64> = Decoder::with_ip(64, code, f.addr, DecoderOptions::NONE)
+        .iter()
+        .filter(|i| {
+            i.code() == Code::Mov_r64_rm64
+                && i.op1_kind() == OpKind::Memory
+                && i.memory_base() == Register::RIP
+        })
+        .map(|i| i.ip_rel_memory_address())
+        .collect();
+    loads.iter().copied().find(|a| loads.contains(&(a + 8)))
+}

@@ -120,22 +120,14 @@ impl GoTarget {
                         self.last_census = Some(c.clone());
                         Some(c)
                     }
-                    // Gone (the final report after exit): the read at the
-                    // exit stop, else the last one.
+                    // Gone (the final report after exit).
                     Err(e) => {
                         log::debug!("pid {}: goroutine list unreadable: {e}", self.pid);
-                        self.exit_census
-                            .as_ref()
-                            .and_then(|s| s.lock().ok()?.clone())
-                            .or_else(|| self.last_census.clone())
+                        self.census_before_exit()
                     }
                 }
             }
-            _ => self
-                .exit_census
-                .as_ref()
-                .and_then(|s| s.lock().ok()?.clone())
-                .or_else(|| self.last_census.clone()),
+            _ => self.census_before_exit(),
         };
         let Some(census) = census else {
             return Vec::new();
@@ -174,6 +166,15 @@ impl GoTarget {
             });
         }
         raw
+    }
+
+    /// The goroutine list as last seen alive: read at the exit stop
+    /// (`run`), else at the last snapshot.
+    fn census_before_exit(&self) -> Option<super::Census> {
+        self.exit_census
+            .as_ref()
+            .and_then(|s| s.lock().ok()?.clone())
+            .or_else(|| self.last_census.clone())
     }
 
     /// The function a goroutine runs. For `go f(x)` Go ≥ 1.22 starts a

@@ -17,9 +17,12 @@
 
 use std::collections::HashSet;
 
-use iced_x86::{Code, Decoder, DecoderOptions, OpKind, Register};
+use iced_x86::{Code, Decoder, DecoderOptions, Register};
 
-use super::{code::function, pclntab::Pclntab};
+use super::{
+    code::{function, slice_loaded_by},
+    pclntab::Pclntab,
+};
 use crate::object::ElfObject;
 
 /// A larger P count or heap is a torn read.
@@ -56,7 +59,7 @@ impl TimerHeapLayout {
         let allp = elf
             .data_symbol("runtime.allp")
             .map(|s| s.addr)
-            .or_else(|| adjacent_loads(elf, pclntab, "runtime.preemptall"))?;
+            .or_else(|| slice_loaded_by(elf, pclntab, "runtime.preemptall"))?;
         let heap = timers_lock_offset(elf, pclntab)? + 8;
         let (entry, pending) = if minor >= 23 {
             (16, Pending::State { offset: 9 })
@@ -70,23 +73,6 @@ impl TimerHeapLayout {
             pending,
         })
     }
-}
-
-/// The first address `f` loads RIP-relative together with the qword after
-/// it (a slice's pointer and length).
-fn adjacent_loads(elf: &ElfObject, pclntab: Option<&Pclntab>, name: &str) -> Option<u64> {
-    let f = function(elf, pclntab, name)?;
-    let code = elf.read_at_offset(f.file_offset, f.size.min(256))?;
-    let loads: Vec<u64> = Decoder::with_ip(64, code, f.addr, DecoderOptions::NONE)
-        .iter()
-        .filter(|i| {
-            i.code() == Code::Mov_r64_rm64
-                && i.op1_kind() == OpKind::Memory
-                && i.memory_base() == Register::RIP
-        })
-        .map(|i| i.ip_rel_memory_address())
-        .collect();
-    loads.iter().copied().find(|a| loads.contains(&(a + 8)))
 }
 
 /// The timer lock's offset in `runtime.p`: `(*p).destroy` locks (or takes
