@@ -134,9 +134,10 @@ impl GoTarget {
         };
         let mut raw = Vec::new();
         for g in census.groups {
+            // Resolved once per start pc (cached): runtime start functions
+            // (and their gowrap closures) stay in the runtime.
             let start = self.start_function(symbols, g.startpc);
-            let entry = symbols.symbolize_stack(&[g.startpc + 1]).pop();
-            if entry
+            if start
                 .as_ref()
                 .is_some_and(|f| f.function.starts_with("runtime.") && f.function != "runtime.main")
             {
