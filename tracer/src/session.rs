@@ -286,6 +286,7 @@ impl Traced {
 /// Traces the running process `pid` until it exits, `duration` elapses or the
 /// user interrupts.
 pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
+    let signals = Signals::take()?;
     let pid = process_of_thread(pid, sink)?;
     let target = Target::resolve(pid)?;
     target::check_environment()?;
@@ -344,6 +345,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
         &mut kernel,
         &mut unwinder,
         vec![(traced, exit_fd)],
+        signals,
         opts,
         sink,
     )
@@ -354,6 +356,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
 /// allocator (no uprobes: no overhead in the target). Alerts then carry no
 /// call sites; the OOM kill is still recorded.
 pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
+    let signals = Signals::take()?;
     let pid = process_of_thread(pid, sink)?;
     let target = Target::resolve(pid)?;
     target::check_environment()?;
@@ -376,6 +379,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
         &mut kernel,
         &mut unwinder,
         vec![(traced, exit_fd)],
+        signals,
         opts,
         sink,
     )
@@ -385,6 +389,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
 /// Starts `argv` and traces it from its first instruction: the child is held
 /// between fork and exec until every probe is attached.
 pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
+    let signals = Signals::take()?;
     let command = argv.first().cloned().unwrap_or_default();
     let exe = process::find_executable(&command)?;
     target::check_environment()?;
@@ -469,6 +474,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             &mut kernel,
             &mut unwinder,
             vec![(traced, exit_fd)],
+            signals,
             opts,
             sink,
         )
@@ -572,6 +578,7 @@ async fn trace_loop(
     kernel: &mut Kernel,
     unwinder: &mut Unwinder,
     targets: Vec<(Traced, PidFd)>,
+    signals: Signals,
     opts: &Options,
     sink: &mut dyn Sink,
 ) -> Result<(), TracerError> {
@@ -599,11 +606,11 @@ async fn trace_loop(
     let mut ticker = tokio::time::interval(opts.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    let signal = |kind| tokio::signal::unix::signal(kind).map_err(TracerError::Signals);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    // SIGUSR1 would otherwise kill the tracer: always take it.
-    let mut sigusr1 = signal(SignalKind::user_defined1())?;
+    let Signals {
+        mut sigint,
+        mut sigterm,
+        mut sigusr1,
+    } = signals;
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -669,6 +676,28 @@ async fn trace_loop(
             .await?;
     }
     Ok(())
+}
+
+/// The signals a session answers. They are taken before anything is
+/// attached: the `attached` record tells a script it may interrupt, and a
+/// Ctrl-C during a slow attach must detach cleanly rather than kill the tracer
+/// with a ptrace-held child or half its probes in place.
+struct Signals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    sigusr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn take() -> Result<Self, TracerError> {
+        let signal = |kind| tokio::signal::unix::signal(kind).map_err(TracerError::Signals);
+        Ok(Self {
+            sigint: signal(SignalKind::interrupt())?,
+            sigterm: signal(SignalKind::terminate())?,
+            // SIGUSR1 would otherwise kill the tracer: always take it.
+            sigusr1: signal(SignalKind::user_defined1())?,
+        })
+    }
 }
 
 /// Gives SIGINT and SIGTERM back their default action (end the process):
