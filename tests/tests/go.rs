@@ -620,3 +620,86 @@ fn go_heap_sampling_rate_is_restored_on_detach() {
         );
     }
 }
+
+/// A timer site with no creation stack: named only by the function it runs.
+fn callback_only_timers(snap: &Value) -> Vec<&Value> {
+    snap["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["kind"] == "timer"
+                && s["frames"].as_array().unwrap().is_empty()
+                && s["outstanding_count"].as_u64().unwrap() > 0
+        })
+        .collect()
+}
+
+/// Timers are read from the runtime's heaps, so those leaked before attach
+/// are counted at once, exactly, by the function they run (context's cancel
+/// closure). The creation probe is attached only in short windows: once it
+/// has seen the leaking line create a few, every pending timer with that
+/// callback gets its stack, and timers created while it is off cost no trap
+/// and are still counted.
+#[test]
+fn timers_leaked_before_attach_are_counted_then_named() {
+    if !privileged("timers_leaked_before_attach_are_counted_then_named") {
+        return;
+    }
+    for binary in ["leaky-go1.21", "leaky-go1.24-stripped", "leaky-go1.27"] {
+        let mut target = Proc::spawn(Command::new(fixture(binary)).args(["timerlate", "3000"]));
+        target.expect_line("ready", T);
+        let attach_time = std::time::Instant::now();
+        let (mut tracer, mut stream, _) = Tracing::attach(target.pid()).start();
+        // Before any creation is seen: one site per callback, exact.
+        let first = stream.next_of("snapshot", T);
+        let unnamed = callback_only_timers(&first);
+        assert_eq!(unnamed.len(), 1, "{binary}:\n{}", describe_sites(&first));
+        assert_eq!(unnamed[0]["outstanding_count"], 3000, "{binary}");
+        let runs = unnamed[0]["start_function"]["function"].as_str().unwrap();
+        assert!(
+            runs.starts_with("context."),
+            "{binary}: the callback {runs}"
+        );
+        // Inside the first sampling window: seen, so the line is named.
+        target.send("leak 500");
+        target.expect_line("leaked 3500", T);
+        let named = |n: u64| {
+            move |snap: &Value| {
+                let sites = timer_sites(snap, "main.leakLate", "late_timer", &src());
+                sites.len() == 1
+                    && sites[0]["outstanding_count"] == n
+                    && callback_only_timers(snap).is_empty()
+            }
+        };
+        let snap = stream.next_of_where("snapshot", "3500 timers named", T, named(3500));
+        assert!(
+            timer_sites(&snap, "main.cancelled", "cancelled_timer", &src())
+                .iter()
+                .all(|s| s["outstanding_count"] == 0),
+            "{binary}: cancelled timers are not pending:\n{}",
+            describe_sites(&snap)
+        );
+        // Past the first window (3 s after the first interval), before the
+        // next (20 s later): creations are not trapped, yet counted.
+        std::thread::sleep(Duration::from_secs(6).saturating_sub(attach_time.elapsed()));
+        let before = stream.next_of("snapshot", T)["activity"]["timers_created"]
+            .as_u64()
+            .unwrap();
+        target.send("leak 2000");
+        target.expect_line("leaked 5500", T);
+        let snap = stream.next_of_where("snapshot", "5500 timers named", T, named(5500));
+        assert_eq!(
+            snap["activity"]["timers_created"].as_u64().unwrap(),
+            before,
+            "{binary}: the creation probe is off outside its windows"
+        );
+        let site = timer_sites(&snap, "main.leakLate", "late_timer", &src())[0];
+        assert_eq!(
+            site["sampled"], true,
+            "{binary}: part of the split is estimated"
+        );
+        tracer.signal(libc::SIGINT);
+        assert_eq!(tracer.wait(T), Some(0));
+    }
+}

@@ -61,15 +61,10 @@ impl Collector {
     /// Takes a snapshot now.
     pub fn collect(&mut self, kernel: &mut Kernel) -> Result<Snapshot, TracerError> {
         let now = Instant::now();
-        // Timers retired by reading the runtime's heaps (no stop or fire
-        // probe then), per creation stack: the tracked timers, then the
-        // sites, then the heaps.
-        let tracked = self.go.as_ref().and_then(|g| g.tracked_timers(kernel));
+        // Pending timers from the runtime's heaps (None: the kernel's
+        // probes count them).
+        let timers = self.go.as_mut().and_then(|g| g.timer_census(kernel));
         let sites = kernel.sites()?;
-        let retired: HashMap<u32, u64> = match self.go.as_mut() {
-            Some(go) => go.retire_timers(kernel, tracked).clone(),
-            None => HashMap::new(),
-        };
         let kernel: &Kernel = kernel;
         let mut raw = Vec::new();
         for (key, stats) in sites {
@@ -95,30 +90,54 @@ impl Collector {
                     frames = frames[internal..].into();
                 }
             }
-            let gone = if kind == Kind::Timer {
-                retired.get(&key.stack_id).copied().unwrap_or(0)
-            } else {
-                0
-            };
-            raw.push(RawSite {
+            let mut site = RawSite {
                 kind: kind.into(),
                 frames,
                 truncated,
                 start_function: None,
                 sampled: kernel.sizes.sample_bytes > 0 && kind == Kind::Heap,
                 bytes: stats.outstanding_bytes,
-                count: stats.outstanding_count - gone as i64,
+                count: stats.outstanding_count,
                 allocs: stats.allocs,
-                frees: stats.frees + gone,
+                frees: stats.frees,
                 alloc_bytes: stats.alloc_bytes,
                 states: Default::default(),
-            });
+            };
+            if let (Kind::Timer, Some(t)) = (kind, &timers) {
+                // `allocs`: the creations the sampled probe saw.
+                let n = t.by_stack.get(&key.stack_id).copied().unwrap_or_default();
+                site.count = (n.seen + n.estimated) as i64;
+                site.frees = t.retired.get(&key.stack_id).copied().unwrap_or(0);
+                site.sampled = n.estimated > 0;
+            }
+            raw.push(site);
+        }
+        if let Some(t) = &timers {
+            // Timers no sampled creation names yet: no creation stack, only
+            // the function they will run (as a goroutine's start function).
+            for (&callback, &n) in &t.by_callback {
+                raw.push(RawSite {
+                    kind: Kind::Timer.into(),
+                    frames: Frames::from([]),
+                    truncated: false,
+                    start_function: self.symbols.symbolize_stack(&[callback + 1]).pop(),
+                    sampled: true,
+                    bytes: 0,
+                    count: n as i64,
+                    allocs: 0,
+                    frees: 0,
+                    alloc_bytes: 0,
+                    states: Default::default(),
+                });
+            }
         }
         if let Some(go) = self.go.as_mut() {
             raw.extend(go.sites(kernel, &mut self.symbols)?);
         }
         let mut counters = kernel.counters()?;
-        counters.0[Counter::TimersRetired as usize] += retired.values().sum::<u64>();
+        if let Some(t) = &timers {
+            counters.0[Counter::TimersRetired as usize] += t.retired.values().sum::<u64>();
+        }
         Ok(self.build(kernel, raw, counters, now))
     }
 

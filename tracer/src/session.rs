@@ -148,6 +148,32 @@ impl Traced {
         }
     }
 
+    /// Switches the sampled Go timer-creation probe on or off for the
+    /// current window (see [`GoTarget::timer_sampling`]).
+    fn sample_timer_creations(&mut self, kernel: &mut Kernel) {
+        if !kernel.has_sampled_probes() {
+            return;
+        }
+        let on = self
+            .collector
+            .go_mut()
+            .is_none_or(|g| g.timer_sampling(Instant::now()));
+        match kernel.set_sampled_probes(self.pid, on) {
+            Ok(true) => log::debug!(
+                "pid {}: timer creation stacks {}",
+                self.pid,
+                if on { "sampled" } else { "not sampled" }
+            ),
+            Ok(false) => {}
+            // The target may be exiting: the next window tries again.
+            Err(e) => log::warn!(
+                "pid {}: cannot attach the timer creation probe: {}",
+                self.pid,
+                crate::error::chain(&e)
+            ),
+        }
+    }
+
     /// Applies the Go sampling policy once the executable is mapped.
     fn settle_go(&mut self, opts: &Options, sink: &mut dyn Sink) -> std::io::Result<()> {
         let pid = self.pid;
@@ -215,6 +241,7 @@ impl Traced {
             unwind_notice(self.pid, &inst, sink)?;
         }
         self.settle_go(opts, sink)?;
+        self.sample_timer_creations(kernel);
         let started = Instant::now();
         let mut snap = self.collector.collect(kernel)?;
         log::info!(

@@ -27,7 +27,7 @@ pub use code::{Function, after_prologue, call_targets, code, function, is_go_wra
 pub use runtime::{
     Bucket, BucketCounts, MemProfileLayout, RuntimeMem, find_mem_profile_rate, scale_sample,
 };
-pub use timers::{Pending, TimerHeapLayout};
+pub use timers::{Pending, PendingTimer, TimerHeapLayout};
 pub use version::{
     DwarfFacts, GoVersion, OLDEST_MINOR, async_timer_chan, build_info, dwarf_facts, go_version,
     offsets_for, offsets_from_dwarf, parse_version,
@@ -77,6 +77,81 @@ pub struct GoTarget {
     allp_addr: Option<u64>,
     /// Timers retired by the scans, per creation stack id, since attach.
     retired: HashMap<u32, u64>,
+    /// Runtime address of `time.goFunc`.
+    gofunc_addr: Option<u64>,
+    /// Per timer callback, the pending timers of each creation stack the
+    /// sampled probe last saw: how unseen timers of that callback are split.
+    timer_weights: HashMap<u64, HashMap<u32, u64>>,
+    last_timers: Option<TimerCensus>,
+    /// When the timer-creation sampling windows started.
+    sampling_since: Option<std::time::Instant>,
+}
+
+/// Pending timers of one snapshot (see [`GoTarget::timer_census`]).
+#[derive(Clone, Debug, Default)]
+pub struct TimerCensus {
+    /// Per creation stack id.
+    pub by_stack: HashMap<u32, TimerCount>,
+    /// Timers no sampled creation names, per callback code address.
+    pub by_callback: HashMap<u64, u64>,
+    /// Timers retired since attach, per creation stack id.
+    pub retired: HashMap<u32, u64>,
+}
+
+/// Pending timers of one creation stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimerCount {
+    /// Whose creation the probe saw.
+    pub seen: u64,
+    /// Unseen timers with the same callback, this stack's share.
+    pub estimated: u64,
+}
+
+/// The timer-creation sampling windows: (first window after attach, later
+/// windows, their period). `TRACER_GO_TIMER_STACKS=always` keeps the probe
+/// attached (every creation stack exact, a trap per timer).
+fn timer_sample_windows() -> (
+    std::time::Duration,
+    std::time::Duration,
+    std::time::Duration,
+) {
+    use std::time::Duration;
+    if std::env::var_os("TRACER_GO_TIMER_STACKS").is_some_and(|v| v == "always") {
+        return (Duration::MAX, Duration::ZERO, Duration::from_secs(1));
+    }
+    (
+        Duration::from_secs(3),
+        Duration::from_secs(1),
+        Duration::from_secs(20),
+    )
+}
+
+/// Splits `n` in proportion to `weights`, exactly (largest remainder;
+/// ties to the smaller key, so the split is stable).
+fn apportion(n: u64, weights: &HashMap<u32, u64>) -> Vec<(u32, u64)> {
+    let total: u64 = weights.values().sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let mut keys: Vec<(u32, u64)> = weights.iter().map(|(k, w)| (*k, *w)).collect();
+    keys.sort_unstable();
+    let mut out: Vec<(u32, u64, u128)> = keys
+        .iter()
+        .map(|&(k, w)| {
+            let x = u128::from(n) * u128::from(w);
+            (k, (x / u128::from(total)) as u64, x % u128::from(total))
+        })
+        .collect();
+    let given: u64 = out.iter().map(|o| o.1).sum();
+    let mut order: Vec<usize> = (0..out.len()).collect();
+    order.sort_by(|&a, &b| out[b].2.cmp(&out[a].2).then(out[a].0.cmp(&out[b].0)));
+    for &i in order.iter().take((n - given) as usize) {
+        out[i].1 += 1;
+    }
+    out.into_iter()
+        .map(|(k, v, _)| (k, v))
+        .filter(|o| o.1 > 0)
+        .collect()
 }
 
 /// Where the census taken at a `run` child's exit stop lands.
@@ -101,55 +176,108 @@ impl GoTarget {
             exit_census: None,
             allp_addr: None,
             retired: HashMap::new(),
+            gofunc_addr: None,
+            timer_weights: HashMap::new(),
+            last_timers: None,
+            sampling_since: None,
         };
         go.resolve(maps);
         go
     }
 
-    /// The timers the creation probe recorded, read before the site map so
-    /// that the sites' counts and the retirement below see the same timers.
-    /// None when the heaps are not read (stop and firing probes retire).
-    pub fn tracked_timers(&self, kernel: &Kernel) -> Option<Vec<(u64, u32)>> {
-        self.plan.timer_heaps?;
-        self.allp_addr?;
-        kernel.go_timers().ok()
-    }
-
-    /// Retires the `tracked` timers no heap holds any more (stopped, or
-    /// fired for good): forgets them in the kernel and counts them per
-    /// creation stack. Returns the timers retired so far per stack id.
-    pub fn retire_timers(
-        &mut self,
-        kernel: &mut Kernel,
-        tracked: Option<Vec<(u64, u32)>>,
-    ) -> &HashMap<u32, u64> {
-        let (Some(layout), Some(allp), Some(tracked)) =
-            (self.plan.timer_heaps, self.allp_addr, tracked)
-        else {
-            return &self.retired;
+    /// The pending timers, read from the runtime's heaps, by creation stack
+    /// where the sampled creation probe saw them: None without the heaps
+    /// (the creation, stop and firing probes then count timers in the
+    /// kernel). Also retires the tracked timers no heap holds any more.
+    ///
+    /// A pending timer whose creation was not seen (created before attach,
+    /// or while the probe was off) gets the stack of the seen timers with
+    /// the same callback, shared in proportion to how many of those are
+    /// pending: the count per callback is exact, its split across stacks an
+    /// estimate. Callbacks no seen timer names are counted as themselves.
+    pub fn timer_census(&mut self, kernel: &mut Kernel) -> Option<TimerCensus> {
+        let (Some(layout), Some(allp)) = (self.plan.timer_heaps, self.allp_addr) else {
+            return None;
         };
-        if tracked.is_empty() {
-            return &self.retired;
+        let tracked = kernel.go_timers().unwrap_or_default();
+        if !tracked.is_empty() {
+            // The creation probe fires just before the runtime puts the
+            // timer in its heap: the heaps are read a moment after the
+            // tracked timers, so a timer absent from them has really left.
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        // The creation probe fires just before the runtime puts the timer in
-        // its heap: the heaps are read a moment after the tracked timers, so
-        // a timer absent from them has really left.
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let pending = match timers::pending(self.pid, allp, &layout) {
+        let pending = match timers::pending(self.pid, allp, self.gofunc_addr.unwrap_or(0), &layout)
+        {
             Ok(p) => p,
-            // Gone, or a torn read: the next snapshot tries again.
+            // Gone, or a torn read: the last census stands.
             Err(e) => {
                 log::debug!("pid {}: timer heaps unreadable: {e}", self.pid);
-                return &self.retired;
+                return self.last_timers.clone();
             }
         };
+        let mut by_addr = HashMap::with_capacity(tracked.len());
         for (t, stack) in tracked {
-            if !pending.contains(&t) {
+            if pending.contains_key(&t) {
+                by_addr.insert(t, stack);
+            } else {
                 kernel.remove_go_timer(t);
                 *self.retired.entry(stack).or_default() += 1;
             }
         }
-        &self.retired
+        let count_chan = self.plan.offsets.count_chan_timers != 0;
+        // Per callback: pending timers per seen stack, and the unseen.
+        let mut seen: HashMap<u64, HashMap<u32, u64>> = HashMap::new();
+        let mut unseen: HashMap<u64, u64> = HashMap::new();
+        for (t, p) in &pending {
+            if p.chan && !count_chan {
+                continue; // collectable garbage once unreferenced (Go ≥ 1.23)
+            }
+            match by_addr.get(t) {
+                Some(&stack) => {
+                    *seen
+                        .entry(p.callback)
+                        .or_default()
+                        .entry(stack)
+                        .or_default() += 1
+                }
+                None => *unseen.entry(p.callback).or_default() += 1,
+            }
+        }
+        for (cb, stacks) in &seen {
+            self.timer_weights.insert(*cb, stacks.clone());
+        }
+        let mut census = TimerCensus {
+            retired: self.retired.clone(),
+            ..Default::default()
+        };
+        for (stack, n) in seen.into_values().flatten() {
+            census.by_stack.entry(stack).or_default().seen += n;
+        }
+        for (cb, n) in unseen {
+            match self.timer_weights.get(&cb) {
+                Some(w) => {
+                    for (stack, share) in apportion(n, w) {
+                        census.by_stack.entry(stack).or_default().estimated += share;
+                    }
+                }
+                None => *census.by_callback.entry(cb).or_default() += n,
+            }
+        }
+        self.last_timers = Some(census.clone());
+        Some(census)
+    }
+
+    /// Whether the sampled timer-creation probe should be attached now.
+    /// Without the heaps it must always be (it alone counts timers); with
+    /// them it runs in short windows, first right after attach.
+    pub fn timer_sampling(&mut self, now: std::time::Instant) -> bool {
+        if self.plan.timer_heaps.is_none() || self.allp_addr.is_none() {
+            return true;
+        }
+        let (first, on, period) = timer_sample_windows();
+        let start = *self.sampling_since.get_or_insert(now);
+        let t = now.duration_since(start);
+        t < first || (t - first).as_nanos() % period.as_nanos() < on.as_nanos()
     }
 
     /// For `run`: a hook that reads the goroutine list at the child's exit
@@ -216,6 +344,11 @@ impl GoTarget {
             && let Some(t) = &self.plan.timer_heaps
         {
             self.allp_addr = runtime_address(&self.plan, maps, t.allp);
+        }
+        if self.gofunc_addr.is_none()
+            && let Some(f) = self.plan.gofunc
+        {
+            self.gofunc_addr = runtime_address(&self.plan, maps, f);
         }
         if self.allgs_addr.is_none()
             && let Some(c) = &self.plan.census
@@ -427,6 +560,21 @@ mod tests {
         assert!(async_timer_chan(mi));
         assert!(!async_timer_chan("build\tDefaultGODEBUG=gotypesalias=0\n"));
         assert!(!async_timer_chan(""));
+    }
+
+    #[test]
+    fn apportion_is_exact_and_proportional() {
+        let w: HashMap<u32, u64> = [(1, 3), (2, 1)].into();
+        let mut a = apportion(100, &w);
+        a.sort();
+        assert_eq!(a, vec![(1, 75), (2, 25)]);
+        let w: HashMap<u32, u64> = [(1, 1), (2, 1), (3, 1)].into();
+        let a = apportion(10, &w);
+        assert_eq!(a.iter().map(|x| x.1).sum::<u64>(), 10);
+        assert!(a.iter().all(|x| x.1 == 3 || x.1 == 4));
+        assert!(apportion(5, &HashMap::new()).is_empty());
+        let w: HashMap<u32, u64> = [(7, 2)].into();
+        assert_eq!(apportion(u64::MAX / 2, &w), vec![(7, u64::MAX / 2)]);
     }
 
     #[test]

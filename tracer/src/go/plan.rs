@@ -31,6 +31,9 @@ pub struct GoPlan {
     pub newtimer: Option<(u64, u64)>,
     /// Virtual address of `time.sendTime` (Go ≥ 1.23).
     pub sendtime: Option<u64>,
+    /// Virtual address of `time.goFunc`, which runs `time.AfterFunc`'s
+    /// function: a pending timer is named by that function instead.
+    pub gofunc: Option<u64>,
     /// Position-independent executable: runtime addresses need the load bias.
     pub pie: bool,
     /// Where the runtime's goroutine list is: goroutines are then read from
@@ -102,6 +105,7 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
         cookie: None,
         frees: program.frees(),
         op: None,
+        sampled: false,
     };
     let file_off = |f: &super::Function, va: u64| f.file_offset + (va - f.addr);
     // An "entry" probe on the first push rbp past the stack-growth prologue.
@@ -172,7 +176,7 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
     let timer_heaps = if std::env::var_os("TRACER_GO_TIMER_HEAPS").is_some_and(|v| v == "0") {
         None
     } else if version.major == 1 {
-        super::TimerHeapLayout::find(elf, pcln, version.minor)
+        super::TimerHeapLayout::find(elf, pcln, version.minor, offsets.timer_period)
     } else {
         None
     };
@@ -220,6 +224,9 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
         let at = super::after_prologue(code, f.addr).unwrap_or(f.addr);
         let mut p = probe(f.name.clone(), file_off(&f, at), *program);
         p.cookie = *cookie;
+        // With the heaps read, the creation probe only names the creating
+        // code: a bounded sample of creation stacks is enough.
+        p.sampled = timer_heaps.is_some();
         probes.push(p);
     }
     let mut sendtime = None;
@@ -250,6 +257,7 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
         first_segment,
         newtimer,
         sendtime,
+        gofunc: super::function(elf, pcln, "time.goFunc").map(|f| f.addr),
         pie: elf.is_dynamic(),
         census,
         timer_heaps,

@@ -15,7 +15,7 @@
 //!   when}`, pending when `state` (u8 at 9) has `timerHeaped` and not
 //!   `timerZombie`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Register};
 
@@ -51,11 +51,18 @@ pub struct TimerHeapLayout {
     /// Bytes per heap entry (the timer pointer first).
     pub entry: u64,
     pub pending: Pending,
+    /// Offset of `timer.period`; `f` and `arg` follow it.
+    pub period: u64,
 }
 
 impl TimerHeapLayout {
     /// Finds the layout in `elf` for Go `minor` (1.x).
-    pub fn find(elf: &ElfObject, pclntab: Option<&Pclntab>, minor: u32) -> Option<Self> {
+    pub fn find(
+        elf: &ElfObject,
+        pclntab: Option<&Pclntab>,
+        minor: u32,
+        period: u64,
+    ) -> Option<Self> {
         let allp = elf
             .data_symbol("runtime.allp")
             .map(|s| s.addr)
@@ -71,6 +78,7 @@ impl TimerHeapLayout {
             heap,
             entry,
             pending,
+            period,
         })
     }
 }
@@ -98,9 +106,26 @@ fn timers_lock_offset(elf: &ElfObject, pclntab: Option<&Pclntab>) -> Option<u64>
     }
 }
 
+/// One pending timer: what it will run, which names it without a stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PendingTimer {
+    /// Code address of the callback: `f`'s code, or for `time.AfterFunc`
+    /// timers (`f` is `time.goFunc`) the code of the function it runs, such
+    /// as context's cancel closure. 0 when unreadable.
+    pub callback: u64,
+    /// A channel timer (Go ≥ 1.23 `isChan`).
+    pub chan: bool,
+}
+
 /// The pending timers of process `pid`, whose `allp` is at `allp` (runtime
-/// address).
-pub fn pending(pid: u32, allp: u64, layout: &TimerHeapLayout) -> std::io::Result<HashSet<u64>> {
+/// address), with their callbacks. `gofunc` is the runtime address of
+/// `time.goFunc` (0 if unknown).
+pub fn pending(
+    pid: u32,
+    allp: u64,
+    gofunc: u64,
+    layout: &TimerHeapLayout,
+) -> std::io::Result<HashMap<u64, PendingTimer>> {
     let hdr = read(pid, allp, 16)?;
     let (ptr, len) = (word(&hdr, 0), word(&hdr, 8));
     if len > MAX_PS {
@@ -133,36 +158,99 @@ pub fn pending(pid: u32, allp: u64, layout: &TimerHeapLayout) -> std::io::Result
                 .filter(|&t| t != 0),
         );
     }
-    let (offset, width) = match layout.pending {
-        Pending::Status { offset } => (offset, 4),
-        Pending::State { offset } => (offset, 1),
-    };
-    let mut out = HashSet::new();
+    // One read per timer, from its start to the end of `arg` and of the
+    // status word.
+    let (f, arg) = (layout.period + 8, layout.period + 16);
+    let span = match layout.pending {
+        Pending::Status { offset } => (offset + 4).max(arg + 16),
+        Pending::State { .. } => arg + 16,
+    } as usize;
+    // (timer, f, arg's data word, chan)
+    let mut live: Vec<(u64, u64, u64, bool)> = Vec::new();
     for chunk in timers.chunks(IOV_MAX) {
-        let mut buf = vec![0u8; chunk.len() * width];
+        let mut buf = vec![0u8; chunk.len() * span];
         let mut parts: Vec<(u64, &mut [u8])> = chunk
             .iter()
-            .zip(buf.chunks_exact_mut(width))
-            .map(|(t, b)| (t + offset, b))
+            .zip(buf.chunks_exact_mut(span))
+            .map(|(t, b)| (*t, b))
             .collect();
         super::census::read_exact(pid, &mut parts)?;
         drop(parts);
-        for (t, b) in chunk.iter().zip(buf.chunks_exact(width)) {
-            let pending = match layout.pending {
-                Pending::Status { .. } => {
-                    matches!(
-                        u32::from_le_bytes(b.try_into().unwrap_or_default()),
-                        1 | 7 | 8
+        for (t, b) in chunk.iter().zip(buf.chunks_exact(span)) {
+            let (pending, chan) = match layout.pending {
+                Pending::Status { offset } => {
+                    let o = offset as usize;
+                    let status = u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+                    (matches!(status, 1 | 7 | 8), false)
+                }
+                Pending::State { offset } => {
+                    let state = b[offset as usize];
+                    (
+                        state & 1 != 0 && state & 4 == 0,
+                        b[offset as usize + 1] != 0,
                     )
                 }
-                Pending::State { .. } => b[0] & 1 != 0 && b[0] & 4 == 0,
             };
             if pending {
-                out.insert(*t);
+                live.push((*t, word(b, f as usize), word(b, arg as usize + 8), chan));
             }
         }
     }
-    Ok(out)
+    // `f` is a *funcval: its code first. AfterFunc's goFunc runs the func
+    // value in `arg` (pointer-shaped, so the interface's data word is the
+    // *funcval itself).
+    let fcode = deref_all(pid, live.iter().map(|l| l.1));
+    let inner = deref_all(
+        pid,
+        live.iter()
+            .filter(|l| gofunc != 0 && fcode.get(&l.1) == Some(&gofunc))
+            .map(|l| l.2),
+    );
+    Ok(live
+        .into_iter()
+        .map(|(t, f, arg, chan)| {
+            let code = fcode.get(&f).copied().unwrap_or(0);
+            let callback = if gofunc != 0 && code == gofunc {
+                inner.get(&arg).copied().unwrap_or(code)
+            } else {
+                code
+            };
+            (t, PendingTimer { callback, chan })
+        })
+        .collect())
+}
+
+/// The word at each distinct address in `addrs` (unreadable ones left out).
+fn deref_all(pid: u32, addrs: impl Iterator<Item = u64>) -> HashMap<u64, u64> {
+    let mut distinct: Vec<u64> = addrs.filter(|&a| a != 0).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let mut out = HashMap::with_capacity(distinct.len());
+    for chunk in distinct.chunks(IOV_MAX) {
+        let mut buf = vec![0u8; chunk.len() * 8];
+        let mut parts: Vec<(u64, &mut [u8])> = chunk
+            .iter()
+            .zip(buf.chunks_exact_mut(8))
+            .map(|(a, b)| (*a, b))
+            .collect();
+        if super::census::read_exact(pid, &mut parts).is_err() {
+            // One bad pointer fails the batch: read them one by one.
+            for (a, b) in parts.iter_mut() {
+                if super::census::read_exact(pid, &mut [(*a, &mut **b)]).is_err() {
+                    b.fill(0);
+                }
+            }
+        }
+        drop(parts);
+        out.extend(
+            chunk
+                .iter()
+                .zip(buf.chunks_exact(8))
+                .map(|(a, b)| (*a, word(b, 0)))
+                .filter(|(_, v)| *v != 0),
+        );
+    }
+    out
 }
 
 fn word(b: &[u8], at: usize) -> u64 {

@@ -128,6 +128,8 @@ pub struct Kernel {
     session_links: Vec<OwnedFd>,
     /// The uprobe links, owned here to detach them all at once on drop.
     links: Vec<UProbeLink>,
+    /// Probes attached part of the time, with their link while attached.
+    sampled: Vec<(PlannedProbe, Option<UProbeLink>)>,
 }
 
 /// A recorded stack: return addresses, innermost first, and for stacks
@@ -241,6 +243,7 @@ impl Kernel {
             session,
             session_links: Vec::new(),
             links: Vec::new(),
+            sampled: Vec::new(),
         })
     }
 
@@ -280,34 +283,17 @@ impl Kernel {
                     continue;
                 }
             }
-            let attach_err = |reason: String| TracerError::Attach {
-                function: probe.function.clone(),
-                path: probe.object.path.clone(),
-                reason,
-            };
-            let name = probe.program.name();
-            let prog: &mut UProbe = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| attach_err(format!("program {name} missing")))?
-                .try_into()
-                .map_err(|e| attach_err(format!("{e}")))?;
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(probe.offset),
-                cookie: probe.cookie,
-            };
-            let id = prog
-                .attach(point, &probe.object.open_path, scope)
-                .map_err(|e| attach_err(crate::error::chain(&e)))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|e| attach_err(crate::error::chain(&e)))?;
-            self.links.push(link);
+            let link = self.attach_one(probe, scope)?;
+            if probe.sampled {
+                self.sampled.push((probe.clone(), Some(link)));
+            } else {
+                self.links.push(link);
+            }
             attached.push(AttachedProbe {
                 function: probe.function.clone(),
                 path: probe.object.path.display().to_string(),
                 offset: probe.offset,
-                program: name.into(),
+                program: probe.program.name().into(),
             });
         }
         if let Ok(program) = &self.session {
@@ -338,6 +324,68 @@ impl Kernel {
             }
         }
         Ok(attached)
+    }
+
+    fn attach_one(
+        &mut self,
+        probe: &PlannedProbe,
+        scope: UProbeScope,
+    ) -> Result<UProbeLink, TracerError> {
+        let attach_err = |reason: String| TracerError::Attach {
+            function: probe.function.clone(),
+            path: probe.object.path.clone(),
+            reason,
+        };
+        let name = probe.program.name();
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| attach_err(format!("program {name} missing")))?
+            .try_into()
+            .map_err(|e| attach_err(format!("{e}")))?;
+        let point = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(probe.offset),
+            cookie: probe.cookie,
+        };
+        let id = prog
+            .attach(point, &probe.object.open_path, scope)
+            .map_err(|e| attach_err(crate::error::chain(&e)))?;
+        prog.take_link(id)
+            .map_err(|e| attach_err(crate::error::chain(&e)))
+    }
+
+    /// Attaches (`on`) or detaches the probes planned as `sampled`; true if
+    /// any changed. A link closes in the background: closing one takes the
+    /// kernel tens of milliseconds, which the collector should not wait for.
+    pub fn set_sampled_probes(&mut self, pid: u32, on: bool) -> Result<bool, TracerError> {
+        let scope = match NonZeroU32::new(pid) {
+            Some(p) => UProbeScope::OneProcess(p),
+            None => UProbeScope::AllProcesses,
+        };
+        let mut changed = false;
+        for i in 0..self.sampled.len() {
+            match (on, self.sampled[i].1.is_some()) {
+                (true, false) => {
+                    let probe = self.sampled[i].0.clone();
+                    let link = self.attach_one(&probe, scope)?;
+                    self.sampled[i].1 = Some(link);
+                    changed = true;
+                }
+                (false, true) => {
+                    if let Some(link) = self.sampled[i].1.take() {
+                        std::thread::spawn(move || drop(link));
+                    }
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Whether any probe is planned as `sampled`.
+    pub fn has_sampled_probes(&self) -> bool {
+        !self.sampled.is_empty()
     }
 
     /// Current statistics of every site.

@@ -154,6 +154,9 @@ pub struct PlannedProbe {
     /// uprobe sessions the entry and the return become one probe here (see
     /// [`crate::kernel::uprobe_session`]).
     pub op: Option<Op>,
+    /// Attached only part of the time (a sample of Go timer creation
+    /// stacks), switched by [`crate::kernel::Kernel::set_sampled_probes`].
+    pub sampled: bool,
 }
 
 impl PlannedProbe {
@@ -177,6 +180,7 @@ impl PlannedProbe {
             cookie,
             frees: program.frees(),
             op: None,
+            sampled: false,
         };
         if w.needs_return {
             // At the entry probe's instruction: placement keeps the stack
