@@ -703,3 +703,145 @@ fn timers_leaked_before_attach_are_counted_then_named() {
         assert_eq!(tracer.wait(T), Some(0));
     }
 }
+
+/// 100k goroutines blocked three ways, each from its own line: the census
+/// counts each creation site exactly, by wait reason, whatever the number
+/// of snapshots it takes to read the whole list within its time budget.
+#[test]
+fn blocked_goroutines_are_counted_per_site_and_wait_reason() {
+    if !privileged("blocked_goroutines_are_counted_per_site_and_wait_reason") {
+        return;
+    }
+    let (recv, send, sel) = (50_000u64, 30_000u64, 20_000u64);
+    for binary in ["leaky-go1.21", "leaky-go1.24-stripped", "leaky-go1.27"] {
+        let target = Proc::spawn(Command::new(fixture(binary)).args([
+            "parkmix",
+            &recv.to_string(),
+            &send.to_string(),
+            &sel.to_string(),
+        ]));
+        target.expect_line("ready", T);
+        // Short intervals: more snapshots, each with its own reading budget.
+        let (mut tracer, mut stream, _) = Tracing::attach(target.pid()).interval("0.25").start();
+        let expected = [
+            ("mix_recv", recv, "chan receive"),
+            ("mix_send", send, "chan send"),
+            ("mix_select", sel, "select"),
+        ];
+        let exact = |snap: &Value| {
+            expected.iter().all(|(marker, n, state)| {
+                let line = marker_line(&src(), marker);
+                snap["sites"].as_array().unwrap().iter().any(|s| {
+                    s["kind"] == "goroutine"
+                        && s["frames"][0]["line"] == line
+                        && s["outstanding_count"] == *n
+                        && s["states"][*state] == *n
+                })
+            })
+        };
+        let snap = stream.next_of_where("snapshot", "100k goroutines counted exactly", T, exact);
+        // Nothing else of the program's own is alive (main is).
+        let others: u64 = snap["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["kind"] == "goroutine")
+            .map(|s| s["outstanding_count"].as_u64().unwrap())
+            .sum();
+        assert!(
+            others <= recv + send + sel + 1,
+            "{binary}: {others} goroutines:\n{}",
+            describe_sites(&snap)
+        );
+        tracer.signal(libc::SIGINT);
+        assert_eq!(tracer.wait(T), Some(0));
+    }
+}
+
+/// The goroutines of the census's sites, all kinds of state.
+fn census_total(snap: &Value) -> u64 {
+    snap["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "goroutine")
+        .map(|s| s["outstanding_count"].as_u64().unwrap())
+        .sum()
+}
+
+/// A Go HTTP service (a goroutine, a WithTimeout timer and 2 KiB per
+/// request) under load, traced with every kind on: its goroutine count
+/// agrees with the program's own `runtime.NumGoroutine()`, the per-request
+/// timers (all cancelled) are not pending, and its allocations are sampled.
+#[test]
+fn service_under_load_agrees_with_its_own_goroutine_count() {
+    if !privileged("service_under_load_agrees_with_its_own_goroutine_count") {
+        return;
+    }
+    let bin = fixture("gohttp-go1.27");
+    let mut server = Proc::spawn(Command::new(&bin).arg("serve"));
+    let ready = server.expect_line("ready", T);
+    let port = ready.split_whitespace().nth(1).unwrap().to_string();
+    let (mut tracer, mut stream, _) = Tracing::attach(server.pid()).start();
+    let load = Command::new(&bin)
+        .args(["load", &port, "4"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&load.stdout);
+    let rps: f64 = said
+        .trim()
+        .strip_prefix("rps ")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("load said {said:?}"));
+    assert!(rps > 100.0, "the service serves while traced: {rps} req/s");
+    // The client is gone: once its connection's goroutines have exited the
+    // count is steady. Each round asks the program, then takes a snapshot
+    // read after the answer.
+    let mut rounds = Vec::new();
+    let agreed = (0..20).any(|_| {
+        server.send("count");
+        let n: u64 = server.expect_line("goroutines", T)[11..]
+            .trim()
+            .parse()
+            .unwrap();
+        stream.next_of("snapshot", T);
+        let census = census_total(&stream.next_of("snapshot", T));
+        rounds.push((n, census));
+        n == census
+    });
+    assert!(agreed, "NumGoroutine vs census, per round: {rounds:?}");
+    let snap = stream.next_of("snapshot", T);
+    let handle_timers: u64 = snap["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["kind"] == "timer"
+                && s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["function"] == "main.handle")
+        })
+        .map(|s| s["outstanding_count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(handle_timers, 0, "{}", describe_sites(&snap));
+    assert!(
+        snap["activity"]["timers_created"].as_u64().unwrap() > 0,
+        "the sampled creation probe saw requests' timers"
+    );
+    assert!(
+        snap["sites"].as_array().unwrap().iter().any(|s| {
+            s["kind"] == "heap"
+                && s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["function"] == "main.handle")
+        }),
+        "the requests' buffers are sampled:\n{}",
+        describe_sites(&snap)
+    );
+    tracer.signal(libc::SIGINT);
+    assert_eq!(tracer.wait(T), Some(0));
+}

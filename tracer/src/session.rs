@@ -253,6 +253,9 @@ impl Traced {
         );
         kernel.flush_logs();
         self.tell_missing_symbols(sink)?;
+        if let Some(message) = self.collector.go_mut().and_then(GoTarget::census_notice) {
+            sink.notice(self.pid, &message)?;
+        }
         if let Some(w) = self.watch.as_mut() {
             w.update(&mut snap, sink)?;
         }

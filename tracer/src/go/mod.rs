@@ -85,6 +85,12 @@ pub struct GoTarget {
     last_timers: Option<TimerCensus>,
     /// When the timer-creation sampling windows started.
     sampling_since: Option<std::time::Instant>,
+    /// The goroutine list, read a slice at a time.
+    rolling: census::RollingCensus,
+    /// (entries read, entries, never read) when the last census read only
+    /// part of the list.
+    census_progress: Option<(u64, u64, u64)>,
+    census_noticed: bool,
 }
 
 /// Pending timers of one snapshot (see [`GoTarget::timer_census`]).
@@ -180,6 +186,9 @@ impl GoTarget {
             timer_weights: HashMap::new(),
             last_timers: None,
             sampling_since: None,
+            rolling: Default::default(),
+            census_progress: None,
+            census_noticed: false,
         };
         go.resolve(maps);
         go
@@ -199,7 +208,16 @@ impl GoTarget {
         let (Some(layout), Some(allp)) = (self.plan.timer_heaps, self.allp_addr) else {
             return None;
         };
-        let tracked = kernel.go_timers().unwrap_or_default();
+        // Walking an empty hash map still visits all its buckets: skip it
+        // while every timer the probe recorded has been retired.
+        let created = kernel
+            .counters()
+            .map_or(u64::MAX, |c| c.get(tracer_common::Counter::TimersCreated));
+        let tracked = if created > self.retired.values().sum::<u64>() {
+            kernel.go_timers().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         if !tracked.is_empty() {
             // The creation probe fires just before the runtime puts the
             // timer in its heap: the heaps are read a moment after the

@@ -10,7 +10,29 @@ use crate::{
     symbolize::{Frame, RawSite, Symbolizer, trim_at_root},
 };
 
+/// Reading time per snapshot for the goroutine list: 1.5% of a core at the
+/// default 1 s interval (about 16k goroutines here: a million are all read
+/// again within about a minute, new ones at once).
+const CENSUS_BUDGET: std::time::Duration = std::time::Duration::from_millis(15);
+
 impl GoTarget {
+    /// Once, when the goroutine list first outgrows what one snapshot
+    /// reads: what the user should know about the counts.
+    pub fn census_notice(&mut self) -> Option<String> {
+        let (read, len, _) = self.census_progress?;
+        if self.census_noticed {
+            return None;
+        }
+        self.census_noticed = true;
+        Some(format!(
+            "{len} goroutine entries (live and dead): the list is read {read} entries per \
+             snapshot (a {} ms budget), so goroutine counts reflect every goroutine within \
+             about {} snapshots, and include only the entries read so far until then",
+            CENSUS_BUDGET.as_millis(),
+            len.div_ceil(read.max(1))
+        ))
+    }
+
     /// Goroutine sites (exact counts) and sampled heap sites (scaled like
     /// pprof's inuse_space).
     pub fn sites(
@@ -109,14 +131,28 @@ impl GoTarget {
     /// goroutines (GC workers, the finalizer...) are left out, as the
     /// goroutine profile's `runtime.isSystemGoroutine` does.
     fn census_sites(&mut self, symbols: &mut Symbolizer) -> Vec<RawSite> {
+        self.census_progress = None;
         let census = match (&self.plan.census, self.allgs_addr) {
             (Some(layout), Some(addr)) => {
                 let layout = super::CensusLayout {
                     allgs: addr,
                     ..layout.clone()
                 };
-                match super::census::read(self.pid, 0, &layout) {
+                let started = std::time::Instant::now();
+                match self.rolling.read(self.pid, &layout, CENSUS_BUDGET) {
                     Ok(c) => {
+                        log::debug!(
+                            "pid {}: read {} of {} goroutine entries in {:.1} ms ({} unreadable, {} unread)",
+                            self.pid,
+                            c.read_now,
+                            c.allglen,
+                            started.elapsed().as_secs_f64() * 1e3,
+                            c.unreadable,
+                            c.unread
+                        );
+                        if c.read_now < c.allglen {
+                            self.census_progress = Some((c.read_now, c.allglen, c.unread));
+                        }
                         self.last_census = Some(c.clone());
                         Some(c)
                     }
