@@ -141,6 +141,10 @@ pub fn wait_until<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Optio
         .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
+/// Every supported Go release `leaky` is built with (`cargo xtask
+/// fixtures`), plain and stripped.
+pub const GO_RELEASES: &[&str] = &["1.21", "1.22", "1.23", "1.24", "1.25", "1.26", "1.27"];
+
 /// A fixture's source file.
 pub fn source(rel: &str) -> PathBuf {
     workspace().join("tests/fixtures").join(rel)

@@ -845,3 +845,65 @@ fn service_under_load_agrees_with_its_own_goroutine_count() {
     tracer.signal(libc::SIGINT);
     assert_eq!(tracer.wait(T), Some(0));
 }
+
+/// The releases the incident tests above do not run: the goroutine list and
+/// the timer heaps are found and read, plain and stripped, with exact counts
+/// (the offset table is checked against each one's DWARF in gopclntab.rs).
+#[test]
+fn every_release_reads_goroutines_and_timers() {
+    if !privileged("every_release_reads_goroutines_and_timers") {
+        return;
+    }
+    for version in GO_RELEASES.iter().filter(|v| !VERSIONS.contains(v)) {
+        for suffix in ["", "-stripped"] {
+            let binary = format!("leaky-go{version}{suffix}");
+            let target =
+                Proc::spawn(Command::new(fixture(&binary)).args(["parkmix", "300", "200", "100"]));
+            target.expect_line("ready", T);
+            let (mut tracer, mut stream, _) = Tracing::attach(target.pid()).start();
+            let expected = [
+                ("mix_recv", 300, "chan receive"),
+                ("mix_send", 200, "chan send"),
+                ("mix_select", 100, "select"),
+            ];
+            let snap = stream.next_of("snapshot", T);
+            for (marker, n, state) in expected {
+                let site = goroutine_site(&snap, marker);
+                assert_eq!(site["outstanding_count"], n, "{binary} {marker}");
+                assert_eq!(site["states"][state], n, "{binary} {marker}");
+            }
+            tracer.signal(libc::SIGINT);
+            assert_eq!(tracer.wait(T), Some(0));
+            drop(target);
+
+            let mut target = Proc::spawn(Command::new(fixture(&binary)).args(["timerlate", "400"]));
+            target.expect_line("ready", T);
+            let (mut tracer, mut stream, _) = Tracing::attach(target.pid()).start();
+            let first = stream.next_of("snapshot", T);
+            let unnamed = callback_only_timers(&first);
+            assert_eq!(unnamed.len(), 1, "{binary}:\n{}", describe_sites(&first));
+            assert_eq!(unnamed[0]["outstanding_count"], 400, "{binary}");
+            target.send("leak 100");
+            target.expect_line("leaked 500", T);
+            stream.next_of_where("snapshot", "500 timers named", T, |snap| {
+                let sites = timer_sites(snap, "main.leakLate", "late_timer", &src());
+                sites.len() == 1
+                    && sites[0]["outstanding_count"] == 500
+                    && callback_only_timers(snap).is_empty()
+            });
+            let notices: Vec<&Value> = stream
+                .seen
+                .iter()
+                .filter(|v| v["type"] == "notice")
+                .collect();
+            assert!(
+                !notices
+                    .iter()
+                    .any(|n| n["message"].as_str().unwrap().contains("not found")),
+                "{binary}: {notices:?}"
+            );
+            tracer.signal(libc::SIGINT);
+            assert_eq!(tracer.wait(T), Some(0));
+        }
+    }
+}

@@ -8,7 +8,7 @@ use tracer_tests::fixture;
 
 #[test]
 fn pclntab_agrees_with_symtab_and_dwarf() {
-    for version in ["1.21", "1.24", "1.27"] {
+    for version in tracer_tests::GO_RELEASES {
         let path = fixture(&format!("leaky-go{version}"));
         let elf = ElfObject::open(&path).unwrap();
         assert!(elf.is_go());
@@ -35,6 +35,35 @@ fn pclntab_agrees_with_symtab_and_dwarf() {
         let (table, known) = tracer::go::offsets_for(&version_info);
         assert!(known, "go{version}");
         assert_eq!(dwarf, table, "go{version}: DWARF vs table");
+        // The timer heap's place in runtime.p, from code as in a stripped
+        // binary, against DWARF.
+        let facts = tracer::go::dwarf_facts(&elf).unwrap();
+        let from_code = tracer::go::TimerHeapLayout::find(
+            &elf,
+            Some(&tab),
+            version_info.minor,
+            table.timer_period,
+            None,
+        )
+        .unwrap_or_else(|| panic!("go{version}: timer heaps not found from code"));
+        assert_eq!(
+            Some(from_code.heap),
+            facts.timer_heap,
+            "go{version}: timer heap offset, code vs DWARF"
+        );
+        // The goroutine census's g fields, derived from the table's goid.
+        let census = tracer::go::CensusLayout::find(&elf, Some(&tab), &table)
+            .unwrap_or_else(|| panic!("go{version}: goroutine list not found"));
+        assert_eq!(
+            (Some(census.status), Some(census.waitreason)),
+            (facts.g_status, facts.g_waitreason),
+            "go{version}: g.atomicstatus, g.waitreason"
+        );
+        assert!(
+            census.wait_reasons.iter().any(|r| r == "chan receive"),
+            "go{version}: wait reason names {:?}",
+            census.wait_reasons
+        );
         // runtime.MemProfileRate found from code alone, as in a stripped binary.
         let rate = file
             .symbols()

@@ -192,13 +192,15 @@ pub struct SiteNumbers {
 impl SiteReport {
     /// The frame to name as the culprit: the program's own code nearest the
     /// allocation, past the allocator, its wrappers and standard-library
-    /// frames.
+    /// frames. A site without frames (Go timers no creation stack was
+    /// sampled for yet) is named by what it runs.
     pub fn culprit(&self) -> Option<&Frame> {
         self.frames
             .iter()
             .find(|f| is_user_frame(&f.function) && !is_allocator_frame(f))
             .or_else(|| self.frames.iter().find(|f| !is_allocator_frame(f)))
             .or(self.frames.first())
+            .or(self.start_function.as_ref())
     }
 
     /// The frames from the first one outside the allocator and its wrappers

