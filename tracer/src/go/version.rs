@@ -195,7 +195,10 @@ pub fn dwarf_facts(elf: &ElfObject) -> Option<DwarfFacts> {
     let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
     let mut fields: std::collections::HashMap<(&str, &str), u64> = std::collections::HashMap::new();
     let wanted: &[(&str, &[&str])] = &[
-        ("runtime.g", &["goid", "gopc", "startpc", "atomicstatus", "waitreason"]),
+        (
+            "runtime.g",
+            &["goid", "gopc", "startpc", "atomicstatus", "waitreason"],
+        ),
         ("runtime.timer", &["period"]),
         ("runtime.memRecordCycle", &[]),
         ("runtime.p", &["timers"]),
@@ -259,8 +262,11 @@ pub fn dwarf_facts(elf: &ElfObject) -> Option<DwarfFacts> {
         mem_record_cycle: sizes.get("runtime.memRecordCycle").copied(),
         g_status: fields.get(&("runtime.g", "atomicstatus")).copied(),
         g_waitreason: fields.get(&("runtime.g", "waitreason")).copied(),
-        timer_heap: fields
-            .get(&("runtime.p", "timers"))
-            .map(|t| t + fields.get(&("runtime.timers", "heap")).copied().unwrap_or(0)),
+        timer_heap: fields.get(&("runtime.p", "timers")).map(|t| {
+            t + fields
+                .get(&("runtime.timers", "heap"))
+                .copied()
+                .unwrap_or(0)
+        }),
     })
 }
