@@ -130,6 +130,8 @@ struct Traced {
     /// The target's memory against its limit; None with `--no-alerts`.
     watch: Option<MemoryWatch>,
     exited: bool,
+    /// /proc/PID/maps as last read.
+    maps_text: Vec<u8>,
 }
 
 impl Traced {
@@ -145,6 +147,7 @@ impl Traced {
             own_child: None,
             watch: opts.alerts.as_ref().map(|a| MemoryWatch::new(pid, a)),
             exited: false,
+            maps_text: Vec::new(),
         }
     }
 
@@ -186,7 +189,8 @@ impl Traced {
     /// Re-reads the maps (new libraries, the executable after exec). A
     /// failed read means the target is exiting: keep the last maps.
     fn refresh_maps(&mut self) {
-        if let Ok(maps) = Maps::read(self.pid)
+        // Unchanged (the common case): nothing to parse, resolve or rebuild.
+        if let Ok(Some(maps)) = Maps::read_if_changed(self.pid, &mut self.maps_text)
             && !maps.mappings.is_empty()
         {
             if let Some(go) = self.collector.go_mut() {

@@ -98,7 +98,23 @@ impl Maps {
     /// Reads and parses `/proc/PID/maps`, resolving the paths to open.
     pub fn read(pid: u32) -> Result<Self, TracerError> {
         let text = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| proc_error(pid, &e))?;
-        let mut maps = Self::parse(&text).map_err(|source| TracerError::BadMaps { pid, source })?;
+        Self::from_text(pid, &text)
+    }
+
+    /// [`Self::read`], or None when the text is what `last` holds (then
+    /// nothing is parsed or resolved again); `last` gets the new text.
+    pub fn read_if_changed(pid: u32, last: &mut Vec<u8>) -> Result<Option<Self>, TracerError> {
+        let text = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| proc_error(pid, &e))?;
+        if text == *last {
+            return Ok(None);
+        }
+        let maps = Self::from_text(pid, &text)?;
+        *last = text;
+        Ok(Some(maps))
+    }
+
+    fn from_text(pid: u32, text: &[u8]) -> Result<Self, TracerError> {
+        let mut maps = Self::parse(text).map_err(|source| TracerError::BadMaps { pid, source })?;
         maps.resolve_open_paths(pid);
         Ok(maps)
     }

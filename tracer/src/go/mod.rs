@@ -60,6 +60,8 @@ pub struct GoTarget {
     pub rate: u64,
     /// Resolved goroutine start functions by startpc.
     starts: HashMap<u64, Frame>,
+    /// Symbolized creation sites by gopc.
+    creators: HashMap<u64, crate::schema::Frames>,
     /// The sampling policy still waits for the executable to be mapped.
     policy_pending: bool,
     /// The target's own rate, when the tracer changed it: what detaching
@@ -174,6 +176,7 @@ impl GoTarget {
             mem: RuntimeMem::open(pid, None),
             rate: DEFAULT_GO_SAMPLE_RATE,
             starts: HashMap::new(),
+            creators: HashMap::new(),
             policy_pending: true,
             original_rate: None,
             pid,

@@ -185,8 +185,13 @@ impl GoTarget {
             {
                 continue;
             }
-            // gopc is the return address of the `go` statement's call.
-            let frames = symbols.symbolize_stack(&[g.gopc]);
+            // gopc is the return address of the `go` statement's call;
+            // symbolized once.
+            let frames = self
+                .creators
+                .entry(g.gopc)
+                .or_insert_with(|| symbols.symbolize_stack(&[g.gopc]).into())
+                .clone();
             // Created by the runtime itself (the main goroutine, workers).
             if frames
                 .first()
