@@ -201,7 +201,7 @@ impl GoTarget {
             }
             raw.push(RawSite {
                 kind: SiteKind::Goroutine,
-                frames: frames.into(),
+                frames,
                 truncated: false,
                 start_function: start,
                 sampled: false,
