@@ -213,6 +213,11 @@ struct Common {
     /// sampling on at 512 KiB only where the binary has it off).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     go_sample_rate: Option<u64>,
+    /// Milliseconds per snapshot spent reading a Go program's goroutine
+    /// list: a longer list is read over several snapshots (new goroutines
+    /// first). The default keeps a million goroutines under 2% of a core.
+    #[arg(long, value_name = "MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    go_census_ms: u64,
     /// Never write to the target's memory (Go heap sampling stays as it is).
     #[arg(long)]
     no_write: bool,
@@ -298,6 +303,7 @@ impl Common {
             exports: self.output.exports(),
             debug_dirs: self.debug_dirs.clone(),
             frame_pointers_only: self.frame_pointers_only,
+            go_census_budget: Duration::from_millis(self.go_census_ms),
             go_sampling: tracer::go::SamplingPolicy {
                 rate: self.go_sample_rate,
                 no_write: self.no_write,

@@ -19,6 +19,8 @@ pub struct Options {
     pub frame_pointers_only: bool,
     /// How the Go heap sampling rate may be changed in the target.
     pub go_sampling: crate::go::SamplingPolicy,
+    /// Time per snapshot for reading a Go program's goroutine list.
+    pub go_census_budget: Duration,
     /// OOM-risk alerting; None turns it off.
     pub alerts: Option<AlertOptions>,
     /// Files written at the end and on SIGUSR1 (pprof, folded, flame graph).

@@ -139,7 +139,9 @@ impl Traced {
         let symbols = Symbolizer::with_debug_dirs(maps.clone(), &opts.debug_dirs);
         let mut collector = Collector::new(pid, symbols, opts.trend_window);
         if let Some(plan) = go {
-            collector = collector.with_go(GoTarget::new(pid, plan.clone(), &maps));
+            let mut go = GoTarget::new(pid, plan.clone(), &maps);
+            go.set_census_budget(opts.go_census_budget);
+            collector = collector.with_go(go);
         }
         Self {
             pid,

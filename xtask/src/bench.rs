@@ -541,7 +541,7 @@ fn print_census(census: &(CensusRun, CensusRun)) {
     println!(
         "\nGo goroutine census (runtime.allgs, no probe), 1,000,000 goroutines blocked on a \
          channel, 1 s interval, tracer CPU per snapshot after attach:\n  \
-         bounded (default 10 ms reading budget): {:.1} ms = {:.1}% of a core (goal < 2%); \
+         bounded (default --go-census-ms 5): {:.1} ms = {:.1}% of a core (goal < 2%); \
          {} of 1,000,000 counted after {} snapshots\n  \
          whole list every snapshot: {:.0} ms = {:.0}% of a core; {} counted",
         bounded.cpu_ms,
@@ -636,7 +636,7 @@ fn go_census(n: u64, whole: bool, out_dir: &Path) -> Result<CensusRun> {
     let mut cmd = tracer_attach(target.child.id(), &out);
     cmd.args(["--interval", "1"]);
     if whole {
-        cmd.env("TRACER_GO_CENSUS_BUDGET_MS", "100000");
+        cmd.args(["--go-census-ms", "60000"]);
     }
     let child = cmd.spawn()?;
     wait_for_line(&out, "\"snapshot\"", Duration::from_secs(60))?;

@@ -176,7 +176,7 @@ pub struct Census {
 }
 
 /// Goroutines per slice of the list (see [`RollingCensus`]).
-const SLICE: usize = 512;
+const SLICE: usize = 256;
 
 /// Goroutines counted by (creation pc, start pc, status, wait reason).
 type RawCounts = HashMap<(u64, u64, u32, u8), u64>;

@@ -62,6 +62,9 @@ pub struct GoTarget {
     starts: HashMap<u64, Frame>,
     /// Symbolized creation sites by gopc.
     creators: HashMap<u64, crate::schema::Frames>,
+    /// Symbolized heap profile bucket stacks (and whether truncated), by
+    /// bucket address: buckets are never freed or changed.
+    bucket_frames: HashMap<u64, (crate::schema::Frames, bool)>,
     /// The sampling policy still waits for the executable to be mapped.
     policy_pending: bool,
     /// The target's own rate, when the tracer changed it: what detaching
@@ -93,6 +96,8 @@ pub struct GoTarget {
     /// part of the list.
     census_progress: Option<(u64, u64, u64)>,
     census_noticed: bool,
+    /// Time per snapshot for reading the goroutine list.
+    census_budget: std::time::Duration,
 }
 
 /// Pending timers of one snapshot (see [`GoTarget::timer_census`]).
@@ -177,6 +182,7 @@ impl GoTarget {
             rate: DEFAULT_GO_SAMPLE_RATE,
             starts: HashMap::new(),
             creators: HashMap::new(),
+            bucket_frames: HashMap::new(),
             policy_pending: true,
             original_rate: None,
             pid,
@@ -192,6 +198,7 @@ impl GoTarget {
             rolling: Default::default(),
             census_progress: None,
             census_noticed: false,
+            census_budget: std::time::Duration::from_millis(5),
         };
         go.resolve(maps);
         go
@@ -286,6 +293,11 @@ impl GoTarget {
         }
         self.last_timers = Some(census.clone());
         Some(census)
+    }
+
+    /// Time per snapshot for reading the goroutine list (`--go-census-ms`).
+    pub fn set_census_budget(&mut self, budget: std::time::Duration) {
+        self.census_budget = budget;
     }
 
     /// Whether the sampled timer-creation probe should be attached now.

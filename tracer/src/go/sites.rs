@@ -10,17 +10,6 @@ use crate::{
     symbolize::{Frame, RawSite, Symbolizer, trim_at_root},
 };
 
-/// Reading time per snapshot for the goroutine list: 1% of a core at the
-/// default 1 s interval. `TRACER_GO_CENSUS_BUDGET_MS` overrides it (the
-/// bench's whole-list row).
-fn census_budget() -> std::time::Duration {
-    let ms = std::env::var("TRACER_GO_CENSUS_BUDGET_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    std::time::Duration::from_millis(ms)
-}
-
 impl GoTarget {
     /// Once, when the goroutine list first outgrows what one snapshot
     /// reads: what the user should know about the counts.
@@ -32,9 +21,9 @@ impl GoTarget {
         self.census_noticed = true;
         Some(format!(
             "{len} goroutine entries (live and dead): the list is read {read} entries per \
-             snapshot (a {} ms budget), so goroutine counts reflect every goroutine within \
+             snapshot (--go-census-ms {}), so goroutine counts reflect every goroutine within \
              about {} snapshots, and include only the entries read so far until then",
-            census_budget().as_millis(),
+            self.census_budget.as_millis(),
             len.div_ceil(read.max(1))
         ))
     }
@@ -97,27 +86,36 @@ impl GoTarget {
             let (objs, bytes) = scale_sample(live, bucket.size, rate);
             let (allocs, alloc_bytes) = scale_sample(sampled_allocs, bucket.size, rate);
             let (frees, _) = scale_sample(sampled_frees, bucket.size, rate);
-            let mut frames = symbols.symbolize_stack(&bucket.stack);
-            // The allocator's own frames say nothing about the call site.
-            let internal = frames
-                .iter()
-                .take_while(|f| {
-                    f.function.starts_with("runtime.malloc")
-                        || f.function.starts_with("runtime.mProf")
-                        || f.function == "runtime.profilealloc"
+            // A bucket's stack never changes: symbolized once.
+            let (frames, truncated) = self
+                .bucket_frames
+                .entry(addr)
+                .or_insert_with(|| {
+                    let mut frames = symbols.symbolize_stack(&bucket.stack);
+                    // The allocator's own frames say nothing about the call site.
+                    let internal = frames
+                        .iter()
+                        .take_while(|f| {
+                            f.function.starts_with("runtime.malloc")
+                                || f.function.starts_with("runtime.mProf")
+                                || f.function == "runtime.profilealloc"
+                        })
+                        .count();
+                    if internal < frames.len() {
+                        frames.drain(..internal);
+                    }
+                    // The runtime already expanded inlined calls into PCs of
+                    // their own, which DWARF expands again: drop the repeats.
+                    frames.dedup_by(|b, a| {
+                        a.function == b.function && a.file == b.file && a.line == b.line
+                    });
+                    let truncated = trim_at_root(&mut frames, bucket.stack.len(), 128);
+                    (frames.into(), truncated)
                 })
-                .count();
-            if internal < frames.len() {
-                frames.drain(..internal);
-            }
-            // The runtime already expanded inlined calls into PCs of their
-            // own, which DWARF expands again: drop the repeats.
-            frames
-                .dedup_by(|b, a| a.function == b.function && a.file == b.file && a.line == b.line);
-            let truncated = trim_at_root(&mut frames, bucket.stack.len(), 128);
+                .clone();
             raw.push(RawSite {
                 kind: SiteKind::Heap,
-                frames: frames.into(),
+                frames,
                 truncated,
                 start_function: None,
                 sampled: true,
@@ -145,7 +143,7 @@ impl GoTarget {
                     ..layout.clone()
                 };
                 let started = std::time::Instant::now();
-                match self.rolling.read(self.pid, &layout, census_budget()) {
+                match self.rolling.read(self.pid, &layout, self.census_budget) {
                     Ok(c) => {
                         log::debug!(
                             "pid {}: read {} of {} goroutine entries in {:.1} ms ({} unreadable, {} unread)",
