@@ -102,6 +102,10 @@ fn c_leak_is_alerted_well_before_the_oom_kill() {
         &[
             "--interval",
             "0.5",
+            // A leak that kills in seconds: a short trend window (an ETA
+            // needs a quarter of it as history).
+            "--oom-window",
+            "20",
             "--alert-exec",
             &exec,
             "--alert-webhook",
@@ -271,8 +275,10 @@ fn watch_alerts_without_probes() {
     let mut target = Proc::spawn(Command::new(fixture("oomleak")).args(["leak", "6144"]));
     target.expect_line("ready", T);
     cg.add(target.pid());
+    // 6 MiB/s: killed in ~10 s; a trend window whose quarter is 3 s.
     let (mut tracer, mut stream, attached) = Tracing::watch(target.pid())
         .interval("0.5")
+        .args(["--oom-window", "12"])
         .attach_within(T)
         .on_attached(|_| target.send("go"))
         .start();

@@ -75,8 +75,15 @@ impl Trend {
             .reduce(f64::max)
     }
 
-    /// Seconds until `limit` at the current trend; None when not growing.
+    /// Seconds until `limit` at the current trend; None when not growing,
+    /// or before the history spans a quarter of the window: a few seconds
+    /// of a burst (another process's, at system scope) are no trend to
+    /// raise an alert on.
     pub fn eta(&self, limit: u64) -> Option<f64> {
+        let (first, last) = (self.samples.front()?, self.samples.back()?);
+        if last.0.duration_since(first.0) < self.window / 4 {
+            return None;
+        }
         let slope = self.slope()?;
         if slope <= 0.0 {
             return None;
@@ -295,6 +302,17 @@ mod tests {
         // At 39.5 MiB, 64 MiB is ~24.5 s away.
         let eta = tr.eta(64 << 20).unwrap();
         assert!((eta - 24.5).abs() < 1.0, "{eta}");
+    }
+
+    /// A steep climb seen for less than a quarter of the window gives a
+    /// slope but no ETA yet: no alert on a few seconds of a burst.
+    #[test]
+    fn no_eta_before_a_quarter_of_the_window() {
+        let tr = series(|x| 10.0 * MIB + x * 100.0 * MIB, 14, 2);
+        assert!(tr.slope().is_some());
+        assert_eq!(tr.eta(2048 << 20), None, "14 s of a 60 s window");
+        let tr = series(|x| 10.0 * MIB + x * 100.0 * MIB, 16, 2);
+        assert!(tr.eta(4096 << 20).is_some(), "16 s");
     }
 
     #[test]
