@@ -291,3 +291,88 @@ fn watch_alerts_without_probes() {
     assert!(lead >= 5.0, "alerted only {lead:.1} s before the kill");
     assert_eq!(kill["pid"], target.pid());
 }
+
+/// At system scope the trend is every process's: the process that grows is
+/// blamed, not the target. One test, the two cases in turn: a second hog
+/// running meanwhile would halve each one's share.
+#[test]
+fn system_scope_alerts_blame_the_process_that_grows() {
+    if !privileged("system_scope_alerts_blame_the_process_that_grows") {
+        return;
+    }
+    idle_target_is_not_blamed();
+    growing_target_is_blamed();
+}
+
+/// An idle target while another process grows by 200 MiB/s is not blamed:
+/// the alert says memory is running out, names the growing process, and
+/// lists no site of the target.
+fn idle_target_is_not_blamed() {
+    // Outside any memory cgroup with a limit: the system is the scope.
+    let mut idle = Proc::spawn(Command::new(fixture("oomleak")).args(["steady", "4"]));
+    idle.expect_line("ready", T);
+    let mut hog = Proc::spawn(Command::new(fixture("oomleak")).args(["leak", "204800"]));
+    hog.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(idle.pid())
+        .interval("0.5")
+        .args(["--oom-window", "16"])
+        .on_attached(|_| {
+            idle.send("go");
+            hog.send("go");
+        })
+        .start();
+    let alert = stream.next_of_where("alert", "an alert", Duration::from_secs(30), |a| {
+        a["severity"] != "ok"
+    });
+    drop(hog);
+    tracer.signal(libc::SIGINT);
+    assert_eq!(tracer.wait(T), Some(0));
+    assert_eq!(alert["memory"]["scope"], "system", "{alert}");
+    let reason = alert["reason"].as_str().unwrap();
+    assert!(reason.contains("not the cause"), "{reason}");
+    assert!(
+        alert["top_sites"].as_array().unwrap().is_empty(),
+        "no site of the idle target is blamed: {alert}"
+    );
+    let growing = alert["growing_processes"].as_array().unwrap();
+    assert!(
+        growing
+            .iter()
+            .any(|p| p["comm"] == "oomleak" && p["pid"] != idle.pid()),
+        "the hog is named: {growing:?}"
+    );
+}
+
+/// The counterpart: the target that grows is blamed, with its own sites.
+fn growing_target_is_blamed() {
+    let mut hog = Proc::spawn(Command::new(fixture("oomleak")).args(["leak", "204800"]));
+    hog.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(hog.pid())
+        .interval("0.5")
+        .args(["--oom-window", "16"])
+        .on_attached(|_| hog.send("go"))
+        .start();
+    let alert = stream.next_of_where("alert", "an alert", Duration::from_secs(30), |a| {
+        a["severity"] != "ok"
+    });
+    drop(hog);
+    tracer.signal(libc::SIGINT);
+    let _ = tracer.wait(T);
+    assert_eq!(alert["memory"]["scope"], "system", "{alert}");
+    assert!(
+        !alert["reason"].as_str().unwrap().contains("not the cause"),
+        "{alert}"
+    );
+    assert!(alert["growing_processes"].is_null(), "{alert}");
+    let line = marker_line(&source("c/oomleak.c"), "oom_leak");
+    assert!(
+        alert["top_sites"].as_array().unwrap().iter().any(|s| {
+            s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["function"] == "grow_session_cache" && f["line"] == line)
+        }),
+        "the leaking site is named: {alert}"
+    );
+}

@@ -570,11 +570,29 @@ pub struct Alert {
     pub usage_bytes: u64,
     pub limit_bytes: Option<u64>,
     pub memory: MemoryState,
-    /// Top growing call sites over the trend window.
+    /// Top growing call sites over the trend window (none when the
+    /// target is not the cause).
     pub top_sites: Vec<SiteReport>,
+    /// At system scope: the target's own growth (resident memory), bytes
+    /// per second, against which the system's trend is attributed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_growth_bytes_per_s: Option<f64>,
+    /// At system scope when the target's own growth explains less than
+    /// half of the trend: the processes growing fastest instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub growing_processes: Vec<GrowingProcess>,
     /// Taken from the JSON envelope.
     #[serde(skip, default = "SystemTime::now")]
     pub ts: SystemTime,
+}
+
+/// A process whose resident memory grows, over the trend window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GrowingProcess {
+    pub pid: u32,
+    pub comm: String,
+    pub rss_bytes: u64,
+    pub growth_bytes_per_s: f64,
 }
 
 /// The record of the kernel's OOM kill of the target.
@@ -1203,6 +1221,13 @@ pub(crate) mod tests {
                 limit_bytes: None,
                 memory: state,
                 top_sites: vec![leak.clone()],
+                target_growth_bytes_per_s: Some(1.5),
+                growing_processes: vec![GrowingProcess {
+                    pid: 8,
+                    comm: "hog".into(),
+                    rss_bytes: 1 << 30,
+                    growth_bytes_per_s: 2e8,
+                }],
                 ts: SystemTime::UNIX_EPOCH,
             }),
             Event::OomKill(OomKill {

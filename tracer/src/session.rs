@@ -170,7 +170,9 @@ impl Traced {
                 if on { "sampled" } else { "not sampled" }
             ),
             Ok(false) => {}
-            // The target may be exiting: the next window tries again.
+            // The target is exiting: its exit ends the trace.
+            Err(_) if !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() => {}
+            // The next window tries again.
             Err(e) => log::warn!(
                 "pid {}: cannot attach the timer creation probe: {}",
                 self.pid,

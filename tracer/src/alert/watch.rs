@@ -4,8 +4,14 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use std::collections::HashMap;
+
 use super::{Alert, Alerter, MemoryStatus, OomKill, Thresholds, Trend, memlimit, notify::Notifier};
-use crate::{kernel::Kernel, schema::Snapshot, sink::Sink};
+use crate::{
+    kernel::Kernel,
+    schema::{GrowingProcess, Scope, Snapshot},
+    sink::Sink,
+};
 
 /// How the tracer watches the target's memory limit and alerts.
 #[derive(Clone, Debug)]
@@ -26,6 +32,87 @@ pub struct MemoryWatch {
     /// The last memory status read.
     pub last: Option<MemoryStatus>,
     oom_kills_at_start: Option<u64>,
+    /// At system scope: every process's resident memory over the window,
+    /// to tell whether the target is the one growing.
+    processes: ProcessGrowth,
+}
+
+/// Resident memory of every process, sampled each interval over the trend
+/// window (system scope only: a cgroup's own usage is its processes').
+struct ProcessGrowth {
+    window: Duration,
+    /// Per pid: the oldest sample kept and the latest.
+    samples: HashMap<u32, ((Instant, u64), (Instant, u64))>,
+}
+
+impl ProcessGrowth {
+    fn sample(&mut self, now: Instant) {
+        let page = page_size();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let mut seen = Vec::new();
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some(rss) = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+                .ok()
+                .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            seen.push(pid);
+            let e = self
+                .samples
+                .entry(pid)
+                .or_insert(((now, rss * page), (now, rss * page)));
+            e.1 = (now, rss * page);
+            // Keep the oldest sample within the window.
+            if now.duration_since(e.0.0) > self.window {
+                e.0 = e.1;
+            }
+        }
+        self.samples.retain(|pid, _| seen.contains(pid));
+    }
+
+    fn growth(&self, pid: u32) -> Option<f64> {
+        let ((t0, a), (t1, b)) = self.samples.get(&pid)?;
+        let dt = t1.duration_since(*t0).as_secs_f64();
+        (dt > 0.0).then(|| (*b as f64 - *a as f64) / dt)
+    }
+
+    /// The `n` processes growing fastest.
+    fn fastest(&self, n: usize) -> Vec<GrowingProcess> {
+        let mut all: Vec<GrowingProcess> = self
+            .samples
+            .iter()
+            .filter_map(|(&pid, (_, (_, rss)))| {
+                let growth = self.growth(pid)?;
+                (growth > 0.0).then(|| GrowingProcess {
+                    pid,
+                    comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|c| c.trim().to_string())
+                        .unwrap_or_default(),
+                    rss_bytes: *rss,
+                    growth_bytes_per_s: growth,
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s));
+        all.truncate(n);
+        all
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as u64 } else { 4096 }
 }
 
 impl MemoryWatch {
@@ -46,6 +133,10 @@ impl MemoryWatch {
             notifier: Notifier::new(opts.exec.clone(), opts.webhook.clone()),
             oom_kills_at_start: start.and_then(|s| s.oom_kills),
             last,
+            processes: ProcessGrowth {
+                window: opts.window,
+                samples: HashMap::new(),
+            },
         }
     }
 
@@ -57,6 +148,10 @@ impl MemoryWatch {
         };
         let now = Instant::now();
         self.trend.push(now, state.usage_bytes);
+        let system = state.scope == Scope::System;
+        if system {
+            self.processes.sample(now);
+        }
         let eta = state.limit_bytes.and_then(|l| self.trend.eta(l));
         let fraction = state
             .limit_bytes
@@ -71,7 +166,38 @@ impl MemoryWatch {
         };
         snap.memory = Some(status.clone());
         self.last = Some(status);
-        if let Some((severity, reason)) = due {
+        if let Some((severity, mut reason)) = due {
+            let mut top_sites = super::culprits(&snap.sites, 5);
+            let mut target_growth = None;
+            let mut growing_processes = Vec::new();
+            // At system scope the trend is every process's: the target is
+            // blamed only when its own growth explains most of it.
+            if system && severity != crate::schema::Level::Ok {
+                let own = self.processes.growth(self.pid).unwrap_or(0.0);
+                target_growth = Some(own);
+                let total = self.trend.slope().unwrap_or(0.0);
+                if total > 0.0 && own < total / 2.0 {
+                    growing_processes = self.processes.fastest(5);
+                    top_sites.clear();
+                    reason = format!(
+                        "system memory is running out ({reason}), but pid {} grows {}/s of the \
+                         system's {}/s: it is not the cause; growing fastest: {}",
+                        self.pid,
+                        crate::sink::human_bytes(own),
+                        crate::sink::human_bytes(total),
+                        growing_processes
+                            .iter()
+                            .map(|p| format!(
+                                "{} ({}) {}/s",
+                                p.comm,
+                                p.pid,
+                                crate::sink::human_bytes(p.growth_bytes_per_s)
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
             let alert = Alert {
                 pid: self.pid,
                 severity,
@@ -80,7 +206,9 @@ impl MemoryWatch {
                 usage_bytes: state.usage_bytes,
                 limit_bytes: state.limit_bytes,
                 memory: state,
-                top_sites: super::culprits(&snap.sites, 5),
+                top_sites,
+                target_growth_bytes_per_s: target_growth,
+                growing_processes,
                 ts: SystemTime::now(),
             };
             sink.alert(&alert)?;
