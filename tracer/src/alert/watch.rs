@@ -42,8 +42,11 @@ pub struct MemoryWatch {
 struct ProcessGrowth {
     window: Duration,
     /// Per pid: the oldest sample kept and the latest.
-    samples: HashMap<u32, ((Instant, u64), (Instant, u64))>,
+    samples: HashMap<u32, (RssSample, RssSample)>,
 }
+
+/// When, and resident bytes.
+type RssSample = (Instant, u64);
 
 impl ProcessGrowth {
     fn sample(&mut self, now: Instant) {
