@@ -450,3 +450,42 @@ fn run_mode_stacks_are_whole_from_the_first_instruction() {
             + define("SIGNAL_N") * define("SIGNAL_SIZE")
     );
 }
+
+/// Python frees its heap at exit: the report after the exit keeps each
+/// site's peak (the cache's n blocks of SIZE + 1 bytes), and when.
+#[test]
+fn python_exit_report_keeps_the_peak() {
+    if !privileged("python_exit_report_keeps_the_peak") {
+        return;
+    }
+    let n = constant("python/pyleak.py", "N");
+    let size = constant("python/pyleak.py", "SIZE");
+    let want = n * (size + 1);
+    let mut target = Proc::spawn(Command::new("/usr/bin/python3").arg(source("python/pyleak.py")));
+    target.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .interval("0.25")
+        .on_attached(|_| target.send("go"))
+        .start();
+    target.expect_line("done", T);
+    stream.next_of_where("snapshot", "the grown bytes held", T, |s| {
+        s["total_outstanding_bytes"].as_u64().unwrap_or(0) >= want
+    });
+    target.close_stdin();
+    assert_eq!(target.wait(T), Some(0));
+    let report = stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    assert_eq!(report["reason"], "target_exited");
+    let site = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["peak"]["bytes"] == want && s["peak"]["count"] == n)
+        .unwrap_or_else(|| panic!("no site peaking at {want} B:\n{}", describe_sites(&report)));
+    assert!(site["peak"]["at"].is_string(), "{site}");
+    // What the teardown left: the evidence is in the peak, not here.
+    assert!(
+        site["outstanding_bytes"].as_u64().unwrap() < want,
+        "python freed the cache at exit: {site}"
+    );
+}

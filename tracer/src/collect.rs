@@ -29,6 +29,8 @@ pub struct Collector {
     symbols: Symbolizer,
     stacks: HashMap<u32, (Frames, bool)>,
     history: HashMap<String, SiteHistory>,
+    /// Each site's peak since attach, by site id.
+    peaks: HashMap<String, crate::schema::Peak>,
     go: Option<GoTarget>,
 }
 
@@ -40,6 +42,7 @@ impl Collector {
             symbols,
             stacks: HashMap::new(),
             history: HashMap::new(),
+            peaks: HashMap::new(),
             go: None,
         }
     }
@@ -56,6 +59,23 @@ impl Collector {
 
     pub fn symbolizer_mut(&mut self) -> &mut Symbolizer {
         &mut self.symbols
+    }
+
+    /// The site's peak so far, this snapshot included: by bytes, or by
+    /// count for sites that hold none (goroutines, timers).
+    fn peak(&mut self, report: &SiteReport) -> crate::schema::Peak {
+        let peak = self.peaks.entry(report.site_id.clone()).or_default();
+        let higher = if report.outstanding_bytes > 0 || peak.bytes > 0 {
+            report.outstanding_bytes > peak.bytes
+        } else {
+            report.outstanding_count > peak.count
+        };
+        if higher {
+            peak.bytes = report.outstanding_bytes;
+            peak.count = report.outstanding_count;
+            peak.at = Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string());
+        }
+        peak.clone()
     }
 
     /// Takes a snapshot now.
@@ -169,6 +189,7 @@ impl Collector {
                         alloc_bytes: 0,
                         growth_bytes_per_s: 0.0,
                         growth_count_per_s: 0.0,
+                        peak: Default::default(),
                         states: Default::default(),
                         start_function: site.start_function.clone(),
                         sampled: site.sampled,
@@ -196,6 +217,7 @@ impl Collector {
             // another CPU: clamp the transient negative.
             report.outstanding_bytes = bytes.max(0) as u64;
             report.outstanding_count = count.max(0) as u64;
+            report.peak = self.peak(&report);
             live += report.outstanding_count;
             reports.push(report);
         }

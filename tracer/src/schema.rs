@@ -142,6 +142,10 @@ pub struct SiteReport {
     /// Growth of the outstanding count over the trend window, per second
     /// (goroutines and timers grow in count).
     pub growth_count_per_s: f64,
+    /// The most the site held at once since attach (as read at snapshots),
+    /// and when: the evidence a program's own teardown frees.
+    #[serde(default)]
+    pub peak: Peak,
     /// Goroutine sites read from the runtime's list: live goroutines by
     /// state ("chan receive", "running"...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -178,6 +182,8 @@ pub struct SiteInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SiteNumbers {
     pub site_id: String,
+    #[serde(default)]
+    pub peak: Peak,
     pub outstanding_bytes: u64,
     pub outstanding_count: u64,
     pub allocs: u64,
@@ -187,6 +193,16 @@ pub struct SiteNumbers {
     pub growth_count_per_s: f64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub states: BTreeMap<String, u64>,
+}
+
+/// A site's peak since attach: its outstanding bytes (count for goroutine
+/// and timer sites) at their highest, and when (RFC 3339).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Peak {
+    pub bytes: u64,
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 impl SiteReport {
@@ -240,6 +256,7 @@ impl SiteReport {
             alloc_bytes: self.alloc_bytes,
             growth_bytes_per_s: self.growth_bytes_per_s,
             growth_count_per_s: self.growth_count_per_s,
+            peak: self.peak.clone(),
             states: self.states.clone(),
         }
     }
@@ -255,6 +272,7 @@ impl SiteReport {
             alloc_bytes: n.alloc_bytes,
             growth_bytes_per_s: n.growth_bytes_per_s,
             growth_count_per_s: n.growth_count_per_s,
+            peak: n.peak.clone(),
             states: n.states.clone(),
             start_function: info.start_function.clone(),
             sampled: info.sampled,
@@ -922,6 +940,7 @@ pub(crate) mod tests {
             alloc_bytes: allocs * 10,
             growth_bytes_per_s: 0.0,
             growth_count_per_s: 0.0,
+            peak: Default::default(),
             states: BTreeMap::new(),
             start_function: None,
             sampled: false,

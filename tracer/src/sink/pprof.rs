@@ -441,6 +441,7 @@ mod tests {
             alloc_bytes: bytes + 7,
             growth_bytes_per_s: 0.0,
             growth_count_per_s: 0.0,
+            peak: Default::default(),
             states: Default::default(),
             start_function: None,
             sampled: false,

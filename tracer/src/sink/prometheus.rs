@@ -528,6 +528,7 @@ mod tests {
             alloc_bytes: bytes,
             growth_bytes_per_s: 1.5,
             growth_count_per_s: 0.0,
+            peak: Default::default(),
             states: Default::default(),
             start_function: None,
             sampled: false,

@@ -352,9 +352,18 @@ impl<W: Write> Sink for TableSink<W> {
                     site.frees
                 ),
             };
+            let peak = if site.peak.bytes > site.outstanding_bytes {
+                format!(
+                    " (peak {} at {})",
+                    human_bytes(site.peak.bytes as f64),
+                    site.peak.at.as_deref().unwrap_or("?")
+                )
+            } else {
+                String::new()
+            };
             writeln!(
                 self.out,
-                "\n#{} {what}{}",
+                "\n#{} {what}{peak}{}",
                 i + 1,
                 if site.truncated {
                     " [stack truncated: build with -fno-omit-frame-pointer for full stacks]"
@@ -365,6 +374,30 @@ impl<W: Write> Sink for TableSink<W> {
             for f in site.frames.iter() {
                 let inl = if f.inlined { " (inlined)" } else { "" };
                 writeln!(self.out, "      {}{inl}", f.short())?;
+            }
+        }
+        // What the program's own teardown freed (an interpreter frees its
+        // heap at exit): the sites that held most at their peak.
+        let mut freed: Vec<&SiteReport> = snap
+            .sites
+            .iter()
+            .filter(|s| s.peak.bytes > 0 && s.outstanding_bytes < s.peak.bytes / 2)
+            .collect();
+        freed.sort_by_key(|s| std::cmp::Reverse(s.peak.bytes));
+        if !freed.is_empty() {
+            writeln!(
+                self.out,
+                "\nHeld more earlier (peak since attach, now mostly freed):"
+            )?;
+            for site in freed.iter().take(self.top.min(5)) {
+                writeln!(
+                    self.out,
+                    "  {} at {} (now {}): {}",
+                    human_bytes(site.peak.bytes as f64),
+                    site.peak.at.as_deref().unwrap_or("?"),
+                    human_bytes(site.outstanding_bytes as f64),
+                    chain(site, 4)
+                )?;
             }
         }
         for (kind, what) in [
