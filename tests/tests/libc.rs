@@ -933,3 +933,30 @@ fn a_second_interrupt_quits_at_once() {
         .unwrap();
     assert!(matches!(state, "S" | "R"), "target state {state}");
 }
+
+/// A shell that execs the real program after attach (an entrypoint
+/// script): the tracer says so, naming the new executable, instead of
+/// silently tracing the old image.
+#[test]
+fn exec_after_attach_is_told() {
+    if !privileged("exec_after_attach_is_told") {
+        return;
+    }
+    let demo = fixture("demo");
+    let mut shell = Proc::spawn(Command::new("/bin/sh").args([
+        "-c",
+        &format!("echo ready; read line; exec {}", demo.display()),
+    ]));
+    shell.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(shell.pid())
+        .on_attached(|_| shell.send("go"))
+        .start();
+    let notice = stream.next_of_where("notice", "the exec notice", T, |n| {
+        n["message"].as_str().unwrap().contains("exec'd")
+    });
+    let message = notice["message"].as_str().unwrap();
+    let real = std::fs::canonicalize(&demo).unwrap();
+    assert!(message.contains(&real.display().to_string()), "{message}");
+    tracer.signal(libc::SIGINT);
+    assert_eq!(tracer.wait(T), Some(0));
+}

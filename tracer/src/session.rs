@@ -132,6 +132,8 @@ struct Traced {
     exited: bool,
     /// /proc/PID/maps as last read.
     maps_text: Vec<u8>,
+    /// (device, inode) of the executable, to notice an exec.
+    exe_id: Option<(u64, u64)>,
 }
 
 impl Traced {
@@ -150,6 +152,12 @@ impl Traced {
             watch: opts.alerts.as_ref().map(|a| MemoryWatch::new(pid, a)),
             exited: false,
             maps_text: Vec::new(),
+            exe_id: {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(format!("/proc/{pid}/exe"))
+                    .ok()
+                    .map(|m| (m.dev(), m.ino()))
+            },
         }
     }
 
@@ -204,6 +212,38 @@ impl Traced {
         }
     }
 
+    /// Tells the user, once per new image, that the target exec'd: probes
+    /// on shared libraries it maps again (libc) keep firing, those on the
+    /// old executable (a Go runtime's) are gone with it.
+    fn tell_exec(&mut self, sink: &mut dyn Sink) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(format!("/proc/{}/exe", self.pid)) else {
+            return Ok(());
+        };
+        let id = (meta.dev(), meta.ino());
+        match self.exe_id {
+            None => self.exe_id = Some(id),
+            Some(old) if old != id => {
+                self.exe_id = Some(id);
+                let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                sink.notice(
+                    self.pid,
+                    &format!(
+                        "pid {} exec'd {exe}: probes on libraries it maps again (libc) keep \
+                         tracing, but the old executable's (a Go runtime's) are gone and the \
+                         new executable's own code is not hooked; its Go goroutines, timers \
+                         and heap are not traced. Attach again for them: sudo tracer attach {}",
+                        self.pid, self.pid
+                    ),
+                )?;
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
     /// Tells the user, once per module, which frames stay unnamed and why.
     fn tell_missing_symbols(&mut self, sink: &mut dyn Sink) -> std::io::Result<()> {
         let missing = self
@@ -242,6 +282,7 @@ impl Traced {
         sink: &mut dyn Sink,
     ) -> Result<(), TracerError> {
         self.refresh_maps();
+        self.tell_exec(sink)?;
         // Libraries loaded since (dlopen), the image after exec.
         if let Some(inst) =
             unwinder.install(kernel, self.pid, self.collector.symbolizer_mut().maps())?
