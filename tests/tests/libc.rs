@@ -960,3 +960,57 @@ fn exec_after_attach_is_told() {
     tracer.signal(libc::SIGINT);
     assert_eq!(tracer.wait(T), Some(0));
 }
+
+/// `prog & tracer attach $!`: a process still in the dynamic loader (held
+/// here at its exec stop, before the loader has mapped libc) is waited
+/// for, then traced, instead of "found no allocator".
+#[test]
+fn attach_waits_for_the_dynamic_loader() {
+    if !privileged("attach_waits_for_the_dynamic_loader") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    // The ptrace requests must come from the thread that spawned the child.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let mut cmd = Command::new(fixture("demo"));
+        // SAFETY: only async-signal-safe ptrace(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+                Ok(())
+            });
+        }
+        let service = Proc::spawn(&mut cmd);
+        let pid = service.pid() as i32;
+        let mut status = 0;
+        // SAFETY: waiting for our own child's exec stop.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        tx.send((pid as u32, maps)).unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        // SAFETY: releasing our own tracee.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
+        service
+    });
+    let (pid, maps) = rx.recv().unwrap();
+    assert!(
+        !maps.contains("libc.so"),
+        "held before the loader maps libc:\n{maps}"
+    );
+    let (mut tracer, mut stream, attached) = Tracing::attach(pid).start();
+    let holder_done = holder.join().unwrap();
+    assert!(
+        probe_programs(&attached)
+            .iter()
+            .any(|p| p.contains("alloc") || p.contains("size")),
+        "libc's allocator is hooked: {attached}"
+    );
+    holder_done.expect_line("demo service pid", T);
+    let snap = stream.next_of_where("snapshot", "the demo's allocations", T, |s| {
+        s["total_outstanding_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(snap["site_count"].as_u64().unwrap() > 0);
+    tracer.signal(libc::SIGINT);
+    assert_eq!(tracer.wait(T), Some(0));
+}

@@ -367,11 +367,30 @@ impl Traced {
 pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
     let signals = Signals::take()?;
     let pid = process_of_thread(pid, sink)?;
-    let target = Target::resolve(pid)?;
+    let mut target = Target::resolve(pid)?;
     target::check_environment()?;
-    let objects = probes::objects_of(&target);
-    let plan = make_plan(&objects, &target.exe, &mut ElfObjects::new())?
-        .ok_or(TracerError::NoAllocator(pid))?;
+    // A process started an instant ago may still be in the dynamic loader,
+    // its libraries (libc) not mapped yet: wait for them a moment.
+    let loading_since = Instant::now();
+    let (target, plan) = loop {
+        let objects = probes::objects_of(&target);
+        match make_plan(&objects, &target.exe, &mut ElfObjects::new())? {
+            Some(plan) => break (target, plan),
+            None if in_dynamic_loader(&target.maps)
+                && loading_since.elapsed() < Duration::from_secs(5) =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                target = Target::resolve(pid)?;
+            }
+            None => return Err(TracerError::NoAllocator(pid)),
+        }
+    };
+    if loading_since.elapsed() > Duration::from_millis(5) {
+        log::info!(
+            "pid {pid}: waited {:.0} ms for the dynamic loader to map its libraries",
+            loading_since.elapsed().as_secs_f64() * 1e3
+        );
+    }
     let exit_fd = PidFd::open(pid)?;
     let offsets = plan
         .go
@@ -566,6 +585,27 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
         process::reap(pid);
     }
     result
+}
+
+/// Whether the process is still in the dynamic loader: the loader is
+/// mapped, and no library but it (a process past the loader has libc, or
+/// at least one other shared object, mapped).
+fn in_dynamic_loader(maps: &Maps) -> bool {
+    let name = |m: &crate::target::Mapping| {
+        m.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let loader = maps
+        .mappings
+        .iter()
+        .any(|m| name(m).starts_with("ld-linux"));
+    let libraries = maps
+        .mappings
+        .iter()
+        .any(|m| name(m).contains(".so") && !name(m).starts_with("ld-linux"));
+    loader && !libraries
 }
 
 /// The maps of a child just released, once every object of its plan is
