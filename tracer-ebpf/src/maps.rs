@@ -3,7 +3,6 @@
 //! test of `tracer` checks both agree.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, StackTrace},
 };
@@ -96,10 +95,14 @@ pub(crate) static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_
 #[map]
 pub(crate) static STACK_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 
-/// Not preallocated: 1 KiB per entry, and only colliding stacks come here.
+/// Every stack the DWARF unwinder walks, and the kernel table's hash
+/// collisions. Preallocated (1 KiB per entry, like the kernel's own stack
+/// table): a non-preallocated map allocates each entry from per-CPU caches
+/// refilled asynchronously, and a burst of new stacks (thousands of call
+/// sites in a second) then failed a few inserts with ENOMEM.
 #[map]
 pub(crate) static OWN_STACKS: HashMap<u32, StackBuf> =
-    HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

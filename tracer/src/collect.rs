@@ -276,7 +276,11 @@ impl Collector {
     fn frames_for(&mut self, kernel: &Kernel, stack_id: u32) -> (Frames, bool) {
         if stack_id == STACK_ID_NONE {
             return (
-                vec![Frame::unknown(0, None).named("[unknown stack]")].into(),
+                vec![
+                    Frame::unknown(0, Some(crate::symbolize::UNMAPPED.into()))
+                        .named("[unknown stack]"),
+                ]
+                .into(),
                 true,
             );
         }

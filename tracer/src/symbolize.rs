@@ -82,15 +82,20 @@ pub fn trim_at_root(frames: &mut Vec<Frame>, recorded_depth: usize, depth_limit:
 
 /// A frame no symbol covers: `module+0xoffset` (the file offset, which
 /// `addr2line -e module` and `objdump --start-address` take), or `[unknown]`
-/// outside every mapped file.
+/// outside every mapped file, whose module is then `[unmapped]` (every
+/// frame has a module: consumers key on it).
 fn unsymbolized(ip: u64, module: Option<String>, file_offset: u64) -> Frame {
-    let mut f = Frame::unknown(ip, module);
-    if let Some(m) = &f.module {
-        let base = m.rsplit('/').next().unwrap_or(m);
-        f.function = format!("{base}+{file_offset:#x}");
-    }
+    let Some(m) = module else {
+        return Frame::unknown(ip, Some(UNMAPPED.into()));
+    };
+    let base = m.rsplit('/').next().unwrap_or(&m).to_string();
+    let mut f = Frame::unknown(ip, Some(m));
+    f.function = format!("{base}+{file_offset:#x}");
     f
 }
+
+/// The module of an address outside every mapping.
+pub const UNMAPPED: &str = "[unmapped]";
 
 /// Whether a (trimmed) stack ends in a thread-root frame.
 pub fn ends_at_root(frames: &[Frame]) -> bool {
