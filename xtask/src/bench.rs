@@ -500,37 +500,37 @@ pub fn bench(rounds: usize, pairs: u64) -> Result<()> {
     let stream = stream_sizes(&out_dir)?;
     println!("bench: attaching to python3");
     let python = python_attach(rounds, &out_dir)?;
-    println!("bench: the Go HTTP service, untraced and traced, interleaved");
-    let mut http = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        http.0.push(go_http(false, 4, &out_dir)?);
-        http.1.push(go_http(true, 4, &out_dir)?);
-    }
-    println!("bench: the goroutine census at 1,000,000 goroutines, bounded and whole");
-    let census = (
-        go_census(1_000_000, false, &out_dir)?,
-        go_census(1_000_000, true, &out_dir)?,
-    );
+    let (http, census) = go_service_rows(rounds, &out_dir)?;
     report(&c, &go, pairs, &out_dir, steady, &stream, python, census)?;
     print_http(rounds, &http);
     Ok(())
+}
+
+/// Requests per second (untraced, traced) per round.
+type HttpRounds = (Vec<f64>, Vec<f64>);
+
+/// The Go service rows: the HTTP service, untraced and traced interleaved,
+/// and the census at 1M goroutines, bounded and whole.
+fn go_service_rows(rounds: usize, out_dir: &Path) -> Result<(HttpRounds, (CensusRun, CensusRun))> {
+    println!("bench: the Go HTTP service, untraced and traced, interleaved");
+    let mut http = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        http.0.push(go_http(false, 4, out_dir)?);
+        http.1.push(go_http(true, 4, out_dir)?);
+    }
+    println!("bench: the goroutine census at 1,000,000 goroutines, bounded and whole");
+    let census = (
+        go_census(1_000_000, false, out_dir)?,
+        go_census(1_000_000, true, out_dir)?,
+    );
+    Ok((http, census))
 }
 
 /// Only the Go service rows: the HTTP service and the census at 1M.
 pub fn bench_go(rounds: usize) -> Result<()> {
     let out_dir = root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
-    println!("bench: the Go HTTP service, untraced and traced, interleaved");
-    let mut http = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        http.0.push(go_http(false, 4, &out_dir)?);
-        http.1.push(go_http(true, 4, &out_dir)?);
-    }
-    println!("bench: the goroutine census at 1,000,000 goroutines, bounded and whole");
-    let census = (
-        go_census(1_000_000, false, &out_dir)?,
-        go_census(1_000_000, true, &out_dir)?,
-    );
+    let (http, census) = go_service_rows(rounds, &out_dir)?;
     print_census(&census);
     print_http(rounds, &http);
     Ok(())
@@ -554,7 +554,7 @@ fn print_census(census: &(CensusRun, CensusRun)) {
     );
 }
 
-fn print_http(rounds: usize, http: &(Vec<f64>, Vec<f64>)) {
+fn print_http(rounds: usize, http: &HttpRounds) {
     println!(
         "\nGo HTTP service (a goroutine, a context.WithTimeout timer and 2 KiB per request; \
          server on CPU 1, keep-alive client on CPU 0), medians of {rounds} interleaved runs: \
