@@ -588,8 +588,9 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
 }
 
 /// Whether the process is still in the dynamic loader: the loader is
-/// mapped, and no library but it (a process past the loader has libc, or
-/// at least one other shared object, mapped).
+/// mapped and libc's code is not yet. The loader maps the libraries in
+/// order, each first read-only as a whole file, then its segments: until
+/// libc's code is mapped, the allocator may still be on its way.
 fn in_dynamic_loader(maps: &Maps) -> bool {
     let name = |m: &crate::target::Mapping| {
         m.path
@@ -601,11 +602,11 @@ fn in_dynamic_loader(maps: &Maps) -> bool {
         .mappings
         .iter()
         .any(|m| name(m).starts_with("ld-linux"));
-    let libraries = maps
+    let libc = maps
         .mappings
         .iter()
-        .any(|m| name(m).contains(".so") && !name(m).starts_with("ld-linux"));
-    loader && !libraries
+        .any(|m| m.executable && (name(m).starts_with("libc.so") || name(m).starts_with("libc-")));
+    loader && !libc
 }
 
 /// The maps of a child just released, once every object of its plan is
