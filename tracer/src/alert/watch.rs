@@ -54,7 +54,7 @@ impl ProcessGrowth {
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return;
         };
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for entry in dir.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -69,7 +69,7 @@ impl ProcessGrowth {
             else {
                 continue;
             };
-            seen.push(pid);
+            seen.insert(pid);
             let e = self
                 .samples
                 .entry(pid)

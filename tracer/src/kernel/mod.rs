@@ -261,10 +261,7 @@ impl Kernel {
         plan: &[PlannedProbe],
         pid: u32,
     ) -> Result<Vec<AttachedProbe>, TracerError> {
-        let scope = match NonZeroU32::new(pid) {
-            Some(p) => UProbeScope::OneProcess(p),
-            None => UProbeScope::AllProcesses,
-        };
+        let scope = probe_scope(pid);
         let mut attached = Vec::new();
         // Entries of allocating functions become sessions: one link per file,
         // attached after the frees (which the plan puts first).
@@ -358,10 +355,7 @@ impl Kernel {
     /// any changed. A link closes in the background: closing one takes the
     /// kernel tens of milliseconds, which the collector should not wait for.
     pub fn set_sampled_probes(&mut self, pid: u32, on: bool) -> Result<bool, TracerError> {
-        let scope = match NonZeroU32::new(pid) {
-            Some(p) => UProbeScope::OneProcess(p),
-            None => UProbeScope::AllProcesses,
-        };
+        let scope = probe_scope(pid);
         let mut changed = false;
         for i in 0..self.sampled.len() {
             match (on, self.sampled[i].1.is_some()) {
@@ -540,6 +534,14 @@ impl Kernel {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
+    }
+}
+
+/// Uprobes of one process, or of all (pid 0).
+fn probe_scope(pid: u32) -> UProbeScope {
+    match NonZeroU32::new(pid) {
+        Some(p) => UProbeScope::OneProcess(p),
+        None => UProbeScope::AllProcesses,
     }
 }
 
