@@ -20,9 +20,9 @@ impl GoTarget {
         }
         self.census_noticed = true;
         Some(format!(
-            "{len} goroutine entries (live and dead): the list is read {read} entries per \
-             snapshot (--go-census-ms {}), so goroutine counts reflect every goroutine within \
-             about {} snapshots, and include only the entries read so far until then",
+            "{len} goroutine entries (live and dead): new entries are read at every snapshot, \
+             older ones {read} per snapshot (--go-census-ms {}), so a goroutine's change of \
+             state shows within about {} snapshots",
             self.census_budget.as_millis(),
             len.div_ceil(read.max(1))
         ))
