@@ -846,6 +846,61 @@ fn service_under_load_agrees_with_its_own_goroutine_count() {
     assert_eq!(tracer.wait(T), Some(0));
 }
 
+/// An entrypoint script that execs a Go service after attach: the tracer
+/// re-plans for the Go image. The timers it leaked before the tracer saw
+/// the exec are counted from the runtime's heaps; those leaked after are
+/// named by the creation probe attached to the new image.
+#[test]
+fn exec_from_a_shell_into_a_go_program_is_followed() {
+    if !privileged("exec_from_a_shell_into_a_go_program_is_followed") {
+        return;
+    }
+    let bin = fixture("leaky-go1.27");
+    let mut shell = Proc::spawn(Command::new("/bin/sh").args([
+        "-c",
+        &format!(
+            "echo ready; read line; exec {} timerlate 400",
+            bin.display()
+        ),
+    ]));
+    shell.expect_line("ready", T);
+    let (mut tracer, mut stream, first) = Tracing::attach(shell.pid())
+        .on_attached(|_| shell.send("go"))
+        .start();
+    assert!(first["go_version"].is_null(), "{first}");
+    // The Go program's own "ready": 400 contexts leaked.
+    shell.expect_line("ready", T);
+    let second = stream.next_of("attached", T);
+    assert!(
+        second["go_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("go1.27.")),
+        "{second}"
+    );
+    stream.next_of_where("snapshot", "the 400 timers counted", T, |snap| {
+        let unnamed = callback_only_timers(snap);
+        unnamed.len() == 1 && unnamed[0]["outstanding_count"] == 400
+    });
+    shell.send("leak 100");
+    shell.expect_line("leaked 500", T);
+    stream.next_of_where("snapshot", "500 timers named", T, |snap| {
+        let sites = timer_sites(snap, "main.leakLate", "late_timer", &src());
+        sites.len() == 1
+            && sites[0]["outstanding_count"] == 500
+            && callback_only_timers(snap).is_empty()
+    });
+    tracer.signal(libc::SIGINT);
+    assert_eq!(tracer.wait(T), Some(0));
+    let report = stream.next_of("report", T);
+    let sh = std::fs::canonicalize("/bin/sh").unwrap();
+    assert_eq!(
+        report["previous_images"][0]["exe"],
+        sh.display().to_string(),
+        "{}",
+        report["previous_images"]
+    );
+}
+
 /// The releases the incident tests above do not run: the goroutine list and
 /// the timer heaps are found and read, plain and stripped, with exact counts
 /// (the offset table is checked against each one's DWARF in gopclntab.rs).

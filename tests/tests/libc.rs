@@ -934,31 +934,58 @@ fn a_second_interrupt_quits_at_once() {
     assert!(matches!(state, "S" | "R"), "target state {state}");
 }
 
-/// A shell that execs the real program after attach (an entrypoint
-/// script): the tracer says so, naming the new executable, instead of
-/// silently tracing the old image.
+/// An entrypoint script that execs the real program after attach (`sh -c
+/// '...; exec app'`): the tracer follows into the new image, with a notice
+/// and a new `attached` record, and traces it exactly; the shell's sites
+/// stay in the final report under `previous_images`.
 #[test]
-fn exec_after_attach_is_told() {
-    if !privileged("exec_after_attach_is_told") {
+fn exec_after_attach_is_followed() {
+    if !privileged("exec_after_attach_is_followed") {
         return;
     }
-    let demo = fixture("demo");
+    let allocs = fixture("allocs-fp");
     let mut shell = Proc::spawn(Command::new("/bin/sh").args([
         "-c",
-        &format!("echo ready; read line; exec {}", demo.display()),
+        &format!("echo ready; read line; exec {} wait", allocs.display()),
     ]));
     shell.expect_line("ready", T);
-    let (mut tracer, mut stream, _) = Tracing::attach(shell.pid())
+    let (mut tracer, mut stream, first) = Tracing::attach(shell.pid())
         .on_attached(|_| shell.send("go"))
         .start();
-    let notice = stream.next_of_where("notice", "the exec notice", T, |n| {
-        n["message"].as_str().unwrap().contains("exec'd")
-    });
-    let message = notice["message"].as_str().unwrap();
-    let real = std::fs::canonicalize(&demo).unwrap();
-    assert!(message.contains(&real.display().to_string()), "{message}");
-    tracer.signal(libc::SIGINT);
+    let sh = std::fs::canonicalize("/bin/sh").unwrap();
+    assert_eq!(first["exe"], sh.display().to_string());
+    // allocs.c's own "ready": it runs, not yet allocating.
+    shell.expect_line("ready", T);
+    let real = std::fs::canonicalize(&allocs).unwrap();
+    let second = stream.next_of("attached", T);
+    assert_eq!(second["exe"], real.display().to_string());
+    assert_eq!(second["pid"], shell.pid());
+    let notice = stream
+        .seen
+        .iter()
+        .find(|v| v["type"] == "notice" && v["message"].as_str().unwrap().contains("exec'd"))
+        .expect("a notice names the exec");
+    assert!(
+        notice["message"]
+            .as_str()
+            .unwrap()
+            .contains(&real.display().to_string()),
+        "{notice}"
+    );
+    shell.send("go");
+    shell.expect_line("done", T);
+    shell.close_stdin();
+    assert_eq!(shell.wait(T), Some(0));
+    stream.next_of("target_exited", T);
+    let report = stream.next_of("report", T);
+    assert_exact_sites(&report, true);
+    let previous = report["previous_images"]
+        .as_array()
+        .expect("previous_images");
+    assert_eq!(previous.len(), 1, "{previous:?}");
+    assert_eq!(previous[0]["exe"], sh.display().to_string());
     assert_eq!(tracer.wait(T), Some(0));
+    assert_schema(&stream.seen, shell.pid());
 }
 
 /// `prog & tracer attach $!`: a process still in the dynamic loader (held

@@ -269,6 +269,28 @@ mod user {
     unsafe impl aya::Pod for super::unwind::PcKey {}
 }
 
+/// Probes counted one by one ([`maps::PROBE_HITS`]): the slots a cookie
+/// can name.
+pub const PROBE_SLOTS: u32 = 1024;
+
+/// An attach cookie: the program's own `value` (an [`Op`], a flag) in the
+/// low half, and in the high half the probe's slot in [`maps::PROBE_HITS`]
+/// (0: not counted), so the user side learns each probe's hits and prices
+/// each by the instruction it sits on.
+pub const fn cookie(value: u32, slot: u32) -> u64 {
+    ((slot as u64) << 32) | value as u64
+}
+
+/// The program's own value of a cookie (see [`cookie`]).
+pub const fn cookie_value(cookie: u64) -> u64 {
+    cookie & 0xffff_ffff
+}
+
+/// The probe slot of a cookie (see [`cookie`]).
+pub const fn cookie_slot(cookie: u64) -> u32 {
+    (cookie >> 32) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,9 +11,6 @@
 
 /// `u32`: the process (tgid) whose events count; 0 accepts every process.
 pub const TARGET_TGID: &str = "TARGET_TGID";
-/// `u64`: heap sampling rate in bytes (`--sample-bytes`); 0 traces every
-/// allocation.
-pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
 /// `u64`: the target's page size, for rounding mapping lengths.
 pub const PAGE_SIZE: &str = "PAGE_SIZE";
 /// [`GoOffsets`](crate::GoOffsets): struct offsets of the target's Go runtime.
@@ -21,6 +18,14 @@ pub const GO_OFFSETS: &str = "GO_OFFSETS";
 
 // Maps.
 
+/// Array of one `u64`: the heap sampling rate in bytes (`--sample-bytes`;
+/// 0 traces every allocation). A map, not a global: `--max-overhead` raises
+/// it while tracing.
+pub const SAMPLE_RATE: &str = "SAMPLE_RATE";
+
+/// Per-CPU array of `u64`, indexed by a cookie's slot
+/// ([`cookie`](crate::cookie)): each entry probe's hits.
+pub const PROBE_HITS: &str = "PROBE_HITS";
 /// Hash map: pending Go timer → creation stack id.
 pub const GO_TIMERS: &str = "GO_TIMERS";
 /// Hash map: live goroutine id → [`GoSiteKey`](crate::GoSiteKey).
@@ -61,10 +66,12 @@ pub const UNWIND_WALK: &str = "UNWIND_WALK";
 pub const UNWIND_BISECT: &str = "UNWIND_BISECT";
 
 /// Every global above.
-pub const GLOBALS: [&str; 4] = [TARGET_TGID, SAMPLE_BYTES, PAGE_SIZE, GO_OFFSETS];
+pub const GLOBALS: [&str; 3] = [TARGET_TGID, PAGE_SIZE, GO_OFFSETS];
 
 /// Every map above.
-pub const MAPS: [&str; 17] = [
+pub const MAPS: [&str; 19] = [
+    SAMPLE_RATE,
+    PROBE_HITS,
     GO_TIMERS,
     GO_GOROUTINES,
     GO_SITES,
@@ -90,14 +97,9 @@ mod tests {
 
     #[test]
     fn map_and_global_names_are_distinct() {
-        let all: [&str; 21] = {
-            let mut v = [""; 21];
-            v[..4].copy_from_slice(&GLOBALS);
-            v[4..].copy_from_slice(&MAPS);
-            v
-        };
-        for (i, a) in all.iter().enumerate() {
-            assert!(!all[i + 1..].contains(a), "{a} listed twice");
+        let all = || GLOBALS.iter().chain(MAPS.iter());
+        for (i, a) in all().enumerate() {
+            assert!(!all().skip(i + 1).any(|b| b == a), "{a} listed twice");
         }
     }
 }

@@ -57,6 +57,12 @@ pub enum Program {
     GoTimerFire,
     /// Tracepoint oom:mark_victim: the kernel's OOM killer chose a victim.
     OomMarkVictim,
+    /// Does nothing, at a function's entry: the tracer times calls of a
+    /// function of its own with it, for the cost of a trap on this machine
+    /// (the overhead estimate).
+    CalibrateEntry,
+    /// Does nothing, at a function's return (the cost of a return probe).
+    CalibrateReturn,
 }
 
 /// How a program is attached.
@@ -80,7 +86,7 @@ pub enum Attach {
 
 impl Program {
     /// Every program, in the order the loader loads them.
-    pub const ALL: [Program; 21] = [
+    pub const ALL: [Program; 23] = [
         Program::SizeArg0,
         Program::SizeArg1,
         Program::CallocEnter,
@@ -102,6 +108,8 @@ impl Program {
         Program::GoTimerFire,
         Program::AllocSession,
         Program::OomMarkVictim,
+        Program::CalibrateEntry,
+        Program::CalibrateReturn,
     ];
 
     /// The program's name in the object (its function's name), as the
@@ -129,13 +137,15 @@ impl Program {
             Program::GoTimerStop => "go_timer_stop",
             Program::GoTimerFire => "go_timer_fire",
             Program::OomMarkVictim => "oom_mark_victim",
+            Program::CalibrateEntry => "calibrate_entry",
+            Program::CalibrateReturn => "calibrate_return",
         }
     }
 
     /// How the program is attached.
     pub const fn attach(self) -> Attach {
         match self {
-            Program::AllocReturn => Attach::Uretprobe,
+            Program::AllocReturn | Program::CalibrateReturn => Attach::Uretprobe,
             Program::AllocSession => Attach::Session,
             Program::OomMarkVictim => Attach::Tracepoint {
                 category: "oom",
@@ -180,7 +190,11 @@ impl Program {
             | Program::GoTimerStart
             | Program::GoTimerStop
             | Program::GoTimerFire => Kind::Timer,
-            Program::AllocReturn | Program::AllocSession | Program::OomMarkVictim => {
+            Program::AllocReturn
+            | Program::AllocSession
+            | Program::OomMarkVictim
+            | Program::CalibrateEntry
+            | Program::CalibrateReturn => {
                 return None;
             }
         })

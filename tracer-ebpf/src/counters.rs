@@ -7,6 +7,21 @@ use tracer_common::Counter;
 
 use crate::maps::COUNTERS;
 
+/// Counts a hit of the probe whose cookie is `cookie` (see
+/// [`tracer_common::cookie`]).
+#[inline(always)]
+pub(crate) fn probe_hit(cookie: u64) {
+    let slot = tracer_common::cookie_slot(cookie);
+    if slot == 0 {
+        return;
+    }
+    let Some(p) = crate::maps::PROBE_HITS.get_ptr_mut(slot) else {
+        return;
+    };
+    // Per-CPU slot, no nesting: a plain add is safe.
+    unsafe { *p += 1 };
+}
+
 #[inline(always)]
 pub(crate) fn count(c: Counter) -> u64 {
     let Some(p) = COUNTERS.get_ptr_mut(c as u32) else {

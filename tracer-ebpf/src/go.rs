@@ -225,7 +225,8 @@ pub(crate) fn try_go_timer_fire(ctx: &ProbeContext) -> Result<u32, u32> {
     if !is_target(bpf_get_current_pid_tgid()) {
         return Ok(0);
     }
-    let old_runtime = unsafe { bpf_get_attach_cookie(ctx.regs.cast()) } == 1;
+    let old_runtime =
+        tracer_common::cookie_value(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) }) == 1;
     // Two plain loads: LLVM would otherwise pick the field offset first and
     // dereference a modified context pointer, which the verifier rejects.
     let (rax, rbx) = unsafe {

@@ -154,6 +154,7 @@ pub(crate) fn try_alloc_session(ctx: &ProbeContext) -> Result<u32, u32> {
         let _ = on_return(ctx, regs);
         return Ok(0);
     }
+    crate::counters::probe_hit(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) });
     let Some(op) = cookie_op(ctx) else {
         return Err(NO_RETURN);
     };
@@ -206,7 +207,9 @@ fn weights(size: u64, kind: Kind) -> (u64, u64) {
 
 #[inline(always)]
 fn cookie_op(ctx: &ProbeContext) -> Option<Op> {
-    Op::from_u64(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) })
+    Op::from_u64(tracer_common::cookie_value(unsafe {
+        bpf_get_attach_cookie(ctx.regs.cast())
+    }))
 }
 
 #[inline(always)]

@@ -30,6 +30,7 @@ mod stacks;
 mod unwind;
 
 use aya_ebpf::{
+    helpers::bpf_get_attach_cookie,
     macros::{tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
@@ -38,6 +39,12 @@ use aya_ebpf::{
 /// the split into modules (`module_path!()`, the default, would now name the
 /// module), so the log lines and `TRACER_LOG` filters stay as they were.
 pub(crate) const LOG_TARGET: &str = "tracer";
+
+/// Counts the hit of the probe running `ctx` (the overhead estimate).
+#[inline(always)]
+fn hit(ctx: &ProbeContext) {
+    counters::probe_hit(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) });
+}
 
 // ---------------------------------------------------------------- entries
 
@@ -57,6 +64,7 @@ pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
 /// malloc(size), valloc(size), pvalloc(size): the op comes from the cookie.
 #[uprobe]
 pub fn size_arg0(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match heap::try_size_arg(&ctx, 0) {
         Ok(v) | Err(v) => v,
     }
@@ -65,6 +73,7 @@ pub fn size_arg0(ctx: ProbeContext) -> u32 {
 /// aligned_alloc(align, size), memalign(align, size).
 #[uprobe]
 pub fn size_arg1(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match heap::try_size_arg(&ctx, 1) {
         Ok(v) | Err(v) => v,
     }
@@ -73,6 +82,7 @@ pub fn size_arg1(ctx: ProbeContext) -> u32 {
 /// calloc(n, size).
 #[uprobe]
 pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match heap::try_calloc(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -81,6 +91,7 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
 /// realloc(ptr, size).
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match heap::try_realloc(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -89,6 +100,7 @@ pub fn realloc_enter(ctx: ProbeContext) -> u32 {
 /// reallocarray(ptr, n, size).
 #[uprobe]
 pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match heap::try_reallocarray(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -97,6 +109,7 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
 /// posix_memalign(memptr, align, size).
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match heap::try_posix_memalign(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -105,6 +118,7 @@ pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
 /// mmap(addr, len, prot, flags, fd, off).
 #[uprobe]
 pub fn mmap_enter(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match mmap::try_mmap(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -113,6 +127,7 @@ pub fn mmap_enter(ctx: ProbeContext) -> u32 {
 /// mremap(old, old_len, new_len, flags, ...).
 #[uprobe]
 pub fn mremap_enter(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match mmap::try_mremap(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -129,11 +144,27 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     }
 }
 
+// ---------------------------------------------------------- calibration
+
+/// Nothing, at an entry: what a probe costs before any work (the tracer
+/// times a function of its own under it).
+#[uprobe]
+pub fn calibrate_entry(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// Nothing, at a return.
+#[uretprobe]
+pub fn calibrate_return(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
 // ---------------------------------------------------------------- frees
 
 /// free(ptr).
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match heap::try_free(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -142,6 +173,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 /// munmap(addr, len).
 #[uprobe]
 pub fn munmap_enter(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match mmap::try_munmap(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -155,6 +187,7 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
 /// On every RET of runtime.newproc1: the new g is in RAX.
 #[uprobe]
 pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match go::try_go_newproc1_ret(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -164,6 +197,7 @@ pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
 /// prologue: gp in RAX.
 #[uprobe]
 pub fn go_goexit(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match go::try_go_goexit(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -173,6 +207,7 @@ pub fn go_goexit(ctx: ProbeContext) -> u32 {
 /// bucket b (in RBX).
 #[uprobe]
 pub fn go_profile_bucket(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match go::try_go_profile_bucket(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -181,6 +216,7 @@ pub fn go_profile_bucket(ctx: ProbeContext) -> u32 {
 /// runtime.mProf_Free(b, ...): a sampled object of bucket b (in RAX) was swept.
 #[uprobe]
 pub fn go_profile_free(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match go::try_go_profile_free(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -190,6 +226,7 @@ pub fn go_profile_free(ctx: ProbeContext) -> u32 {
 /// time.newTimer for every new timer, and by resets.
 #[uprobe]
 pub fn go_timer_modify(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match go::try_go_timer_modify(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -198,6 +235,7 @@ pub fn go_timer_modify(ctx: ProbeContext) -> u32 {
 /// Go ≤ 1.22: time.startTimer(t) after its prologue.
 #[uprobe]
 pub fn go_timer_start(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match go::try_go_timer_start(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -207,6 +245,7 @@ pub fn go_timer_start(ctx: ProbeContext) -> u32 {
 /// t in RAX.
 #[uprobe]
 pub fn go_timer_stop(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match go::try_go_timer_stop(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -217,6 +256,7 @@ pub fn go_timer_stop(ctx: ProbeContext) -> u32 {
 /// for one-shot timers (period 0).
 #[uprobe]
 pub fn go_timer_fire(ctx: ProbeContext) -> u32 {
+    hit(&ctx);
     match go::try_go_timer_fire(&ctx) {
         Ok(v) | Err(v) => v,
     }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
     DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, OomVictim,
-    Pending, SiteKey, SiteStats, StackBuf,
+    PROBE_SLOTS, Pending, SiteKey, SiteStats, StackBuf,
     unwind::{PcKey, ProcMappings, UnwindRow},
 };
 
@@ -21,10 +21,6 @@ use crate::counters::count;
 #[unsafe(no_mangle)]
 pub(crate) static TARGET_TGID: u32 = 0;
 
-/// Sampling rate in bytes (`--sample-bytes`); 0 traces every allocation.
-/// Set before load.
-#[unsafe(no_mangle)]
-pub(crate) static SAMPLE_BYTES: u64 = 0;
 
 /// Page size of the target, for rounding mapping lengths. Set before load.
 #[unsafe(no_mangle)]
@@ -42,6 +38,17 @@ pub(crate) static GO_OFFSETS: GoOffsets = GoOffsets {
     count_chan_timers: 0,
     sendtime_pc: 0,
 };
+
+/// Sampling rate in bytes (`--sample-bytes`); 0 traces every allocation.
+/// Set before attach; `--max-overhead` raises it while tracing (each kept
+/// block stores its weight, so its free subtracts what its allocation added).
+#[map]
+pub(crate) static SAMPLE_RATE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Each entry probe's hits, by the slot in its cookie (the overhead
+/// estimate prices each hit by the instruction its probe sits on).
+#[map]
+pub(crate) static PROBE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROBE_SLOTS, 0);
 
 /// Pending timers created since attach: *runtime.timer → creation stack id.
 #[map]
@@ -149,7 +156,7 @@ pub(crate) fn is_target(pid_tgid: u64) -> bool {
 
 #[inline(always)]
 pub(crate) fn sample_bytes() -> u64 {
-    unsafe { core::ptr::read_volatile(&SAMPLE_BYTES) }
+    SAMPLE_RATE.get(0).copied().unwrap_or(0)
 }
 
 #[inline(always)]

@@ -244,6 +244,8 @@ impl Collector {
             activity,
             memory: None,
             mappings,
+            overhead: None,
+            previous_images: Vec::new(),
         }
     }
 

@@ -17,6 +17,7 @@ pub mod go;
 pub mod kernel;
 pub mod object;
 pub mod options;
+pub mod overhead;
 pub mod probes;
 pub mod process;
 pub mod report;

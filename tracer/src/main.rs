@@ -209,6 +209,13 @@ struct Common {
     /// stack walk (e.g. 524288, as pprof). Default: trace every allocation.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32) - 1))]
     sample_bytes: Option<u64>,
+    /// Keep the probes' cost under this share of the target's CPU time
+    /// (percent; about the throughput a CPU-bound service loses): past it,
+    /// heap sampling starts or its rate rises; when even the traps on every
+    /// entry cost more, the probes are taken off with a notice and only the
+    /// memory watch goes on. Default: no bound (the estimate is still shown).
+    #[arg(long, value_name = "PCT", value_parser = parse_percent)]
+    max_overhead: Option<f64>,
     /// Go heap sampling rate to set in the target, in bytes (default: turn
     /// sampling on at 512 KiB only where the binary has it off).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -304,6 +311,7 @@ impl Common {
             debug_dirs: self.debug_dirs.clone(),
             frame_pointers_only: self.frame_pointers_only,
             go_census_budget: Duration::from_millis(self.go_census_ms),
+            max_overhead: self.max_overhead,
             go_sampling: tracer::go::SamplingPolicy {
                 rate: self.go_sample_rate,
                 no_write: self.no_write,
@@ -329,6 +337,7 @@ impl Common {
                 goroutines: self.max_goroutines,
                 sample_bytes: self.sample_bytes.unwrap_or(0),
                 unwind_rows: self.unwind_rows.unwrap_or(0),
+                adaptive_sampling: self.max_overhead.is_some(),
             },
         }
     }

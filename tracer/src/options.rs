@@ -21,6 +21,8 @@ pub struct Options {
     pub go_sampling: crate::go::SamplingPolicy,
     /// Time per snapshot for reading a Go program's goroutine list.
     pub go_census_budget: Duration,
+    /// Bound on the probes' share of the target's CPU time (0 to 1).
+    pub max_overhead: Option<f64>,
     /// OOM-risk alerting; None turns it off.
     pub alerts: Option<AlertOptions>,
     /// Files written at the end and on SIGUSR1 (pprof, folded, flame graph).

@@ -494,6 +494,65 @@ pub struct Snapshot {
     /// pprof's mapping table).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mappings: Vec<ModuleMapping>,
+    /// What the probes cost the target (see [`crate::overhead`]); absent
+    /// until measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overhead: Option<Overhead>,
+    /// The images the process exec'd away from since attach, oldest first,
+    /// each with what it held at the exec (the final report only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_images: Vec<PreviousImage>,
+}
+
+/// What the probes cost the target over the last seconds (at most ten).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Overhead {
+    /// Probed calls per second (allocations, frees, Go runtime events).
+    pub calls_per_s: f64,
+    /// Probe hits per second: entries and returns.
+    pub hits_per_s: f64,
+    /// Cost per call, traps and programs, ns.
+    pub ns_per_call: f64,
+    /// eBPF program time per hit, ns (the kernel's run-time statistics).
+    pub bpf_ns_per_hit: f64,
+    /// A trap on an instruction the kernel emulates, calibrated on this
+    /// machine at start, ns.
+    pub trap_ns: f64,
+    /// A trap on an instruction it single-steps, ns.
+    pub stepped_trap_ns: f64,
+    /// A return probe (its entry hit and its return), ns.
+    pub return_trap_ns: f64,
+    /// CPU the probes take, in cores.
+    pub cores: f64,
+    /// CPU the target takes, probes included, in cores.
+    pub target_cores: f64,
+    /// Share of the target's CPU time spent in probes: about the throughput
+    /// a CPU-bound target loses.
+    pub share_pct: f64,
+    /// Extra CPU the target needs for the same work: share / (1 - share).
+    pub added_cpu_pct: f64,
+    /// The least `share_pct` sampling could reach: the traps on every
+    /// entry and the programs that run whatever the rate (frees, the Go
+    /// runtime's events). Sampling leaves out return traps only with uprobe
+    /// sessions (Linux 6.13+); without them this is `share_pct`, nearly.
+    pub floor_share_pct: f64,
+    /// Allocation calls whose return probe ran (kept by sampling), percent.
+    pub kept_pct: f64,
+    /// Seconds the estimate spans.
+    pub window_s: f64,
+}
+
+/// An executable the traced process replaced by exec, and its sites as the
+/// exec found them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreviousImage {
+    pub exe: String,
+    /// When the tracer saw the exec.
+    #[serde(serialize_with = "ser_ts", deserialize_with = "de_ts")]
+    pub replaced_at: SystemTime,
+    pub total_outstanding_bytes: u64,
+    /// Most outstanding bytes first.
+    pub sites: Vec<SiteReport>,
 }
 
 /// Where a module's code was mapped in the target.
@@ -741,6 +800,8 @@ pub struct SnapshotDelta {
     pub activity: Activity,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overhead: Option<Overhead>,
     /// Present when the mappings changed since the previous snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mappings: Option<Vec<ModuleMapping>>,
@@ -846,6 +907,7 @@ impl Encoder {
             lost: snap.lost.clone(),
             activity: snap.activity.clone(),
             memory: snap.memory.clone(),
+            overhead: snap.overhead,
             mappings,
         }));
         events
@@ -909,7 +971,9 @@ impl Rebuilder {
             activity: delta.activity,
             total_outstanding_bytes: delta.total_outstanding_bytes,
             memory: delta.memory,
+            overhead: delta.overhead,
             mappings: self.mappings.clone(),
+            previous_images: Vec::new(),
         })
     }
 }
@@ -966,6 +1030,8 @@ pub(crate) mod tests {
                 end: 0x2000,
                 offset: 0,
             }],
+            overhead: None,
+            previous_images: Vec::new(),
         }
     }
 

@@ -23,9 +23,10 @@ use crate::{
     kernel::Kernel,
     object::ElfObjects,
     options::Options,
+    overhead::Estimator,
     probes::{self, GoPlan, ObjectRef, PlannedProbe},
     process::{self, ExitWatcher, HeldChild, PidFd},
-    schema::{Attached, EndReason, Exit, SCHEMA_VERSION},
+    schema::{Attached, EndReason, Exit, Overhead, PreviousImage, SCHEMA_VERSION},
     sink::Sink,
     symbolize::Symbolizer,
     target::{self, Maps, Target},
@@ -134,6 +135,14 @@ struct Traced {
     maps_text: Vec<u8>,
     /// (device, inode) of the executable, to notice an exec.
     exe_id: Option<(u64, u64)>,
+    /// The executable as the target names it.
+    exe: String,
+    /// Images exec'd away from, with their sites at the exec.
+    previous_images: Vec<PreviousImage>,
+    /// The probes' cost, once the trap is calibrated (first interval).
+    overhead: Option<Estimator>,
+    /// Whether the user was told the first estimate.
+    overhead_told: bool,
 }
 
 impl Traced {
@@ -152,13 +161,166 @@ impl Traced {
             watch: opts.alerts.as_ref().map(|a| MemoryWatch::new(pid, a)),
             exited: false,
             maps_text: Vec::new(),
-            exe_id: {
-                use std::os::unix::fs::MetadataExt;
-                std::fs::metadata(format!("/proc/{pid}/exe"))
-                    .ok()
-                    .map(|m| (m.dev(), m.ino()))
-            },
+            exe_id: exe_id(pid),
+            exe: std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            previous_images: Vec::new(),
+            overhead: None,
+            overhead_told: false,
         }
+    }
+
+    /// Starts over on the image `pid` exec'd: a new collector (its symbols,
+    /// its Go runtime), the same memory watch and exit watch.
+    fn rehook(&mut self, maps: Maps, go: Option<&GoPlan>, opts: &Options) {
+        let fresh = Self::new(self.pid, maps, go, opts);
+        self.collector = fresh.collector;
+        self.maps_text.clear();
+        self.exe_id = fresh.exe_id;
+        self.exe = fresh.exe;
+        // The new kernel objects count from zero.
+        self.overhead = self
+            .overhead
+            .as_ref()
+            .map(|e| Estimator::new(e.trap_cost()));
+    }
+
+    /// The probes' cost over the last seconds; calibrates the trap first.
+    fn measure_overhead(&mut self, kernel: &mut Kernel) -> Option<Overhead> {
+        if self.overhead.is_none() {
+            match kernel.calibrate() {
+                Ok(trap) => {
+                    log::info!(
+                        "a uprobe hit costs {:.2} µs here ({:.2} µs on a single-stepped \
+                         instruction), a return probe {:.2} µs",
+                        trap.emulated_ns / 1e3,
+                        trap.stepped_ns / 1e3,
+                        trap.return_ns / 1e3
+                    );
+                    self.overhead = Some(Estimator::new(trap));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "cannot calibrate the cost of a probe ({}): no overhead estimate",
+                        crate::error::chain(&e)
+                    );
+                    return None;
+                }
+            }
+        }
+        let runs = kernel.probe_runs()?;
+        let cpu = crate::overhead::cpu_seconds(self.pid)?;
+        self.overhead.as_mut()?.update(Instant::now(), runs, cpu)
+    }
+
+    /// Keeps the probes' cost under `--max-overhead`: past it, sampling
+    /// starts or its rate rises (enough to bring the estimate to 80% of the
+    /// bound, or halfway from the floor); when even the floor no rate
+    /// removes is about the bound (or
+    /// sampling cannot skip return probes), every probe comes off. Each step
+    /// restarts the estimate, so the next one waits for 3 s of evidence.
+    fn bound_overhead(
+        &mut self,
+        kernel: &mut Kernel,
+        o: &Overhead,
+        snap: &Snapshot,
+        opts: &Options,
+        sink: &mut dyn Sink,
+    ) -> Result<(), TracerError> {
+        /// Rates beyond this leave nearly every call out already.
+        const MAX_RATE: u64 = 1 << 30;
+        let Some(bound) = opts.max_overhead.map(|b| b * 100.0) else {
+            return Ok(());
+        };
+        if kernel.probes_detached() || o.window_s < 3.0 || o.share_pct <= bound {
+            return Ok(());
+        }
+        let pid = self.pid;
+        let rate = kernel.sample_bytes();
+        let cost = format!(
+            "probes cost {:.0}% of pid {pid}'s CPU time (~{:.1} µs per call × {} calls/s), over \
+             --max-overhead {bound:.0}%",
+            o.share_pct,
+            o.ns_per_call / 1e3,
+            human_rate(o.calls_per_s)
+        );
+        let why_not_sampling = if !kernel.sampling_skips_returns() {
+            Some(
+                "sampling cannot skip return probes here (uprobe sessions need Linux 6.13+)"
+                    .to_string(),
+            )
+        } else if o.floor_share_pct >= bound * 0.95 || rate >= MAX_RATE {
+            Some(format!(
+                "even sampling every allocation out would cost ~{:.0}% (the traps on every \
+                 entry and free)",
+                o.floor_share_pct
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why_not_sampling {
+            kernel.detach_probes();
+            sink.notice(
+                pid,
+                &format!(
+                    "{cost}, and {why}: took every probe off. The sites stay as they were; the \
+                     memory watch and its alerts go on"
+                ),
+            )?;
+            return Ok(());
+        }
+        // Sampling scales what is above the floor, in proportion to the
+        // calls it keeps: aim at 80% of the bound, or halfway from the floor
+        // to the bound when the floor is close to it.
+        let target = (bound * 0.8).max((o.floor_share_pct + bound) / 2.0);
+        let variable = (o.share_pct - o.floor_share_pct).max(1e-9);
+        let keep = ((target - o.floor_share_pct) / variable).clamp(1e-4, 1.0);
+        let wanted = if rate == 0 {
+            // Every call kept: a block of s bytes is kept with probability
+            // about s / rate, so the rate is the mean size over the share.
+            let (bytes, blocks) = snap
+                .sites
+                .iter()
+                .filter(|s| s.kind == crate::schema::SiteKind::Heap)
+                .fold((0u64, 0u64), |(b, n), s| (b + s.alloc_bytes, n + s.allocs));
+            let mean = bytes as f64 / blocks.max(1) as f64;
+            mean.max(1.0) / (keep * o.kept_pct / 100.0).max(1e-6)
+        } else {
+            rate as f64 / keep
+        };
+        let new_rate = (wanted as u64)
+            .max(rate.saturating_mul(2))
+            .clamp(4096, MAX_RATE)
+            .next_power_of_two();
+        kernel.set_sample_bytes(new_rate)?;
+        self.overhead = self
+            .overhead
+            .as_ref()
+            .map(|e| Estimator::new(e.trap_cost()));
+        sink.notice(
+            pid,
+            &format!(
+                "{cost}: sampling heap allocations at 1 in {} (was {}); sites of blocks smaller \
+                 than that become estimates (sampled: true)",
+                human_size(new_rate),
+                if rate == 0 {
+                    "every allocation".to_string()
+                } else {
+                    format!("1 in {}", human_size(rate))
+                }
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Tells the user the probes' cost once it has a few seconds behind it.
+    fn tell_overhead(&mut self, o: &Overhead, sink: &mut dyn Sink) -> std::io::Result<()> {
+        if self.overhead_told || o.window_s < 3.0 {
+            return Ok(());
+        }
+        self.overhead_told = true;
+        sink.notice(self.pid, &describe_overhead(o))
     }
 
     /// Switches the sampled Go timer-creation probe on or off for the
@@ -212,36 +374,18 @@ impl Traced {
         }
     }
 
-    /// Tells the user, once per new image, that the target exec'd: probes
-    /// on shared libraries it maps again (libc) keep firing, those on the
-    /// old executable (a Go runtime's) are gone with it.
-    fn tell_exec(&mut self, sink: &mut dyn Sink) -> std::io::Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(meta) = std::fs::metadata(format!("/proc/{}/exe", self.pid)) else {
-            return Ok(());
-        };
-        let id = (meta.dev(), meta.ino());
-        match self.exe_id {
-            None => self.exe_id = Some(id),
-            Some(old) if old != id => {
-                self.exe_id = Some(id);
-                let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid))
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| "?".into());
-                sink.notice(
-                    self.pid,
-                    &format!(
-                        "pid {} exec'd {exe}: probes on libraries it maps again (libc) keep \
-                         tracing, but the old executable's (a Go runtime's) are gone and the \
-                         new executable's own code is not hooked; its Go goroutines, timers \
-                         and heap are not traced. Attach again for them: sudo tracer attach {}",
-                        self.pid, self.pid
-                    ),
-                )?;
+    /// Whether the target exec'd since the last look (its executable is
+    /// another file).
+    fn exec_happened(&mut self) -> bool {
+        match (self.exe_id, exe_id(self.pid)) {
+            (Some(old), Some(new)) => old != new,
+            (None, new) => {
+                self.exe_id = new;
+                false
             }
-            Some(_) => {}
+            // Gone: its exit ends the trace.
+            (_, None) => false,
         }
-        Ok(())
     }
 
     /// Tells the user, once per module, which frames stay unnamed and why.
@@ -280,9 +424,11 @@ impl Traced {
         unwinder: &mut Unwinder,
         opts: &Options,
         sink: &mut dyn Sink,
-    ) -> Result<(), TracerError> {
+    ) -> Result<Step, TracerError> {
+        if self.exec_happened() {
+            return Ok(Step::Exec);
+        }
         self.refresh_maps();
-        self.tell_exec(sink)?;
         // Libraries loaded since (dlopen), the image after exec.
         if let Some(inst) =
             unwinder.install(kernel, self.pid, self.collector.symbolizer_mut().maps())?
@@ -293,6 +439,13 @@ impl Traced {
         self.sample_timer_creations(kernel);
         let started = Instant::now();
         let mut snap = self.collector.collect(kernel)?;
+        if !kernel.probes_detached() {
+            snap.overhead = self.measure_overhead(kernel);
+        }
+        if let Some(o) = snap.overhead {
+            self.tell_overhead(&o, sink)?;
+            self.bound_overhead(kernel, &o, &snap, opts, sink)?;
+        }
         log::info!(
             "pid {}: {} sites, {} B outstanding, read and symbolized in {:.1} ms",
             self.pid,
@@ -309,7 +462,7 @@ impl Traced {
             w.update(&mut snap, sink)?;
         }
         sink.snapshot(&snap)?;
-        Ok(())
+        Ok(Step::Snapshot)
     }
 
     /// The end of this process's trace: its OOM kill and exit when it exited,
@@ -332,7 +485,8 @@ impl Traced {
             self.collector.symbolizer_mut().update_maps(maps);
         }
         // The maps outlive the target: the final snapshot still holds everything.
-        let snap = self.snapshot_now(kernel)?;
+        let mut snap = self.snapshot_now(kernel)?;
+        snap.previous_images = self.previous_images.clone();
         self.tell_missing_symbols(sink)?;
         if reason == EndReason::TargetExited {
             if let Some(kill) = self.watch.as_ref().and_then(|w| w.oom_kill(kernel, &snap)) {
@@ -362,17 +516,178 @@ impl Traced {
     }
 }
 
+/// (device, inode) of process `pid`'s executable.
+fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// "~4.1 µs per call × 120k calls/s: about +49% CPU for the target".
+fn describe_overhead(o: &Overhead) -> String {
+    format!(
+        "probes cost ~{:.1} µs per call × {} calls/s: about +{:.0}% CPU for the target \
+         ({:.0}% of its CPU time, which a CPU-bound service loses in throughput); \
+         --sample-bytes lowers it, --max-overhead bounds it",
+        o.ns_per_call / 1e3,
+        human_rate(o.calls_per_s),
+        o.added_cpu_pct,
+        o.share_pct
+    )
+}
+
+/// 512 KiB, 4 MiB.
+fn human_size(b: u64) -> String {
+    if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
+        format!("{} MiB", b >> 20)
+    } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
+        format!("{} KiB", b >> 10)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// 120k, 1.2M, 850.
+fn human_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.1}M", r / 1e6)
+    } else if r >= 1e4 {
+        format!("{:.0}k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+/// What an interval did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Snapshot,
+    /// The target exec'd: nothing was read, the session re-plans.
+    Exec,
+}
+
+/// Follows `t` into the image it exec'd: keeps the old image's sites (as
+/// the exec found them) for the final report, then plans, loads and
+/// attaches for the new image as `attach` would, with a notice and a new
+/// `attached` record. The old links close once the new ones are live, so
+/// nothing the new image allocates in between goes unseen (both sets of
+/// probes fire for that moment; the old maps are dropped with their
+/// kernel objects).
+async fn follow_exec(
+    t: &mut Traced,
+    kernel: &mut Kernel,
+    unwinder: &mut Unwinder,
+    opts: &Options,
+    sink: &mut dyn Sink,
+) -> Result<(), TracerError> {
+    let pid = t.pid;
+    // Its files are held open: stacks first seen now still resolve.
+    let old = t.snapshot_now(kernel)?;
+    let old_exe = std::mem::take(&mut t.exe);
+    t.previous_images.push(PreviousImage {
+        exe: old_exe.clone(),
+        replaced_at: old.ts,
+        total_outstanding_bytes: old.total_outstanding_bytes,
+        sites: old.sites,
+    });
+    let replanned = match Target::resolve(pid) {
+        Ok(target) => plan_running(target).await,
+        Err(e) => Err(e),
+    };
+    let (target, plan) = match replanned {
+        Ok(found) => found,
+        Err(e) => {
+            // Gone already (its exit ends the trace), or nothing to hook.
+            t.exe_id = exe_id(pid);
+            t.exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                sink.notice(
+                    pid,
+                    &format!(
+                        "pid {pid} exec'd {}: not traced ({}); the sites of {old_exe} are in \
+                         the final report (previous_images)",
+                        t.exe,
+                        crate::error::chain(&e)
+                    ),
+                )?;
+            }
+            return Ok(());
+        }
+    };
+    let Hooked {
+        kernel: new_kernel,
+        unwinder: new_unwinder,
+        info,
+    } = hook_running(pid, &target, &plan, opts, sink)?;
+    // The old links close here (in parallel, batched).
+    *kernel = new_kernel;
+    *unwinder = new_unwinder;
+    if opts.alerts.is_some()
+        && let Err(e) = kernel.watch_oom_kills()
+    {
+        log::warn!(
+            "cannot watch the OOM killer ({}); kills are detected from the cgroup's counter",
+            crate::error::chain(&e)
+        );
+    }
+    t.rehook(target.maps.clone(), plan.go.as_ref(), opts);
+    t.settle_go(opts, sink)?;
+    sink.notice(
+        pid,
+        &format!(
+            "pid {pid} exec'd {}: re-attached to the new image ({} probes{}); the sites of \
+             {old_exe} as the exec left them are in the final report (previous_images)",
+            info.exe,
+            info.probes.len(),
+            info.go_version
+                .as_ref()
+                .map_or(String::new(), |v| format!(", Go {v}"))
+        ),
+    )?;
+    sink.attached(&info)?;
+    Ok(())
+}
+
 /// Traces the running process `pid` until it exits, `duration` elapses or the
 /// user interrupts.
 pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
     let signals = Signals::take()?;
     let pid = process_of_thread(pid, sink)?;
-    let mut target = Target::resolve(pid)?;
+    let target = Target::resolve(pid)?;
     target::check_environment()?;
-    // A process started an instant ago may still be in the dynamic loader,
-    // its libraries (libc) not mapped yet: wait for them a moment.
+    let (target, plan) = plan_running(target).await?;
+    let exit_fd = PidFd::open(pid)?;
+    let hooked = hook_running(pid, &target, &plan, opts, sink)?;
+    let Hooked {
+        mut kernel,
+        mut unwinder,
+        info,
+    } = hooked;
+    let mut traced = Traced::new(pid, target.maps.clone(), plan.go.as_ref(), opts);
+    // Before `attached`, which tells scripts that everything is in place.
+    traced.settle_go(opts, sink)?;
+    sink.attached(&info)?;
+    trace_loop(
+        &mut kernel,
+        &mut unwinder,
+        vec![(traced, exit_fd)],
+        signals,
+        opts,
+        sink,
+    )
+    .await
+}
+
+/// The plan for running process `pid`. A process started an instant ago
+/// may still be in the dynamic loader, its libraries (libc) not mapped
+/// yet: wait for them a moment.
+async fn plan_running(mut target: Target) -> Result<(Target, Plan), TracerError> {
+    let pid = target.pid;
     let loading_since = Instant::now();
-    let (target, plan) = loop {
+    let found = loop {
         let objects = probes::objects_of(&target);
         match make_plan(&objects, &target.exe, &mut ElfObjects::new())? {
             Some(plan) => break (target, plan),
@@ -391,7 +706,25 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
             loading_since.elapsed().as_secs_f64() * 1e3
         );
     }
-    let exit_fd = PidFd::open(pid)?;
+    Ok(found)
+}
+
+/// The kernel side of a running process, hooked.
+struct Hooked {
+    kernel: Kernel,
+    unwinder: Unwinder,
+    info: Attached,
+}
+
+/// Loads the programs for `plan`, installs the unwind tables and attaches
+/// every probe to running process `pid`.
+fn hook_running(
+    pid: u32,
+    target: &Target,
+    plan: &Plan,
+    opts: &Options,
+    sink: &mut dyn Sink,
+) -> Result<Hooked, TracerError> {
     let offsets = plan
         .go
         .as_ref()
@@ -435,19 +768,11 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
         probes,
         unwind,
     };
-    let mut traced = Traced::new(pid, target.maps.clone(), plan.go.as_ref(), opts);
-    // Before `attached`, which tells scripts that everything is in place.
-    traced.settle_go(opts, sink)?;
-    sink.attached(&info)?;
-    trace_loop(
-        &mut kernel,
-        &mut unwinder,
-        vec![(traced, exit_fd)],
-        signals,
-        opts,
-        sink,
-    )
-    .await
+    Ok(Hooked {
+        kernel,
+        unwinder,
+        info,
+    })
 }
 
 /// Watches the memory limit of `pid` and alerts, without hooking its
@@ -742,7 +1067,11 @@ async fn trace_loop(
         tokio::select! {
             _ = ticker.tick() => {
                 for t in traced.iter_mut().filter(|t| !t.exited) {
-                    t.interval(kernel, unwinder, opts, sink)?;
+                    if t.interval(kernel, unwinder, opts, sink)? == Step::Exec {
+                        // One set of kernel objects per session: a session
+                        // traces one process.
+                        follow_exec(t, kernel, unwinder, opts, sink).await?;
+                    }
                 }
             }
             _ = sigusr1.recv() => {

@@ -722,33 +722,72 @@ impl Rebuilt {
     }
 }
 
+/// Attaching to Debian's python3 and detaching from it.
+#[derive(Clone, Copy, Debug, Default)]
+struct PythonRun {
+    /// Seconds until `attached` (its and libc's unwind tables built).
+    attach_s: f64,
+    /// The unwind tables' kernel memory the tracer reports.
+    unwind_bytes: u64,
+    /// Probes attached.
+    probes: usize,
+    /// Seconds from SIGINT to the tracer's exit: batched links (Linux
+    /// 6.6+), and one perf event per probe (TRACER_UPROBE_MULTI=0).
+    exit_batched_s: f64,
+    exit_one_by_one_s: f64,
+}
+
 /// Attaching to Debian's python3 (built without frame pointers; its unwind
-/// tables, and libc's, built at attach): seconds until `attached`, and the
-/// tables' kernel memory the tracer reports. Medians of `rounds`.
-fn python_attach(rounds: usize, out_dir: &Path) -> Result<(f64, u64)> {
+/// tables, and libc's, built at attach), then Ctrl-C to exit, with batched
+/// links and with one link per probe, interleaved. Medians of `rounds`.
+fn python_attach(rounds: usize, out_dir: &Path) -> Result<PythonRun> {
     let script = root().join("tests/fixtures/python/pyleak.py");
     let mut times = Vec::new();
-    let mut bytes = 0;
+    let (mut batched, mut one_by_one) = (Vec::new(), Vec::new());
+    let mut run = PythonRun::default();
     for _ in 0..rounds {
-        let mut target = Target::start(Command::new("/usr/bin/python3").arg(&script))?;
-        let out = out_dir.join("python-attach.jsonl");
-        let _ = std::fs::remove_file(&out);
-        let started = Instant::now();
-        let mut tracer = tracer_attach(target.child.id(), &out).spawn()?;
-        wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
-        times.push(started.elapsed().as_secs_f64());
-        let text = std::fs::read_to_string(&out)?;
-        let attached: Value = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["type"] == "attached")
-            .context("no attached event")?;
-        bytes = attached["unwind"]["bytes"].as_u64().unwrap_or(0);
-        target.go()?;
-        target.finish();
-        let _ = tracer.wait();
+        for multi in [true, false] {
+            let mut target = Target::start(Command::new("/usr/bin/python3").arg(&script))?;
+            let out = out_dir.join("python-attach.jsonl");
+            let _ = std::fs::remove_file(&out);
+            let started = Instant::now();
+            let mut cmd = tracer_attach(target.child.id(), &out);
+            if !multi {
+                cmd.env("TRACER_UPROBE_MULTI", "0");
+            }
+            let mut tracer = cmd.spawn()?;
+            wait_for_line(&out, "\"attached\"", Duration::from_secs(30))?;
+            if multi {
+                times.push(started.elapsed().as_secs_f64());
+            }
+            let text = std::fs::read_to_string(&out)?;
+            let attached: Value = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["type"] == "attached")
+                .context("no attached event")?;
+            run.unwind_bytes = attached["unwind"]["bytes"].as_u64().unwrap_or(0);
+            run.probes = attached["probes"].as_array().map_or(0, |p| p.len());
+            target.go()?;
+            // Let it allocate under the probes, as a traced service would.
+            wait_for_line(&out, "\"snapshot\"", Duration::from_secs(30))?;
+            let interrupted = Instant::now();
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+            let _ = tracer.wait();
+            let exit = interrupted.elapsed().as_secs_f64();
+            if multi {
+                batched.push(exit);
+            } else {
+                one_by_one.push(exit);
+            }
+            target.finish();
+        }
     }
-    Ok((median(times), bytes))
+    run.attach_s = median(times);
+    run.exit_batched_s = median(batched);
+    run.exit_one_by_one_s = median(one_by_one);
+    Ok(run)
 }
 
 /// The frame-pointer build against the one without (both 10 frames deep):
@@ -803,7 +842,7 @@ fn report(
     out_dir: &Path,
     steady: (f64, f64),
     stream: &StreamSizes,
-    python: (f64, u64),
+    python: PythonRun,
     census: (CensusRun, CensusRun),
 ) -> Result<()> {
     let med =
@@ -942,8 +981,16 @@ fn report(
     println!(
         "  attach to python3 (its and libc's unwind tables built): {:.2} s (goal < 1 s); \
          tables {:.2} MiB of kernel memory (goal <= 4 MiB)",
-        python.0,
-        python.1 as f64 / (1 << 20) as f64
+        python.attach_s,
+        python.unwind_bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "  Ctrl-C to exit, python3 with {} probes: batched uprobe_multi links {:.2} s \
+         (goal < 0.5 s), one perf event per probe {:.2} s: {:.1}× faster",
+        python.probes,
+        python.exit_batched_s,
+        python.exit_one_by_one_s,
+        python.exit_one_by_one_s / python.exit_batched_s
     );
     print_census(&census);
     println!(
@@ -965,7 +1012,9 @@ fn report(
                "churn_traced_ms": go[3].1.iter().map(|r| r.cost).collect::<Vec<_>>(),
                "churn_slowdown_pct": (ctr / cbase - 1.0) * 100.0},
         "pairs": pairs,
-        "python_attach": {"seconds": python.0, "unwind_bytes": python.1},
+        "python_attach": {"seconds": python.attach_s, "unwind_bytes": python.unwind_bytes},
+        "exit_after_ctrl_c": {"probes": python.probes, "batched_s": python.exit_batched_s,
+                              "one_by_one_s": python.exit_one_by_one_s},
         "go_census_1m": {
             "bounded": {"tracer_cpu_ms_per_snapshot": census.0.cpu_ms, "snapshots": census.0.snapshots, "counted": census.0.counted},
             "whole": {"tracer_cpu_ms_per_snapshot": census.1.cpu_ms, "snapshots": census.1.snapshots, "counted": census.1.counted},

@@ -345,6 +345,15 @@ fn test(args: &[String]) -> Result<()> {
             "Debian's python3, built without frame pointers: the unwinding tests \
              trace it",
         ),
+        (
+            "redis-server",
+            "Debian's redis-server (with jemalloc): the overhead test traces it \
+             under redis-benchmark",
+        ),
+        (
+            "redis-tools",
+            "redis-benchmark, the load for the overhead test",
+        ),
     ])?;
     build(&route)?;
     fixtures()?;

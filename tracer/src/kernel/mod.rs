@@ -4,9 +4,14 @@
 //! before the object reaches the kernel; probes attach last, so no event
 //! arrives before the maps are ready.
 
-pub mod uprobe_session;
+pub mod uprobe_multi;
 
-use std::{collections::HashMap as StdHashMap, num::NonZeroU32, os::fd::OwnedFd, path::PathBuf};
+use std::{
+    collections::HashMap as StdHashMap,
+    num::NonZeroU32,
+    os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -17,13 +22,17 @@ use aya::{
     },
 };
 use tracer_common::{
-    Attach, COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, Program, STACK_ID_OWN,
-    SiteKey, SiteStats, StackBuf, maps,
+    Attach, COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, PROBE_SLOTS, Program,
+    STACK_ID_OWN, SiteKey, SiteStats, StackBuf, maps,
     unwind::{ProcMappings, UnwindRow, end_reason},
 };
 
-use self::uprobe_session::SessionProgram;
-use crate::{error::TracerError, probes::PlannedProbe};
+use self::uprobe_multi::{MultiKind, MultiProgram};
+use crate::{
+    error::TracerError,
+    overhead::{ProgramRuns, RunKind, TrapCost},
+    probes::PlannedProbe,
+};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time;
 /// empty when it was absent at build time (see build.rs).
@@ -46,6 +55,9 @@ pub struct MapSizes {
     pub sample_bytes: u64,
     /// Rows of the unwind-table array (see [`crate::unwind`]).
     pub unwind_rows: u32,
+    /// Whether sampling may start while tracing (`--max-overhead`): the
+    /// allocation probes are then uprobe sessions from the start.
+    pub adaptive_sampling: bool,
 }
 
 impl Default for MapSizes {
@@ -58,6 +70,7 @@ impl Default for MapSizes {
             goroutines: tracer_common::DEFAULT_MAX_GOROUTINES,
             sample_bytes: 0,
             unwind_rows: 0,
+            adaptive_sampling: false,
         }
     }
 }
@@ -72,6 +85,8 @@ pub enum KernelError {
     NotSampling,
     #[error("turned off by TRACER_UPROBE_SESSION=0")]
     TurnedOff,
+    #[error("turned off by TRACER_UPROBE_MULTI=0")]
+    MultiTurnedOff,
     #[error("tracefs is not mounted and mounting it failed")]
     Tracefs(#[source] std::io::Error),
     #[error("program {0} is missing from the eBPF object")]
@@ -122,14 +137,36 @@ pub struct Kernel {
     unwind_mappings: HashMap<MapData, u32, ProcMappings>,
     pub sizes: MapSizes,
     /// With sampling, allocator entries and returns run as uprobe sessions
-    /// (see [`uprobe_session`]); else why not.
-    session: Result<SessionProgram, KernelError>,
-    /// The session links, live while held.
-    session_links: Vec<OwnedFd>,
+    /// (see [`uprobe_multi`]); else why not.
+    session: Result<MultiProgram, KernelError>,
+    /// The uprobe programs loaded for batched links (see [`uprobe_multi`]);
+    /// else why not, and aya loaded them for one perf event per probe.
+    multi: Result<Vec<(Program, MultiProgram)>, KernelError>,
     /// The uprobe links, owned here to detach them all at once on drop.
-    links: Vec<UProbeLink>,
+    links: Vec<Link>,
     /// Probes attached part of the time, with their link while attached.
-    sampled: Vec<(PlannedProbe, Option<UProbeLink>)>,
+    sampled: Vec<(PlannedProbe, Option<Link>)>,
+    /// Run-time statistics of every eBPF program, on while held (the
+    /// overhead estimate); None where the kernel refused.
+    _stats: Option<OwnedFd>,
+    /// Per slot of the probe-hit counters, less one: the probe's program,
+    /// and whether the kernel emulates its instruction (else it
+    /// single-steps it).
+    slots: Vec<(Program, bool)>,
+    /// The heap sampling rate, as the programs read it.
+    sample_rate: Array<MapData, u64>,
+    /// Each counted probe's hits, by slot.
+    probe_hits: PerCpuArray<MapData, u64>,
+    /// Whether every probe was taken off ([`Kernel::detach_probes`]).
+    detached: bool,
+}
+
+/// An attached probe, or a batch of them.
+enum Link {
+    /// One probe, through a perf event (kernels before 6.6).
+    Perf(#[allow(dead_code)] UProbeLink),
+    /// A `uprobe_multi` link: every probe of one program in one file.
+    Multi(#[allow(dead_code)] OwnedFd),
 }
 
 /// A recorded stack: return addresses, innermost first, and for stacks
@@ -167,7 +204,6 @@ impl Kernel {
             .override_global(maps::TARGET_TGID, &tgid, true)
             .override_global(maps::PAGE_SIZE, &page_size, true)
             .override_global(maps::GO_OFFSETS, &go, true)
-            .override_global(maps::SAMPLE_BYTES, &sizes.sample_bytes, true)
             .map_max_entries(maps::GO_GOROUTINES, sizes.goroutines)
             .map_max_entries(maps::GO_TIMERS, sizes.goroutines)
             .map_max_entries(maps::GO_SITES, sizes.sites)
@@ -181,12 +217,48 @@ impl Kernel {
             .load(EBPF_OBJECT)
             .map_err(load_err)?;
         // Before any map is taken out of `ebpf`: the program shares them all.
-        let session = if sizes.sample_bytes == 0 {
+        let session = if sizes.sample_bytes == 0 && !sizes.adaptive_sampling {
             Err(KernelError::NotSampling)
         } else if std::env::var_os("TRACER_UPROBE_SESSION").is_some_and(|v| v == "0") {
             Err(KernelError::TurnedOff)
         } else {
-            SessionProgram::load(EBPF_OBJECT, Program::AllocSession, &ebpf)
+            MultiProgram::load(
+                EBPF_OBJECT,
+                Program::AllocSession,
+                MultiKind::Session,
+                &ebpf,
+            )
+        };
+        let multi = if std::env::var_os("TRACER_UPROBE_MULTI").is_some_and(|v| v == "0") {
+            Err(KernelError::MultiTurnedOff)
+        } else {
+            Program::ALL
+                .iter()
+                .filter_map(|&p| {
+                    let kind = match p.attach() {
+                        Attach::Uprobe => MultiKind::Entry,
+                        Attach::Uretprobe => MultiKind::Return,
+                        _ => return None,
+                    };
+                    Some(MultiProgram::load(EBPF_OBJECT, p, kind, &ebpf).map(|m| (p, m)))
+                })
+                .collect()
+        };
+        if let Err(e) = &multi {
+            log::info!(
+                "uprobes attach one by one (each takes ~0.1 s to detach): batched \
+                 uprobe_multi links unavailable: {}",
+                crate::error::chain(e)
+            );
+        }
+        let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::info!(
+                    "no eBPF run-time statistics ({e}): the overhead estimate prices traps only"
+                );
+                None
+            }
         };
         // The logger must stay alive: dropping it closes the log map's fd.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -196,10 +268,11 @@ impl Kernel {
                 None
             }
         };
-        // The uprobes; the session program is loaded above, the tracepoint
-        // by watch_oom_kills.
+        // The uprobes for perf events where batched links are unavailable;
+        // the session program is loaded above, the tracepoint by
+        // watch_oom_kills.
         for program in Program::ALL {
-            if !matches!(program.attach(), Attach::Uprobe | Attach::Uretprobe) {
+            if multi.is_ok() || !matches!(program.attach(), Attach::Uprobe | Attach::Uretprobe) {
                 continue;
             }
             let name = program.name();
@@ -226,6 +299,13 @@ impl Kernel {
         let unwind_rows = Array::try_from(take(&mut ebpf, maps::UNWIND_ROWS)?).map_err(load_err)?;
         let unwind_mappings =
             HashMap::try_from(take(&mut ebpf, maps::UNWIND_MAPPINGS)?).map_err(load_err)?;
+        let probe_hits =
+            PerCpuArray::try_from(take(&mut ebpf, maps::PROBE_HITS)?).map_err(load_err)?;
+        let mut sample_rate: Array<MapData, u64> =
+            Array::try_from(take(&mut ebpf, maps::SAMPLE_RATE)?).map_err(load_err)?;
+        sample_rate
+            .set(0, sizes.sample_bytes, 0)
+            .map_err(|e| load_err(format!("setting the sampling rate: {e}")))?;
         Ok(Self {
             ebpf,
             logger,
@@ -241,9 +321,14 @@ impl Kernel {
             unwind_mappings,
             sizes,
             session,
-            session_links: Vec::new(),
+            multi,
             links: Vec::new(),
             sampled: Vec::new(),
+            _stats: stats,
+            slots: Vec::new(),
+            sample_rate,
+            probe_hits,
+            detached: false,
         })
     }
 
@@ -263,71 +348,109 @@ impl Kernel {
     ) -> Result<Vec<AttachedProbe>, TracerError> {
         let scope = probe_scope(pid);
         let mut attached = Vec::new();
-        // Entries of allocating functions become sessions: one link per file,
-        // attached after the frees (which the plan puts first).
-        let mut sessions: Vec<(PathBuf, Vec<&PlannedProbe>)> = Vec::new();
+        // Each entry probe counts its hits in a slot its cookie names, and
+        // the slot remembers what the probe runs and on which instruction.
+        let plan: Vec<PlannedProbe> = plan
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                let session = p.op.is_some() && self.session.is_ok();
+                let (program, value) = match p.op {
+                    Some(op) if session => (Program::AllocSession, op as u64),
+                    _ => (p.program, p.cookie.unwrap_or(0)),
+                };
+                let counted = matches!(program.attach(), Attach::Uprobe | Attach::Session);
+                let slot = if counted && (self.slots.len() as u32) < PROBE_SLOTS - 1 {
+                    self.slots
+                        .push((program, is_emulated_at(&p.object.open_path, p.offset)));
+                    self.slots.len() as u32
+                } else {
+                    0
+                };
+                if slot > 0 || p.cookie.is_some() {
+                    p.cookie = Some(tracer_common::cookie(value as u32, slot));
+                }
+                p
+            })
+            .collect();
+        let plan = &plan[..];
+        // One link per (program, file) where the kernel has batched links,
+        // attached in the order of each batch's first probe: frees before
+        // anything that allocates, returns before their entries. Entries of
+        // allocating functions become sessions, attached last.
+        let mut batches: Vec<(Program, &PlannedProbe, Vec<&PlannedProbe>)> = Vec::new();
+        let mut sessions: Vec<(&PlannedProbe, Vec<&PlannedProbe>)> = Vec::new();
+        let same_file =
+            |a: &PlannedProbe, b: &PlannedProbe| a.object.open_path == b.object.open_path;
         for probe in plan {
             if self.session.is_ok() {
                 if probe.program == Program::AllocReturn {
                     continue;
                 }
                 if probe.op.is_some() {
-                    let path = &probe.object.open_path;
-                    match sessions.iter_mut().find(|(p, _)| p == path) {
+                    match sessions.iter_mut().find(|(p, _)| same_file(p, probe)) {
                         Some((_, v)) => v.push(probe),
-                        None => sessions.push((path.clone(), vec![probe])),
+                        None => sessions.push((probe, vec![probe])),
                     }
                     continue;
                 }
             }
-            let link = self.attach_one(probe, scope)?;
+            if self.multi.is_ok() && !probe.sampled {
+                match batches
+                    .iter_mut()
+                    .find(|(prog, p, _)| *prog == probe.program && same_file(p, probe))
+                {
+                    Some((_, _, v)) => v.push(probe),
+                    None => batches.push((probe.program, probe, vec![probe])),
+                }
+                continue;
+            }
+            let link = self.attach_one(probe, pid, scope)?;
             if probe.sampled {
                 self.sampled.push((probe.clone(), Some(link)));
             } else {
                 self.links.push(link);
             }
-            attached.push(AttachedProbe {
-                function: probe.function.clone(),
-                path: probe.object.path.display().to_string(),
-                offset: probe.offset,
-                program: probe.program.name().into(),
-            });
+            attached.push(attached_probe(probe, probe.program));
+        }
+        for (program, _, probes) in batches {
+            let fd = match &self.multi {
+                Ok(programs) => match programs.iter().find(|(p, _)| *p == program) {
+                    Some((_, m)) => attach_batch(m, &probes, pid)?,
+                    None => return Err(batch_err(&probes, "no batched program".into())),
+                },
+                Err(_) => continue,
+            };
+            self.links.push(Link::Multi(fd));
+            attached.extend(probes.iter().map(|p| attached_probe(p, program)));
         }
         if let Ok(program) = &self.session {
-            for (path, probes) in sessions {
-                let offsets: Vec<u64> = probes.iter().map(|p| p.offset).collect();
-                let cookies: Vec<u64> = probes
-                    .iter()
-                    .map(|p| p.op.map_or(0, |o| o as u64))
-                    .collect();
-                let link = program
-                    .attach(&path, &offsets, &cookies, pid)
-                    .map_err(|e| TracerError::Attach {
-                        function: probes
-                            .iter()
-                            .map(|p| p.function.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        path: probes[0].object.path.clone(),
-                        reason: format!("uprobe session: {e}"),
-                    })?;
-                self.session_links.push(link);
-                attached.extend(probes.iter().map(|p| AttachedProbe {
-                    function: p.function.clone(),
-                    path: p.object.path.display().to_string(),
-                    offset: p.offset,
-                    program: Program::AllocSession.name().into(),
-                }));
+            for (_, probes) in sessions {
+                let fd = attach_batch(program, &probes, pid)?;
+                self.links.push(Link::Multi(fd));
+                attached.extend(
+                    probes
+                        .iter()
+                        .map(|p| attached_probe(p, Program::AllocSession)),
+                );
             }
         }
         Ok(attached)
     }
 
+    /// Attaches one probe, batched if the kernel can (a batch of one).
     fn attach_one(
         &mut self,
         probe: &PlannedProbe,
+        pid: u32,
         scope: UProbeScope,
-    ) -> Result<UProbeLink, TracerError> {
+    ) -> Result<Link, TracerError> {
+        if let Ok(programs) = &self.multi {
+            return match programs.iter().find(|(p, _)| *p == probe.program) {
+                Some((_, m)) => attach_batch(m, &[probe], pid).map(Link::Multi),
+                None => Err(batch_err(&[probe], "no batched program".into())),
+            };
+        }
         let attach_err = |reason: String| TracerError::Attach {
             function: probe.function.clone(),
             path: probe.object.path.clone(),
@@ -348,6 +471,7 @@ impl Kernel {
             .attach(point, &probe.object.open_path, scope)
             .map_err(|e| attach_err(crate::error::chain(&e)))?;
         prog.take_link(id)
+            .map(Link::Perf)
             .map_err(|e| attach_err(crate::error::chain(&e)))
     }
 
@@ -361,7 +485,7 @@ impl Kernel {
             match (on, self.sampled[i].1.is_some()) {
                 (true, false) => {
                     let probe = self.sampled[i].0.clone();
-                    let link = self.attach_one(&probe, scope)?;
+                    let link = self.attach_one(&probe, pid, scope)?;
                     self.sampled[i].1 = Some(link);
                     changed = true;
                 }
@@ -375,6 +499,180 @@ impl Kernel {
             }
         }
         Ok(changed)
+    }
+
+    /// Each program's hits and time since load, but the calibration's;
+    /// None if the kernel's statistics are unreadable.
+    pub fn probe_runs(&self) -> Option<Vec<ProgramRuns>> {
+        // Each counted probe's hits, summed over CPUs, by program and kind
+        // of instruction.
+        let mut hits: StdHashMap<Program, (u64, u64)> = StdHashMap::new();
+        for (i, (program, emulated)) in self.slots.iter().enumerate() {
+            let Ok(per_cpu) = self.probe_hits.get(&(i as u32 + 1), 0) else {
+                continue;
+            };
+            let n: u64 = per_cpu.iter().sum();
+            let e = hits.entry(*program).or_default();
+            if *emulated {
+                e.0 += n;
+            } else {
+                e.1 += n;
+            }
+        }
+        let mut all = Vec::new();
+        let mut add = |program: Program, (bpf_ns, runs): (u64, u64)| {
+            let kind = match program.attach() {
+                Attach::Uprobe => RunKind::Entry,
+                Attach::Uretprobe => RunKind::Return,
+                Attach::Session => RunKind::Session,
+                Attach::Tracepoint { .. } => return,
+            };
+            let (emulated_hits, stepped_hits) = hits.get(&program).copied().unwrap_or_default();
+            all.push(ProgramRuns {
+                program,
+                kind,
+                runs,
+                bpf_ns,
+                emulated_hits,
+                stepped_hits,
+            });
+        };
+        let calibration =
+            |p: &Program| matches!(p, Program::CalibrateEntry | Program::CalibrateReturn);
+        match &self.multi {
+            Ok(programs) => {
+                for (p, m) in programs.iter().filter(|(p, _)| !calibration(p)) {
+                    add(*p, m.run_stats().ok()?);
+                }
+            }
+            Err(_) => {
+                for p in Program::ALL.iter().filter(|p| !calibration(p)) {
+                    if !matches!(p.attach(), Attach::Uprobe | Attach::Uretprobe) {
+                        continue;
+                    }
+                    let Some(prog) = self.ebpf.program(p.name()) else {
+                        continue;
+                    };
+                    let Ok(fd) = prog.fd() else {
+                        continue;
+                    };
+                    add(*p, uprobe_multi::run_stats(fd.as_fd()).ok()?);
+                }
+            }
+        }
+        if let Ok(session) = &self.session {
+            add(Program::AllocSession, session.run_stats().ok()?);
+        }
+        Some(all)
+    }
+
+    /// Times functions of the tracer's own, bare and under an empty program
+    /// (at an emulated and at a single-stepped entry, then at a return):
+    /// what a trap costs here. Takes some 0.1 s.
+    pub fn calibrate(&mut self) -> Result<TrapCost, TracerError> {
+        use crate::overhead::{
+            CalibrationPoint, calibration_point, time_calls, tracer_calibration_emulated,
+            tracer_calibration_stepped,
+        };
+        const CALLS: u64 = 5_000;
+        let failed = |reason: String| TracerError::Attach {
+            function: "tracer_calibration_point".into(),
+            path: PathBuf::from("/proc/self/exe"),
+            reason,
+        };
+        let me = std::process::id();
+        let mut timed = |program: Program, f: CalibrationPoint| -> Result<f64, TracerError> {
+            let (path, offset) = calibration_point(f)
+                .ok_or_else(|| failed("not found in the tracer's own mappings".into()))?;
+            let bare = time_calls(f, CALLS);
+            let link = match &self.multi {
+                Ok(programs) => {
+                    let (_, m) = programs
+                        .iter()
+                        .find(|(p, _)| *p == program)
+                        .ok_or_else(|| failed(format!("no program {}", program.name())))?;
+                    Link::Multi(
+                        m.attach(&path, &[offset], &[0], me)
+                            .map_err(|e| failed(e.to_string()))?,
+                    )
+                }
+                Err(_) => {
+                    let prog: &mut UProbe = self
+                        .ebpf
+                        .program_mut(program.name())
+                        .ok_or_else(|| failed(format!("no program {}", program.name())))?
+                        .try_into()
+                        .map_err(|e| failed(format!("{e}")))?;
+                    let point = UProbeAttachPoint {
+                        location: UProbeAttachLocation::AbsoluteOffset(offset),
+                        cookie: None,
+                    };
+                    let id = prog
+                        .attach(point, &path, probe_scope(me))
+                        .map_err(|e| failed(crate::error::chain(&e)))?;
+                    Link::Perf(
+                        prog.take_link(id)
+                            .map_err(|e| failed(crate::error::chain(&e)))?,
+                    )
+                }
+            };
+            let probed = time_calls(f, CALLS);
+            // Closing waits for the kernel; nobody needs to.
+            std::thread::spawn(move || drop(link));
+            Ok((probed - bare).max(0.0))
+        };
+        Ok(TrapCost {
+            emulated_ns: timed(Program::CalibrateEntry, tracer_calibration_emulated)?,
+            stepped_ns: timed(Program::CalibrateEntry, tracer_calibration_stepped)?,
+            return_ns: timed(Program::CalibrateReturn, tracer_calibration_emulated)?,
+        })
+    }
+
+    /// Whether [`Kernel::detach_probes`] took every probe off.
+    pub fn probes_detached(&self) -> bool {
+        self.detached
+    }
+
+    /// The heap sampling rate in bytes (0: every allocation).
+    pub fn sample_bytes(&self) -> u64 {
+        self.sample_rate.get(&0, 0).unwrap_or(0)
+    }
+
+    /// Whether sampling leaves out calls' return traps (uprobe sessions):
+    /// only then does a higher rate lower the cost much.
+    pub fn sampling_skips_returns(&self) -> bool {
+        self.session.is_ok()
+    }
+
+    /// Changes the heap sampling rate while tracing. Blocks kept before
+    /// keep their weight; a call in flight at the change is weighed at the
+    /// new rate.
+    pub fn set_sample_bytes(&mut self, rate: u64) -> Result<(), TracerError> {
+        self.sample_rate
+            .set(0, rate, 0)
+            .map_err(|e| TracerError::MapRead {
+                map: maps::SAMPLE_RATE,
+                reason: e.to_string(),
+            })?;
+        self.sizes.sample_bytes = rate;
+        Ok(())
+    }
+
+    /// Takes every probe off the target (in parallel, in the background):
+    /// the maps keep what they counted.
+    pub fn detach_probes(&mut self) {
+        self.detached = true;
+        let links: Vec<Link> = std::mem::take(&mut self.links)
+            .into_iter()
+            .chain(self.sampled.drain(..).filter_map(|(_, l)| l))
+            .collect();
+        std::thread::spawn(move || {
+            std::thread::scope(|s| {
+                for link in links {
+                    let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(link));
+                }
+            });
+        });
     }
 
     /// Whether any probe is planned as `sampled`.
@@ -537,6 +835,64 @@ impl Kernel {
     }
 }
 
+fn attached_probe(probe: &PlannedProbe, program: Program) -> AttachedProbe {
+    AttachedProbe {
+        function: probe.function.clone(),
+        path: probe.object.path.display().to_string(),
+        offset: probe.offset,
+        program: program.name().into(),
+    }
+}
+
+fn batch_err(probes: &[&PlannedProbe], reason: String) -> TracerError {
+    TracerError::Attach {
+        function: probes
+            .iter()
+            .map(|p| p.function.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        path: probes
+            .first()
+            .map(|p| p.object.path.clone())
+            .unwrap_or_default(),
+        reason,
+    }
+}
+
+/// One batched link for `probes`, all in one file.
+fn attach_batch(
+    program: &MultiProgram,
+    probes: &[&PlannedProbe],
+    pid: u32,
+) -> Result<OwnedFd, TracerError> {
+    let Some(first) = probes.first() else {
+        return Err(batch_err(probes, "no probe".into()));
+    };
+    let offsets: Vec<u64> = probes.iter().map(|p| p.offset).collect();
+    // Set by `attach`: the operation or the program's own value, and the
+    // probe's hit slot.
+    let cookies: Vec<u64> = probes.iter().map(|p| p.cookie.unwrap_or(0)).collect();
+    program
+        .attach(&first.object.open_path, &offsets, &cookies, pid)
+        .map_err(|e| batch_err(probes, format!("uprobe_multi link: {e}")))
+}
+
+/// Whether the kernel emulates the instruction at `offset` of `path` at a
+/// uprobe (else it single-steps it). Unreadable: assumed emulated.
+fn is_emulated_at(path: &std::path::Path, offset: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut code = [0u8; 16];
+    let Ok(file) = std::fs::File::open(path) else {
+        return true;
+    };
+    let Ok(n) = file.read_at(&mut code, offset) else {
+        return true;
+    };
+    let ins =
+        iced_x86::Decoder::with_ip(64, &code[..n], 0, iced_x86::DecoderOptions::NONE).decode();
+    crate::probes::placement::is_emulated(&ins)
+}
+
 /// Uprobes of one process, or of all (pid 0).
 fn probe_scope(pid: u32) -> UProbeScope {
     match NonZeroU32::new(pid) {
@@ -546,23 +902,19 @@ fn probe_scope(pid: u32) -> UProbeScope {
 }
 
 impl Drop for Kernel {
-    /// Detaches every probe at once. Each detach waits ~110 ms in the kernel
-    /// (uprobe unregistration); one after another that is seconds for a few
-    /// dozen probes, while the target keeps paying for them. The kernel still
-    /// serializes most of that work: measured with 22 probes, 3.0 s from
-    /// Ctrl-C to exit before, 1.9 s in parallel. One uprobe_multi link per
-    /// program and file (Linux 6.6+) would unregister in one batch.
+    /// Detaches every link at once. Each waits for an RCU grace period in
+    /// the kernel (~0.1 s); one after another that is seconds, while the
+    /// target keeps paying for the probes. A batched link waits once for all
+    /// its probes (see [`uprobe_multi`]); perf-event links, one per probe,
+    /// are closed in parallel.
     fn drop(&mut self) {
         let links = std::mem::take(&mut self.links);
-        let sessions = std::mem::take(&mut self.session_links);
+        let sampled = self.sampled.drain(..).filter_map(|(_, l)| l);
         // A closure no thread could be spawned for is dropped by the failed
         // spawn: its link is then detached here, in turn.
         std::thread::scope(|s| {
-            for link in links {
+            for link in links.into_iter().chain(sampled) {
                 let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(link));
-            }
-            for fd in sessions {
-                let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(fd));
             }
         });
     }

@@ -45,6 +45,18 @@ pub struct Wiring {
 }
 
 impl Hook {
+    /// How many arguments the function takes: the registers a probe past
+    /// its entry must find untouched (see [`placement`]).
+    pub const fn args(self) -> usize {
+        match self {
+            Hook::Malloc | Hook::Valloc | Hook::Pvalloc | Hook::Free => 1,
+            Hook::Calloc | Hook::Realloc | Hook::AlignedAlloc | Hook::Memalign | Hook::Munmap => 2,
+            Hook::ReallocArray | Hook::PosixMemalign => 3,
+            Hook::Mremap => 5,
+            Hook::Mmap => 6,
+        }
+    }
+
     pub const ALL: [Hook; 13] = [
         Hook::Malloc,
         Hook::Calloc,
@@ -152,7 +164,7 @@ pub struct PlannedProbe {
     pub frees: bool,
     /// For the entry probe of an allocating function: its operation. With
     /// uprobe sessions the entry and the return become one probe here (see
-    /// [`crate::kernel::uprobe_session`]).
+    /// [`crate::kernel::uprobe_multi`]).
     pub op: Option<Op>,
     /// Attached only part of the time (a sample of Go timer creation
     /// stacks), switched by [`crate::kernel::Kernel::set_sampled_probes`].
@@ -219,7 +231,7 @@ pub fn allocator_symbols(elf: &ElfObject) -> Vec<(Hook, u64, u64)> {
         let len = sym.size().clamp(1, 64);
         let shift = elf
             .read_at_offset(offset, len)
-            .map_or(0, placement::entry_offset);
+            .map_or(0, |code| placement::entry_offset(code, hook.args()));
         found.push((hook, offset, shift));
     }
     found

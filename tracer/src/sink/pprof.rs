@@ -488,6 +488,8 @@ mod tests {
                 end: 0x2000,
                 offset: 0,
             }],
+            overhead: None,
+            previous_images: vec![],
         }
     }
 

@@ -415,6 +415,29 @@ fn render(st: &State) -> Result<String, std::fmt::Error> {
             );
         }
     }
+    if let Some(o) = &snap.overhead {
+        gauges(
+            &mut reg,
+            "probe_overhead_ratio",
+            "Share of the target's CPU time spent in the tracer's probes (traps and eBPF programs)",
+            None,
+            [(with_pid(vec![]), o.share_pct / 100.0)],
+        );
+        gauges(
+            &mut reg,
+            "probed_calls_per_second",
+            "Probed calls per second in the target",
+            None,
+            [(with_pid(vec![]), o.calls_per_s)],
+        );
+        gauges(
+            &mut reg,
+            "probe_cost_per_call",
+            "Cost of one probed call, traps and programs",
+            Some(Unit::Seconds),
+            [(with_pid(vec![]), o.ns_per_call / 1e9)],
+        );
+    }
     let lost = &snap.lost;
     counters(
         &mut reg,
@@ -574,6 +597,8 @@ mod tests {
             total_outstanding_bytes: 10000,
             memory: None,
             mappings: vec![],
+            overhead: None,
+            previous_images: vec![],
         };
         snap.lost.0.insert("stacks_lost".into(), 3);
         let st = State {

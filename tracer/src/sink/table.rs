@@ -146,6 +146,17 @@ impl<W: Write> TableSink<W> {
             snap.sites.len(),
             lost_line(&snap.lost)
         )?;
+        if let Some(o) = &snap.overhead {
+            writeln!(
+                self.out,
+                "overhead: ~{:.1} µs/call × {:.0} calls/s = +{:.0}% CPU for the target \
+                 ({:.0}% of its CPU time)",
+                o.ns_per_call / 1e3,
+                o.calls_per_s,
+                o.added_cpu_pct,
+                o.share_pct
+            )?;
+        }
         writeln!(
             self.out,
             "{:>12} {:>9} {:>13} {:>10} {:>10}  {:<5} SITE",
@@ -398,6 +409,28 @@ impl<W: Write> Sink for TableSink<W> {
                     human_bytes(site.outstanding_bytes as f64),
                     chain(site, 4)
                 )?;
+            }
+        }
+        for image in &snap.previous_images {
+            writeln!(
+                self.out,
+                "\nBefore it exec'd, {} held {} (at {}):",
+                image.exe,
+                human_bytes(image.total_outstanding_bytes as f64),
+                humantime::format_rfc3339_seconds(image.replaced_at)
+            )?;
+            for site in image
+                .sites
+                .iter()
+                .filter(|s| s.outstanding_bytes > 0 || s.outstanding_count > 0)
+                .take(self.top.min(5))
+            {
+                let held = if site.outstanding_bytes > 0 {
+                    human_bytes(site.outstanding_bytes as f64)
+                } else {
+                    format!("{} {}s", site.outstanding_count, site.kind)
+                };
+                writeln!(self.out, "  {held}: {}", chain(site, 4))?;
             }
         }
         for (kind, what) in [

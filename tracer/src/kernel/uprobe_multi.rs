@@ -1,15 +1,22 @@
-//! Uprobe sessions (Linux 6.13+): one probe runs a program at a function's
-//! entry and, only if that run returned 0, again at the function's return.
+//! Uprobes in batches: one `uprobe_multi` link (Linux 6.6+) per program and
+//! file instead of one perf event per probe.
 //!
-//! Sampling needs exactly that. A classic uretprobe traps at every return,
-//! whether or not the call was sampled; a session skips the return trap of
-//! every call sampling leaves out, the dearest part of such a call.
+//! Detaching a perf-event uprobe waits for an RCU grace period of its own,
+//! ~100 ms; a target with 40 probes kept paying for them for seconds after
+//! Ctrl-C. A multi link unregisters all its probes and then waits once.
 //!
-//! aya 0.14 can neither load a program for sessions (it needs the expected
-//! attach type `BPF_TRACE_UPROBE_SESSION`) nor create their `uprobe_multi`
-//! link, so this module does both with bpf(2): the program comes from the
-//! same object aya loaded, relocated against the maps aya created, so both
-//! sides share every map.
+//! Uprobe sessions (Linux 6.13+) are multi links too: one probe runs a
+//! program at a function's entry and, only if that run returned 0, again at
+//! the function's return. Sampling needs exactly that. A classic uretprobe
+//! traps at every return, whether or not the call was sampled; a session
+//! skips the return trap of every call sampling leaves out, the dearest part
+//! of such a call.
+//!
+//! aya 0.14 can neither load a program for these links (it needs the
+//! expected attach type `BPF_TRACE_UPROBE_MULTI` or `..._SESSION`) nor
+//! create them, so this module does both with bpf(2): the program comes
+//! from the same object aya loaded, relocated against the maps aya created,
+//! so both sides share every map.
 
 use std::{
     collections::HashSet,
@@ -27,8 +34,32 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
-/// `enum bpf_attach_type` of Linux 6.13+ (newer than aya's bindings).
+/// `enum bpf_attach_type` of Linux 6.6+ and 6.13+ (newer than aya's
+/// bindings).
+const BPF_TRACE_UPROBE_MULTI: u32 = 48;
 const BPF_TRACE_UPROBE_SESSION: u32 = 57;
+/// `link_create.uprobe_multi.flags`: run at the function's return.
+const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
+
+/// How a [`MultiProgram`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MultiKind {
+    /// At the probed instruction (a uprobe).
+    Entry,
+    /// At the probed function's return (a uretprobe).
+    Return,
+    /// At entry, and at return when the entry run returned 0.
+    Session,
+}
+
+impl MultiKind {
+    fn attach_type(self) -> u32 {
+        match self {
+            Self::Entry | Self::Return => BPF_TRACE_UPROBE_MULTI,
+            Self::Session => BPF_TRACE_UPROBE_SESSION,
+        }
+    }
+}
 
 /// `union bpf_attr` for BPF_PROG_LOAD, up to the fields we set.
 #[repr(C)]
@@ -104,6 +135,42 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// Run time (ns) and run count of program `fd`, as the kernel counts them
+/// while run-time statistics are on (`BPF_ENABLE_STATS`).
+pub fn run_stats(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
+    // SAFETY: plain data, all zeroes valid.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: &mut info as *mut _ as u64,
+    };
+    // SAFETY: `attr` points at `info`, of the size given.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((info.run_time_ns, info.run_cnt))
+}
+
 /// The file descriptor behind an aya map, for the kinds the tracer uses.
 fn map_fd(map: &Map) -> Option<RawFd> {
     let data = match map {
@@ -120,16 +187,22 @@ fn map_fd(map: &Map) -> Option<RawFd> {
     Some(data.fd().as_fd().as_raw_fd())
 }
 
-/// A program loaded for uprobe sessions.
-pub struct SessionProgram {
+/// A program loaded for `uprobe_multi` links.
+pub struct MultiProgram {
     fd: OwnedFd,
+    kind: MultiKind,
 }
 
-impl SessionProgram {
-    /// Loads `program` of `object` for sessions, its maps those aya
+impl MultiProgram {
+    /// Loads `program` of `object` to run as `kind`, its maps those aya
     /// created in `ebpf` (call before any map is taken out of it). An error
-    /// says why (e.g. EINVAL: a kernel before 6.13).
-    pub fn load(object: &[u8], program: Program, ebpf: &Ebpf) -> Result<Self, KernelError> {
+    /// says why (e.g. EINVAL: a kernel before 6.6, or 6.13 for sessions).
+    pub fn load(
+        object: &[u8],
+        program: Program,
+        kind: MultiKind,
+        ebpf: &Ebpf,
+    ) -> Result<Self, KernelError> {
         let name = program.name();
         let mut obj = aya_obj::Object::parse(object).map_err(KernelError::Object)?;
         // The verifier wants the program's BTF and function info for
@@ -190,7 +263,7 @@ impl SessionProgram {
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
             prog_name,
-            expected_attach_type: BPF_TRACE_UPROBE_SESSION,
+            expected_attach_type: kind.attach_type(),
             ..Default::default()
         };
         if let Some(fd) = &btf_fd {
@@ -207,7 +280,7 @@ impl SessionProgram {
             }
         }
         match bpf(BPF_PROG_LOAD, &mut attr) {
-            Ok(fd) => Ok(Self { fd }),
+            Ok(fd) => Ok(Self { fd, kind }),
             Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
                 // The verifier refused: load again for its log.
                 let mut log = vec![0u8; 1 << 20];
@@ -230,6 +303,16 @@ impl SessionProgram {
         }
     }
 
+    /// How the program runs.
+    pub fn kind(&self) -> MultiKind {
+        self.kind
+    }
+
+    /// See [`run_stats`].
+    pub fn run_stats(&self) -> std::io::Result<(u64, u64)> {
+        run_stats(self.fd.as_fd())
+    }
+
     /// Attaches the program to `offsets` of `path` (file offsets), each with
     /// its cookie, in process `pid` only. The link lives as long as the fd.
     pub fn attach(
@@ -244,11 +327,16 @@ impl SessionProgram {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut attr = LinkCreateAttr {
             prog_fd: self.fd.as_raw_fd() as u32,
-            attach_type: BPF_TRACE_UPROBE_SESSION,
+            attach_type: self.kind.attach_type(),
             path: c_path.as_ptr() as u64,
             offsets: offsets.as_ptr() as u64,
             cookies: cookies.as_ptr() as u64,
             cnt: offsets.len().min(cookies.len()) as u32,
+            multi_flags: if self.kind == MultiKind::Return {
+                BPF_F_UPROBE_MULTI_RETURN
+            } else {
+                0
+            },
             pid,
             ..Default::default()
         };
