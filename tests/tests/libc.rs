@@ -1041,3 +1041,69 @@ fn attach_waits_for_the_dynamic_loader() {
     tracer.signal(libc::SIGINT);
     assert_eq!(tracer.wait(T), Some(0));
 }
+
+/// A binary removed or replaced after it started (a deploy swapped it): its
+/// frames still resolve, exactly, and their module says "(deleted)".
+#[test]
+fn a_deleted_binary_is_traced_and_named_so() {
+    if !privileged("a_deleted_binary_is_traced_and_named_so") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tracer-deleted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("allocs");
+    std::fs::copy(fixture("allocs-fp"), &copy).unwrap();
+    let mut target = Proc::spawn(Command::new(&copy).arg("wait"));
+    target.expect_line("ready", T);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .on_attached(|_| target.send("go"))
+        .start();
+    target.expect_line("done", T);
+    target.close_stdin();
+    assert_eq!(target.wait(T), Some(0));
+    let report = stream.next_of("report", T);
+    assert_exact_sites(&report, true);
+    let (_, function, marker, ..) = EXPECTED[0];
+    let site = site_at(
+        &report,
+        "heap",
+        function,
+        marker_line(&allocs_src(), marker),
+    );
+    assert_eq!(
+        site["frames"][0]["module"],
+        format!("{} (deleted)", copy.display()),
+        "{site}"
+    );
+    assert_eq!(tracer.wait(T), Some(0));
+}
+
+/// `attach` is not the target's parent, yet `target_exited` says how it
+/// ended: its exit code, or the signal that killed it (from the kernel's
+/// sched_process_exit, read in the exiting task).
+#[test]
+fn attach_reports_how_the_target_ended() {
+    if !privileged("attach_reports_how_the_target_ended") {
+        return;
+    }
+    let mut shell = Proc::spawn(Command::new("/bin/sh").args(["-c", "echo ready; read x; exit 7"]));
+    shell.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(shell.pid())
+        .on_attached(|_| shell.send("go"))
+        .start();
+    let exited = stream.next_of("target_exited", T);
+    assert_eq!(shell.wait(T), Some(7));
+    assert_eq!(exited["code"], 7, "{exited}");
+    assert!(exited["signal"].is_null(), "{exited}");
+    assert_eq!(tracer.wait(T), Some(0));
+
+    let target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
+    target.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid()).start();
+    target.signal(libc::SIGTERM);
+    let exited = stream.next_of("target_exited", T);
+    assert_eq!(exited["signal"], libc::SIGTERM, "{exited}");
+    assert!(exited["code"].is_null(), "{exited}");
+    assert_eq!(tracer.wait(T), Some(0));
+}

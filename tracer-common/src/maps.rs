@@ -15,6 +15,9 @@ pub const TARGET_TGID: &str = "TARGET_TGID";
 pub const PAGE_SIZE: &str = "PAGE_SIZE";
 /// [`GoOffsets`](crate::GoOffsets): struct offsets of the target's Go runtime.
 pub const GO_OFFSETS: &str = "GO_OFFSETS";
+/// `u32`: offset of `exit_code` in the kernel's `task_struct` (from its
+/// BTF); 0: unknown, the exit status is not recorded.
+pub const TASK_EXIT_CODE: &str = "TASK_EXIT_CODE";
 
 // Maps.
 
@@ -51,6 +54,9 @@ pub const OWN_STACKS: &str = "OWN_STACKS";
 pub const COUNTERS: &str = "COUNTERS";
 /// Array of one [`OomVictim`](crate::OomVictim).
 pub const OOM_VICTIM: &str = "OOM_VICTIM";
+/// Array of one `u64`: the target's exit status as wait(2) reports it, in
+/// the low half; bit 32 set once recorded.
+pub const EXIT_STATUS: &str = "EXIT_STATUS";
 /// Array of [`UnwindRow`](crate::unwind::UnwindRow): every object's unwind
 /// table, one after another (shared by the processes mapping the object).
 pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
@@ -66,10 +72,10 @@ pub const UNWIND_WALK: &str = "UNWIND_WALK";
 pub const UNWIND_BISECT: &str = "UNWIND_BISECT";
 
 /// Every global above.
-pub const GLOBALS: [&str; 3] = [TARGET_TGID, PAGE_SIZE, GO_OFFSETS];
+pub const GLOBALS: [&str; 4] = [TARGET_TGID, PAGE_SIZE, GO_OFFSETS, TASK_EXIT_CODE];
 
 /// Every map above.
-pub const MAPS: [&str; 19] = [
+pub const MAPS: [&str; 20] = [
     SAMPLE_RATE,
     PROBE_HITS,
     GO_TIMERS,
@@ -84,6 +90,7 @@ pub const MAPS: [&str; 19] = [
     OWN_STACKS,
     COUNTERS,
     OOM_VICTIM,
+    EXIT_STATUS,
     UNWIND_ROWS,
     UNWIND_MAPPINGS,
     UNWIND_CACHE,

@@ -57,6 +57,9 @@ pub enum Program {
     GoTimerFire,
     /// Tracepoint oom:mark_victim: the kernel's OOM killer chose a victim.
     OomMarkVictim,
+    /// Tracepoint sched:sched_process_exit: the target's exit status (for
+    /// `attach`, where the tracer is not the parent that waits for it).
+    ProcessExit,
     /// Does nothing, at a function's entry: the tracer times calls of a
     /// function of its own with it, for the cost of a trap on this machine
     /// (the overhead estimate).
@@ -86,7 +89,7 @@ pub enum Attach {
 
 impl Program {
     /// Every program, in the order the loader loads them.
-    pub const ALL: [Program; 23] = [
+    pub const ALL: [Program; 24] = [
         Program::SizeArg0,
         Program::SizeArg1,
         Program::CallocEnter,
@@ -108,6 +111,7 @@ impl Program {
         Program::GoTimerFire,
         Program::AllocSession,
         Program::OomMarkVictim,
+        Program::ProcessExit,
         Program::CalibrateEntry,
         Program::CalibrateReturn,
     ];
@@ -137,6 +141,7 @@ impl Program {
             Program::GoTimerStop => "go_timer_stop",
             Program::GoTimerFire => "go_timer_fire",
             Program::OomMarkVictim => "oom_mark_victim",
+            Program::ProcessExit => "process_exit",
             Program::CalibrateEntry => "calibrate_entry",
             Program::CalibrateReturn => "calibrate_return",
         }
@@ -150,6 +155,10 @@ impl Program {
             Program::OomMarkVictim => Attach::Tracepoint {
                 category: "oom",
                 name: "mark_victim",
+            },
+            Program::ProcessExit => Attach::Tracepoint {
+                category: "sched",
+                name: "sched_process_exit",
             },
             _ => Attach::Uprobe,
         }
@@ -193,6 +202,7 @@ impl Program {
             Program::AllocReturn
             | Program::AllocSession
             | Program::OomMarkVictim
+            | Program::ProcessExit
             | Program::CalibrateEntry
             | Program::CalibrateReturn => {
                 return None;

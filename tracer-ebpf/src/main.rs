@@ -274,6 +274,15 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
     }
 }
 
+/// The target's main thread exits (tracepoint sched:sched_process_exit):
+/// its exit status.
+#[tracepoint]
+pub fn process_exit(ctx: TracePointContext) -> u32 {
+    match oom::try_process_exit(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

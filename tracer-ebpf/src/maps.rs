@@ -138,6 +138,16 @@ pub(crate) static UNWIND_BISECT: PerCpuArray<crate::unwind::Bisect> =
 #[map]
 pub(crate) static OOM_VICTIM: Array<OomVictim> = Array::with_max_entries(1, 0);
 
+/// The target's exit status (wait(2)'s form) in the low half, bit 32 set
+/// once recorded.
+#[map]
+pub(crate) static EXIT_STATUS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Offset of `exit_code` in `task_struct`, from the kernel's BTF; 0:
+/// unknown. Set before load.
+#[unsafe(no_mangle)]
+pub(crate) static TASK_EXIT_CODE: u32 = 0;
+
 #[inline(always)]
 pub(crate) fn target_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&TARGET_TGID) }

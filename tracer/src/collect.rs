@@ -262,7 +262,7 @@ impl Collector {
             .iter()
             .filter(|m| m.executable)
             .filter_map(|m| {
-                let path = m.path.display().to_string();
+                let path = m.display_name();
                 modules.contains(path.as_str()).then_some(ModuleMapping {
                     path,
                     start: m.start,

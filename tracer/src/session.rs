@@ -494,7 +494,7 @@ impl Traced {
             }
             let (code, signal) = match &self.own_child {
                 Some(w) => w.status(),
-                None => (None, None),
+                None => kernel.exit_status().map_or((None, None), wait_status),
             };
             sink.target_exited(&Exit {
                 pid: self.pid,
@@ -556,6 +556,14 @@ fn human_rate(r: f64) -> String {
         format!("{:.0}k", r / 1e3)
     } else {
         format!("{r:.0}")
+    }
+}
+
+/// (exit code, signal) of a wait(2) status.
+fn wait_status(status: u32) -> (Option<i32>, Option<i32>) {
+    match status & 0x7f {
+        0 => (Some(((status >> 8) & 0xff) as i32), None),
+        sig => (None, Some(sig as i32)),
     }
 }
 
@@ -625,6 +633,12 @@ async fn follow_exec(
     // The old links close here (in parallel, batched).
     *kernel = new_kernel;
     *unwinder = new_unwinder;
+    if let Err(e) = kernel.watch_exit() {
+        log::info!(
+            "the target's exit status is not recorded: {}",
+            crate::error::chain(&e)
+        );
+    }
     if opts.alerts.is_some()
         && let Err(e) = kernel.watch_oom_kills()
     {
@@ -1028,6 +1042,12 @@ async fn trace_loop(
     sink: &mut dyn Sink,
 ) -> Result<(), TracerError> {
     let started = Instant::now();
+    if let Err(e) = kernel.watch_exit() {
+        log::info!(
+            "the target's exit status is not recorded: {}",
+            crate::error::chain(&e)
+        );
+    }
     if opts.alerts.is_some()
         && let Err(e) = kernel.watch_oom_kills()
     {

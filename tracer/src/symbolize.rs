@@ -280,7 +280,7 @@ impl Symbolizer {
             // which gives the right line and the right inlining context.
             let probe = ip.saturating_sub(1);
             if let Some((m, off)) = self.maps.lookup(probe) {
-                module_of[i] = Some(m.path.display().to_string());
+                module_of[i] = Some(m.display_name());
                 offset_of[i] = off;
                 let held = self.held.get(&(m.dev, m.inode));
                 let module = module_of[i].clone();

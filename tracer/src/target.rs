@@ -36,6 +36,73 @@ pub struct Mapping {
     /// A path from which we can open this very file (see the module docs).
     /// Equal to `path` until [`Maps::resolve_open_paths`] runs.
     pub open_path: PathBuf,
+    /// The name the process was started by, when that is a symlink to
+    /// this file (`redis-server` → `redis-check-rdb`): the kernel lists
+    /// the target of the link, the user knows the link.
+    pub alias: Option<PathBuf>,
+}
+
+impl Mapping {
+    /// The module's name for the user: the name the program was started
+    /// by, with " (deleted)" when the file was replaced or removed since.
+    pub fn display_name(&self) -> String {
+        let path = self.alias.as_ref().unwrap_or(&self.path).display();
+        if self.deleted {
+            format!("{path} (deleted)")
+        } else {
+            path.to_string()
+        }
+    }
+}
+
+/// The path process `pid` was started by (its argv[0], made absolute with
+/// its working directory or PATH as it sees them) when that path is a
+/// symlink leading to its executable, with the executable's device and
+/// inode as its maps show them.
+fn started_as(pid: u32) -> Option<(PathBuf, (u32, u32), u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv0 = std::str::from_utf8(cmdline.split(|&b| b == 0).next()?).ok()?;
+    // A process that sets its title (redis: "redis-server *:6379") writes
+    // over argv: the name is its first word.
+    let argv0 = argv0.split_whitespace().next()?;
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let candidates: Vec<PathBuf> = if argv0.contains('/') {
+        let p = Path::new(argv0);
+        if p.is_absolute() {
+            vec![p.to_path_buf()]
+        } else {
+            // Relative to its working directory, as the process sees it.
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+            vec![cwd.join(p)]
+        }
+    } else {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let path = environ
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"PATH="))
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin")
+            .to_string();
+        path.split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| Path::new(d).join(argv0))
+            .collect()
+    };
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    candidates.into_iter().find_map(|c| {
+        let link = std::fs::symlink_metadata(inside(&c)).ok()?;
+        let target = std::fs::metadata(inside(&c)).ok()?;
+        (link.file_type().is_symlink() && target.dev() == exe.dev() && target.ino() == exe.ino())
+            .then(|| {
+                (
+                    c,
+                    (libc::major(exe.dev()), libc::minor(exe.dev())),
+                    exe.ino(),
+                )
+            })
+    })
 }
 
 /// The file-backed mappings of a process at one moment.
@@ -75,6 +142,7 @@ impl Maps {
                 open_path: path.clone(),
                 path,
                 deleted,
+                alias: None,
             });
         }
         Ok(Self {
@@ -116,6 +184,15 @@ impl Maps {
     fn from_text(pid: u32, text: &[u8]) -> Result<Self, TracerError> {
         let mut maps = Self::parse(text).map_err(|source| TracerError::BadMaps { pid, source })?;
         maps.resolve_open_paths(pid);
+        if let Some((alias, dev, inode)) = started_as(pid) {
+            for m in maps
+                .mappings
+                .iter_mut()
+                .filter(|m| m.inode == inode && m.dev == dev && m.path != alias)
+            {
+                m.alias = Some(alias.clone());
+            }
+        }
         Ok(maps)
     }
 
@@ -386,6 +463,48 @@ mod tests {
             !maps.is_code(0x646d65747379732f),
             "ASCII text read as an address"
         );
+    }
+
+    #[test]
+    fn a_program_started_through_a_symlink_is_named_by_it() {
+        let dir = std::env::temp_dir().join(format!("tracer-alias-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("my-server");
+        let _ = std::fs::remove_file(&link);
+        let real = std::fs::canonicalize("/bin/sleep").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let mut child = std::process::Command::new(&link).arg("30").spawn().unwrap();
+        let pid = child.id();
+        // The exec is done once the executable is the new one.
+        let mut maps = None;
+        for _ in 0..200 {
+            if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == real) {
+                maps = Some(Maps::read(pid).unwrap());
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        let maps = maps.expect("sleep started");
+        let exe = maps.mappings.iter().find(|m| m.path == real).unwrap();
+        assert_eq!(exe.display_name(), link.display().to_string());
+        let libc = maps
+            .mappings
+            .iter()
+            .find(|m| m.path.to_string_lossy().contains("libc"))
+            .unwrap();
+        assert_eq!(libc.display_name(), libc.path.display().to_string());
+    }
+
+    #[test]
+    fn a_replaced_file_says_so_in_its_name() {
+        let maps = Maps::parse(
+            b"7f1e2a200000-7f1e2a201000 r-xp 00000000 fe:01 77 /tmp/gone.so (deleted)\n",
+        )
+        .unwrap();
+        assert_eq!(maps.mappings[0].display_name(), "/tmp/gone.so (deleted)");
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub enum KernelError {
     MissingProgram(&'static str),
     #[error("{0} is not a tracepoint program")]
     NotTracepoint(&'static str),
+    #[error("no kernel BTF giving task_struct.exit_code (/sys/kernel/btf/vmlinux)")]
+    NoTaskLayout,
     #[error("program {program}")]
     Program {
         program: &'static str,
@@ -155,6 +157,8 @@ pub struct Kernel {
     slots: Vec<(Program, bool)>,
     /// The heap sampling rate, as the programs read it.
     sample_rate: Array<MapData, u64>,
+    /// The target's exit status (see [`Kernel::watch_exit`]).
+    exit_status: Array<MapData, u64>,
     /// Each counted probe's hits, by slot.
     probe_hits: PerCpuArray<MapData, u64>,
     /// Whether every probe was taken off ([`Kernel::detach_probes`]).
@@ -204,6 +208,11 @@ impl Kernel {
             .override_global(maps::TARGET_TGID, &tgid, true)
             .override_global(maps::PAGE_SIZE, &page_size, true)
             .override_global(maps::GO_OFFSETS, &go, true)
+            .override_global(
+                maps::TASK_EXIT_CODE,
+                &task_exit_code_offset().unwrap_or(0),
+                true,
+            )
             .map_max_entries(maps::GO_GOROUTINES, sizes.goroutines)
             .map_max_entries(maps::GO_TIMERS, sizes.goroutines)
             .map_max_entries(maps::GO_SITES, sizes.sites)
@@ -301,6 +310,7 @@ impl Kernel {
             HashMap::try_from(take(&mut ebpf, maps::UNWIND_MAPPINGS)?).map_err(load_err)?;
         let probe_hits =
             PerCpuArray::try_from(take(&mut ebpf, maps::PROBE_HITS)?).map_err(load_err)?;
+        let exit_status = Array::try_from(take(&mut ebpf, maps::EXIT_STATUS)?).map_err(load_err)?;
         let mut sample_rate: Array<MapData, u64> =
             Array::try_from(take(&mut ebpf, maps::SAMPLE_RATE)?).map_err(load_err)?;
         sample_rate
@@ -327,6 +337,7 @@ impl Kernel {
             _stats: stats,
             slots: Vec::new(),
             sample_rate,
+            exit_status,
             probe_hits,
             detached: false,
         })
@@ -696,8 +707,27 @@ impl Kernel {
     /// Watches the kernel's OOM killer (tracepoint oom:mark_victim). Needs
     /// tracefs, which is mounted at /sys/kernel/tracing when it is not.
     pub fn watch_oom_kills(&mut self) -> Result<(), KernelError> {
+        self.attach_tracepoint(Program::OomMarkVictim)
+    }
+
+    /// Records the target's exit status (tracepoint sched:sched_process_exit)
+    /// for [`Kernel::exit_status`]: `attach` is not the target's parent, so
+    /// no wait(2) tells it.
+    pub fn watch_exit(&mut self) -> Result<(), KernelError> {
+        if task_exit_code_offset().is_none() {
+            return Err(KernelError::NoTaskLayout);
+        }
+        self.attach_tracepoint(Program::ProcessExit)
+    }
+
+    /// The target's exit status as wait(2) gives it, once it exited.
+    pub fn exit_status(&self) -> Option<u32> {
+        let v = self.exit_status.get(&0, 0).ok()?;
+        (v >> 32 == 1).then_some(v as u32)
+    }
+
+    fn attach_tracepoint(&mut self, program: Program) -> Result<(), KernelError> {
         ensure_tracefs()?;
-        let program = Program::OomMarkVictim;
         let Attach::Tracepoint { category, name } = program.attach() else {
             return Err(KernelError::NotTracepoint(program.name()));
         };
@@ -918,6 +948,27 @@ impl Drop for Kernel {
             }
         });
     }
+}
+
+/// Offset of `exit_code` in the running kernel's `task_struct`, from its
+/// BTF (read once).
+fn task_exit_code_offset() -> Option<u32> {
+    static OFFSET: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux").ok()?;
+        btf.resolve_types_by_name("task_struct")
+            .ok()?
+            .iter()
+            .find_map(|t| match t {
+                btf_rs::Type::Struct(s) => s.members.iter().find_map(|m| {
+                    (btf.resolve_name(m).ok()? == "exit_code"
+                        && m.bitfield_size().unwrap_or(0) == 0)
+                        .then(|| m.bit_offset() / 8)
+                }),
+                _ => None,
+            })
+            .filter(|&o| o > 0)
+    })
 }
 
 /// Mounts tracefs at /sys/kernel/tracing if no tracefs is there (tracepoint
