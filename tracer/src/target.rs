@@ -475,11 +475,16 @@ mod tests {
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let mut child = std::process::Command::new(&link).arg("30").spawn().unwrap();
         let pid = child.id();
-        // The exec is done once the executable is the new one.
+        // Once the loader has mapped libc, the exec is long done.
         let mut maps = None;
-        for _ in 0..200 {
-            if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == real) {
-                maps = Some(Maps::read(pid).unwrap());
+        for _ in 0..400 {
+            if let Ok(m) = Maps::read(pid)
+                && m.mappings.iter().any(|m| m.path == real)
+                && m.mappings
+                    .iter()
+                    .any(|m| m.path.to_string_lossy().contains("libc"))
+            {
+                maps = Some(m);
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
