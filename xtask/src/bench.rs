@@ -526,6 +526,31 @@ fn go_service_rows(rounds: usize, out_dir: &Path) -> Result<(HttpRounds, (Census
     Ok((http, census))
 }
 
+/// Only attaching to python3 and detaching from it.
+pub fn bench_exit(rounds: usize) -> Result<()> {
+    let out_dir = root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    print_python(&python_attach(rounds, &out_dir)?);
+    Ok(())
+}
+
+fn print_python(python: &PythonRun) {
+    println!(
+        "  attach to python3 (its and libc's unwind tables built): {:.2} s (goal < 1 s); \
+         tables {:.2} MiB of kernel memory (goal <= 4 MiB)",
+        python.attach_s,
+        python.unwind_bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "  Ctrl-C to exit, python3 with {} probes: batched uprobe_multi links {:.2} s \
+         (goal < 0.5 s), one perf event per probe {:.2} s: {:.1}× faster",
+        python.probes,
+        python.exit_batched_s,
+        python.exit_one_by_one_s,
+        python.exit_one_by_one_s / python.exit_batched_s
+    );
+}
+
 /// Only the Go service rows: the HTTP service and the census at 1M.
 pub fn bench_go(rounds: usize) -> Result<()> {
     let out_dir = root().join("target/bench");
@@ -978,20 +1003,7 @@ fn report(
         (ctr / cbase - 1.0) * 100.0
     );
     unwinding_summary(c);
-    println!(
-        "  attach to python3 (its and libc's unwind tables built): {:.2} s (goal < 1 s); \
-         tables {:.2} MiB of kernel memory (goal <= 4 MiB)",
-        python.attach_s,
-        python.unwind_bytes as f64 / (1 << 20) as f64
-    );
-    println!(
-        "  Ctrl-C to exit, python3 with {} probes: batched uprobe_multi links {:.2} s \
-         (goal < 0.5 s), one perf event per probe {:.2} s: {:.1}× faster",
-        python.probes,
-        python.exit_batched_s,
-        python.exit_one_by_one_s,
-        python.exit_one_by_one_s / python.exit_batched_s
-    );
+    print_python(&python);
     print_census(&census);
     println!(
         "\nsteady state, 100k malloc+free pairs/s traced: tracer process {:.2}% of a core \

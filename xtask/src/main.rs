@@ -52,6 +52,10 @@ enum Task {
         /// Only the Go service rows (HTTP service, census at 1M goroutines).
         #[arg(long)]
         go_only: bool,
+        /// Only attaching to python3 and the time from Ctrl-C to exit
+        /// (batched links against one perf event per probe).
+        #[arg(long)]
+        exit_only: bool,
     },
     /// Set up, build, and trace the bundled leaky demo service live.
     Demo {
@@ -419,12 +423,16 @@ fn main() -> Result<()> {
             pairs,
             stream_only,
             go_only,
+            exit_only,
         } => {
             let route = toolchain::setup()?;
             build(&route)?;
             if stream_only {
                 c_fixtures_build()?;
                 return bench::bench_stream();
+            }
+            if exit_only {
+                return bench::bench_exit(rounds);
             }
             fixtures()?;
             if go_only {
