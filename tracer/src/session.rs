@@ -633,12 +633,6 @@ async fn follow_exec(
     // The old links close here (in parallel, batched).
     *kernel = new_kernel;
     *unwinder = new_unwinder;
-    if let Err(e) = kernel.watch_exit() {
-        log::info!(
-            "the target's exit status is not recorded: {}",
-            crate::error::chain(&e)
-        );
-    }
     if opts.alerts.is_some()
         && let Err(e) = kernel.watch_oom_kills()
     {
@@ -763,6 +757,14 @@ fn hook_running(
         unwind = inst.info();
     }
     let probes = kernel.attach(&plan.probes, pid)?;
+    // Before `attached`: a target may exit right after it. Only `attach`
+    // needs it; `run` waits for its own child.
+    if let Err(e) = kernel.watch_exit() {
+        log::info!(
+            "the target's exit status is not recorded: {}",
+            crate::error::chain(&e)
+        );
+    }
     log::info!(
         "pid {pid}: {} probes live in {:.2} s{}",
         probes.len(),
@@ -1042,12 +1044,6 @@ async fn trace_loop(
     sink: &mut dyn Sink,
 ) -> Result<(), TracerError> {
     let started = Instant::now();
-    if let Err(e) = kernel.watch_exit() {
-        log::info!(
-            "the target's exit status is not recorded: {}",
-            crate::error::chain(&e)
-        );
-    }
     if opts.alerts.is_some()
         && let Err(e) = kernel.watch_oom_kills()
     {
