@@ -119,15 +119,34 @@ fn trace_binary(binary: &str, version: &str, extra: &[&str]) -> Vec<Value> {
     );
     target.expect_line("done", T);
     // The churn goroutines have all signalled; wait until every one of them
-    // has also exited: the runtime's list holds none of them alive.
+    // has also exited (the runtime's list holds none of them alive) while
+    // the 50 consumers are counted: a snapshot with no goroutine at all
+    // would pass the first test vacuously.
     let churn_line = marker_line(&src(), "churn_goroutine");
-    stream.next_of_where("snapshot", "no churn goroutine alive", T, |snap| {
-        !snap["sites"].as_array().unwrap().iter().any(|s| {
-            s["kind"] == "goroutine"
-                && s["frames"][0]["line"] == churn_line
-                && s["outstanding_count"] != 0
-        })
-    });
+    let consumer_line = marker_line(&src(), "goroutine");
+    stream.next_of_where(
+        "snapshot",
+        "50 consumers, no churn goroutine alive",
+        T,
+        |snap| {
+            let goroutines = || {
+                snap["sites"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s["kind"] == "goroutine")
+            };
+            goroutines().any(|s| {
+                s["outstanding_count"] == 50
+                    && s["frames"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|f| f["line"] == consumer_line)
+            }) && !goroutines()
+                .any(|s| s["frames"][0]["line"] == churn_line && s["outstanding_count"] != 0)
+        },
+    );
     target.close_stdin();
     assert_eq!(
         target.wait(T),

@@ -143,6 +143,8 @@ struct Traced {
     overhead: Option<Estimator>,
     /// Whether the user was told the first estimate.
     overhead_told: bool,
+    /// The last estimate, for snapshots outside the interval's.
+    last_overhead: Option<Overhead>,
 }
 
 impl Traced {
@@ -168,6 +170,7 @@ impl Traced {
             previous_images: Vec::new(),
             overhead: None,
             overhead_told: false,
+            last_overhead: None,
         }
     }
 
@@ -414,6 +417,7 @@ impl Traced {
         let mut snap = self.collector.collect(kernel)?;
         kernel.flush_logs();
         snap.memory = self.watch.as_ref().and_then(|w| w.last.clone());
+        snap.overhead = self.last_overhead;
         Ok(snap)
     }
 
@@ -443,6 +447,7 @@ impl Traced {
             snap.overhead = self.measure_overhead(kernel);
         }
         if let Some(o) = snap.overhead {
+            self.last_overhead = Some(o);
             self.tell_overhead(&o, sink)?;
             self.bound_overhead(kernel, &o, &snap, opts, sink)?;
         }

@@ -96,6 +96,8 @@ pub struct GoTarget {
     /// part of the list.
     census_progress: Option<(u64, u64, u64)>,
     census_noticed: bool,
+    /// Whether a failing goroutine-list read was logged.
+    census_warned: bool,
     /// Time per snapshot for reading the goroutine list.
     census_budget: std::time::Duration,
 }
@@ -198,6 +200,7 @@ impl GoTarget {
             rolling: Default::default(),
             census_progress: None,
             census_noticed: false,
+            census_warned: false,
             census_budget: std::time::Duration::from_millis(5),
         };
         go.resolve(maps);

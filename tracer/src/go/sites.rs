@@ -144,6 +144,21 @@ impl GoTarget {
                 };
                 let started = std::time::Instant::now();
                 match self.rolling.read(self.pid, &layout, self.census_budget) {
+                    // g structs are never freed: in a live process every
+                    // one reads. Most failing means the address space is
+                    // being torn down (the target is exiting, its heap
+                    // already unmapped): keep the last whole census rather
+                    // than report its goroutines gone.
+                    Ok(c) if c.unreadable > 0 && c.unreadable * 2 >= c.allglen => {
+                        log::debug!(
+                            "pid {}: {} of {} goroutine entries unreadable: exiting; the last \
+                             census stands",
+                            self.pid,
+                            c.unreadable,
+                            c.allglen
+                        );
+                        self.census_before_exit()
+                    }
                     Ok(c) => {
                         log::debug!(
                             "pid {}: read {} of {} goroutine entries in {:.1} ms ({} unreadable, {} unread)",
@@ -162,10 +177,27 @@ impl GoTarget {
                     }
                     // Gone (the final report after exit).
                     Err(e) => {
+                        if std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+                            && !std::mem::replace(&mut self.census_warned, true)
+                        {
+                            log::warn!(
+                                "pid {}: goroutine list unreadable while it runs: {e}",
+                                self.pid
+                            );
+                        }
                         log::debug!("pid {}: goroutine list unreadable: {e}", self.pid);
                         self.census_before_exit()
                     }
                 }
+            }
+            (Some(_), None) => {
+                if !std::mem::replace(&mut self.census_warned, true) {
+                    log::warn!(
+                        "pid {}: runtime.allgs not found in the maps: no goroutine census",
+                        self.pid
+                    );
+                }
+                self.census_before_exit()
             }
             _ => self.census_before_exit(),
         };
