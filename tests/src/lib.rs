@@ -202,11 +202,27 @@ impl Proc {
 
     /// Starts `cmd` with piped stdin/stdout; stdout lines arrive on a channel.
     pub fn spawn(cmd: &mut Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Self::try_spawn(cmd).unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+    }
+
+    /// Starts a program written an instant ago. Another test's fork, between
+    /// its fork and its exec, may still hold the writer's descriptor: exec
+    /// then fails with "text file busy" for that moment, so it is retried.
+    pub fn spawn_new_file(cmd: &mut Command) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::try_spawn(cmd) {
+                Ok(p) => return p,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot start {cmd:?}: {e}"),
+            }
+        }
+    }
+
+    fn try_spawn(cmd: &mut Command) -> std::io::Result<Self> {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -217,10 +233,10 @@ impl Proc {
                 }
             }
         });
-        Self {
+        Ok(Self {
             child,
             stdout: Some(rx),
-        }
+        })
     }
 
     /// The next stdout line, within `timeout`.

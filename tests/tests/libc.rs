@@ -1053,7 +1053,7 @@ fn a_deleted_binary_is_traced_and_named_so() {
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join("allocs");
     std::fs::copy(fixture("allocs-fp"), &copy).unwrap();
-    let mut target = Proc::spawn(Command::new(&copy).arg("wait"));
+    let mut target = Proc::spawn_new_file(Command::new(&copy).arg("wait"));
     target.expect_line("ready", T);
     std::fs::remove_dir_all(&dir).unwrap();
     let (mut tracer, mut stream, _) = Tracing::attach(target.pid())

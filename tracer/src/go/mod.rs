@@ -98,6 +98,8 @@ pub struct GoTarget {
     census_noticed: bool,
     /// Whether a failing goroutine-list read was logged.
     census_warned: bool,
+    /// Whether [`GoTarget::resolve`] was ever given the target's maps.
+    maps_seen: bool,
     /// Time per snapshot for reading the goroutine list.
     census_budget: std::time::Duration,
 }
@@ -201,6 +203,7 @@ impl GoTarget {
             census_progress: None,
             census_noticed: false,
             census_warned: false,
+            maps_seen: false,
             census_budget: std::time::Duration::from_millis(5),
         };
         go.resolve(maps);
@@ -376,6 +379,7 @@ impl GoTarget {
     /// Finds `runtime.MemProfileRate` and the memory profile in the target
     /// once its executable is mapped.
     pub fn resolve(&mut self, maps: &Maps) {
+        self.maps_seen |= !maps.mappings.is_empty();
         if self.allp_addr.is_none()
             && let Some(t) = &self.plan.timer_heaps
         {

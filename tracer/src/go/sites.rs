@@ -177,9 +177,7 @@ impl GoTarget {
                     }
                     // Gone (the final report after exit).
                     Err(e) => {
-                        if std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
-                            && !std::mem::replace(&mut self.census_warned, true)
-                        {
+                        if running(self.pid) && !std::mem::replace(&mut self.census_warned, true) {
                             log::warn!(
                                 "pid {}: goroutine list unreadable while it runs: {e}",
                                 self.pid
@@ -191,7 +189,12 @@ impl GoTarget {
                 }
             }
             (Some(_), None) => {
-                if !std::mem::replace(&mut self.census_warned, true) {
+                // `run` starts with no maps: only a running target whose
+                // maps were read and lack it is worth a warning.
+                if running(self.pid)
+                    && self.maps_seen
+                    && !std::mem::replace(&mut self.census_warned, true)
+                {
                     log::warn!(
                         "pid {}: runtime.allgs not found in the maps: no goroutine census",
                         self.pid
@@ -281,4 +284,14 @@ impl GoTarget {
         self.starts.insert(startpc, resolved.clone());
         Some(resolved)
     }
+}
+
+/// Whether process `pid` is running: neither gone nor a zombie (whose
+/// memory is gone already).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| !matches!(state, "Z" | "X" | "x"))
+    })
 }
