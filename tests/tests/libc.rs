@@ -1107,3 +1107,119 @@ fn attach_reports_how_the_target_ended() {
     assert!(exited["code"].is_null(), "{exited}");
     assert_eq!(tracer.wait(T), Some(0));
 }
+
+/// `attach --follow-forks`: a child forked after attach (no exec) is traced
+/// as a target of its own, from its birth: its sites are exactly the
+/// fixture's, under its pid, and none of them shows in the parent, whose
+/// own site holds exactly what it allocated after the fork.
+#[test]
+fn forked_children_are_traced_as_their_own_targets() {
+    if !privileged("forked_children_are_traced_as_their_own_targets") {
+        return;
+    }
+    let mut parent = Proc::spawn(Command::new(fixture("allocs-fp")).arg("fork"));
+    parent.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(parent.pid())
+        .arg("--follow-forks")
+        .on_attached(|_| parent.send("fork"))
+        .start();
+    let child: u32 = parent
+        .expect_line("child", T)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("child PID");
+    let attached = stream.next_of_where("attached", "the child's pid", T, |v| v["pid"] == child);
+    assert_eq!(attached["parent_pid"], parent.pid(), "{attached}");
+    assert!(
+        attached["probes"].as_array().unwrap().len() >= 6,
+        "{attached}"
+    );
+    // The child waits for a line before allocating.
+    parent.expect_line("ready", T);
+    parent.send("go");
+    parent.expect_line("done", T);
+    parent.close_stdin();
+    assert_eq!(parent.wait(T), Some(0), "both processes end normally");
+    let mut reports = Vec::new();
+    while reports.len() < 2 {
+        reports.push(stream.next_of("report", T));
+    }
+    assert_eq!(
+        tracer.wait(T),
+        Some(0),
+        "the tracer ends with its last target"
+    );
+    let of = |pid: u32| {
+        reports
+            .iter()
+            .find(|r| r["pid"] == pid)
+            .unwrap_or_else(|| panic!("no report for pid {pid}: {reports:?}"))
+    };
+    assert_exact_sites(of(child), true);
+    let parent_report = of(parent.pid());
+    let src = allocs_src();
+    let own = site_at(
+        parent_report,
+        "heap",
+        "parent_only",
+        marker_line(&src, "parent_only"),
+    );
+    assert_eq!(own["outstanding_bytes"], 7 * 900, "{own}");
+    assert_eq!(own["outstanding_count"], 7, "{own}");
+    assert!(
+        sites_at(
+            parent_report,
+            "heap",
+            "leak_malloc",
+            marker_line(&src, "leak_malloc")
+        )
+        .is_empty(),
+        "the child's sites stay out of the parent's report: {}",
+        describe_sites(parent_report)
+    );
+    let exits: Vec<&Value> = stream
+        .seen
+        .iter()
+        .filter(|v| v["type"] == "target_exited")
+        .collect();
+    assert!(
+        exits.iter().any(|e| e["pid"] == child && e["code"] == 0),
+        "the child's exit is reported: {exits:?}"
+    );
+}
+
+/// `tracer run` follows what a shell wrapper starts (`sh -c 'app; ...'`
+/// forks and execs the app): the app is traced under its own pid with the
+/// fixture's exact sites.
+#[test]
+fn run_follows_a_shell_wrapper_into_its_program() {
+    if !privileged("run_follows_a_shell_wrapper_into_its_program") {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("tracer-wrapper-{}.json", std::process::id()));
+    let script = format!("{} wait; echo wrapper-done", fixture("allocs-fp").display());
+    let (mut tracer, mut stream, first) = Tracing::run(["/bin/sh", "-c", script.as_str()])
+        .output(&out)
+        .start();
+    assert!(first["parent_pid"].is_null(), "{first}");
+    // allocs' "ready PID": it runs, not yet allocating.
+    let app: u32 = tracer
+        .expect_line("ready", T)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("ready PID");
+    let real = std::fs::canonicalize(fixture("allocs-fp")).unwrap();
+    stream.next_of_where("attached", "the app's image", T, |v| {
+        v["pid"] == app && v["exe"] == real.display().to_string()
+    });
+    tracer.send("go");
+    tracer.expect_line("done", T);
+    tracer.close_stdin();
+    tracer.expect_line("wrapper-done", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    let report = stream.next_of_where("report", "the app's pid", T, |v| v["pid"] == app);
+    let _ = std::fs::remove_file(&out);
+    assert_exact_sites(&report, true);
+}

@@ -135,6 +135,12 @@ counters! {
     /// ... a pc in a mapping not yet known to the unwinder (mapped since the
     /// last refresh, e.g. dlopen).
     UnwindNoMapping = 30, "unwind_no_mapping", Activity, "";
+    /// Children of followed processes that could not become targets: the
+    /// process map was full.
+    ProcessMapFull = 31, "process_map_full", Lost,
+        "child processes untraced (process map full, raise --max-processes)";
+    /// Children the kernel added as targets (fork following, a cgroup).
+    ProcessesFollowed = 32, "processes_followed", Activity, "";
 }
 
 impl Counter {

@@ -149,7 +149,9 @@ pub struct AllocInfo {
     pub kind: u32,
 }
 
-/// Key of the per-site statistics map.
+/// Key of the per-site statistics map. One session traces several
+/// processes (children it follows, a cgroup's), whose stacks mean different
+/// code: a site belongs to one process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SiteKey {
@@ -157,6 +159,44 @@ pub struct SiteKey {
     pub stack_id: u32,
     /// A [`Kind`].
     pub kind: u32,
+    /// The process (tgid).
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Key of the maps holding something of one process by its address or id
+/// (a live block, a pending timer, a goroutine id, a profile bucket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcKey {
+    pub addr: u64,
+    /// The process (tgid).
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+impl ProcKey {
+    pub const fn new(tgid: u32, addr: u64) -> Self {
+        Self {
+            addr,
+            tgid,
+            _pad: 0,
+        }
+    }
+}
+
+/// Bits of a [`maps::TARGETS`] value.
+pub mod target {
+    /// Traced: its events count.
+    pub const TRACED: u32 = 1;
+    /// Its children (fork, clone without CLONE_THREAD) become targets too,
+    /// with this bit, when they are born.
+    pub const FOLLOW_FORKS: u32 = 1 << 1;
+    /// Added by the kernel at its birth; the collector has not hooked it
+    /// yet (it clears the bit once it has).
+    pub const NEW_CHILD: u32 = 1 << 2;
+    /// It exec'd since the collector last cleared the bit.
+    pub const EXECED: u32 = 1 << 3;
 }
 
 /// Per-site statistics, updated with atomic adds by every CPU.
@@ -185,6 +225,9 @@ pub struct SiteStats {
 pub struct GoSiteKey {
     pub gopc: u64,
     pub startpc: u64,
+    /// The process (tgid).
+    pub tgid: u32,
+    pub _pad: u32,
 }
 
 /// Struct offsets in the target's Go runtime, set as globals before load.
@@ -236,6 +279,8 @@ pub const DEFAULT_MAX_SITES: u32 = 1 << 15;
 pub const DEFAULT_MAX_STACKS: u32 = 1 << 15;
 pub const DEFAULT_MAX_THREADS: u32 = 1 << 14;
 pub const DEFAULT_MAX_GOROUTINES: u32 = 1 << 20;
+/// Processes one session traces at once (a followed tree, a cgroup).
+pub const DEFAULT_MAX_PROCESSES: u32 = 1 << 10;
 
 /// Depth of the stacks the kernel records (the kernel's own maximum).
 pub const MAX_STACK_DEPTH: usize = 127;
@@ -258,6 +303,7 @@ mod user {
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::AllocInfo {}
     unsafe impl aya::Pod for super::SiteKey {}
+    unsafe impl aya::Pod for super::ProcKey {}
     unsafe impl aya::Pod for super::SiteStats {}
     unsafe impl aya::Pod for super::GoSiteKey {}
     unsafe impl aya::Pod for super::GoOffsets {}
@@ -302,9 +348,10 @@ mod tests {
     fn no_hidden_padding() {
         assert_eq!(size_of::<Pending>(), 8 * 3 + 4 + 4 + 8);
         assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 4 + 4);
-        assert_eq!(size_of::<SiteKey>(), 4 + 4);
+        assert_eq!(size_of::<SiteKey>(), 4 * 4);
+        assert_eq!(size_of::<ProcKey>(), 8 + 4 + 4);
         assert_eq!(size_of::<SiteStats>(), 8 * 6);
-        assert_eq!(size_of::<GoSiteKey>(), 16);
+        assert_eq!(size_of::<GoSiteKey>(), 24);
         assert_eq!(size_of::<OomVictim>(), 8 * 6);
         assert_eq!(size_of::<GoOffsets>(), 8 * 8);
         assert_eq!(size_of::<StackBuf>(), 8 * MAX_STACK_DEPTH);

@@ -9,17 +9,21 @@
 // Globals (read-only data), set by the loader before the object reaches the
 // kernel.
 
-/// `u32`: the process (tgid) whose events count; 0 accepts every process.
-pub const TARGET_TGID: &str = "TARGET_TGID";
 /// `u64`: the target's page size, for rounding mapping lengths.
 pub const PAGE_SIZE: &str = "PAGE_SIZE";
-/// [`GoOffsets`](crate::GoOffsets): struct offsets of the target's Go runtime.
-pub const GO_OFFSETS: &str = "GO_OFFSETS";
 /// `u32`: offset of `exit_code` in the kernel's `task_struct` (from its
 /// BTF); 0: unknown, the exit status is not recorded.
 pub const TASK_EXIT_CODE: &str = "TASK_EXIT_CODE";
 
 // Maps.
+
+/// Hash map: tgid → [`target`](crate::target) bits. Only the processes
+/// here count; the fork tracepoint adds the children of those that follow
+/// forks.
+pub const TARGETS: &str = "TARGETS";
+/// Hash map: tgid → [`GoOffsets`](crate::GoOffsets), the struct offsets of
+/// that Go process's runtime.
+pub const GO_RUNTIMES: &str = "GO_RUNTIMES";
 
 /// Array of one `u64`: the heap sampling rate in bytes (`--sample-bytes`;
 /// 0 traces every allocation). A map, not a global: `--max-overhead` raises
@@ -29,17 +33,17 @@ pub const SAMPLE_RATE: &str = "SAMPLE_RATE";
 /// Per-CPU array of `u64`, indexed by a cookie's slot
 /// ([`cookie`](crate::cookie)): each entry probe's hits.
 pub const PROBE_HITS: &str = "PROBE_HITS";
-/// Hash map: pending Go timer → creation stack id.
+/// Hash map: pending Go timer ([`ProcKey`](crate::ProcKey)) → creation stack id.
 pub const GO_TIMERS: &str = "GO_TIMERS";
-/// Hash map: live goroutine id → [`GoSiteKey`](crate::GoSiteKey).
+/// Hash map: live goroutine id ([`ProcKey`](crate::ProcKey)) → [`GoSiteKey`](crate::GoSiteKey).
 pub const GO_GOROUTINES: &str = "GO_GOROUTINES";
 /// Hash map: [`GoSiteKey`](crate::GoSiteKey) → [`SiteStats`](crate::SiteStats).
 pub const GO_SITES: &str = "GO_SITES";
-/// Hash map: Go memory-profile bucket → [`SiteStats`](crate::SiteStats).
+/// Hash map: Go memory-profile bucket ([`ProcKey`](crate::ProcKey)) → [`SiteStats`](crate::SiteStats).
 pub const GO_BUCKETS: &str = "GO_BUCKETS";
 /// LRU hash map: thread → [`Pending`](crate::Pending) allocator call.
 pub const PENDING: &str = "PENDING";
-/// Hash map: live block address → [`AllocInfo`](crate::AllocInfo).
+/// Hash map: live block ([`ProcKey`](crate::ProcKey)) → [`AllocInfo`](crate::AllocInfo).
 pub const ALLOCS: &str = "ALLOCS";
 /// Hash map: [`SiteKey`](crate::SiteKey) → [`SiteStats`](crate::SiteStats).
 pub const SITES: &str = "SITES";
@@ -52,10 +56,10 @@ pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
 pub const OWN_STACKS: &str = "OWN_STACKS";
 /// Per-CPU array of `u64`, indexed by [`Counter`](crate::Counter).
 pub const COUNTERS: &str = "COUNTERS";
-/// Array of one [`OomVictim`](crate::OomVictim).
+/// Hash map: tgid → [`OomVictim`](crate::OomVictim), for targets the OOM
+/// killer chose.
 pub const OOM_VICTIM: &str = "OOM_VICTIM";
-/// Array of one `u64`: the target's exit status as wait(2) reports it, in
-/// the low half; bit 32 set once recorded.
+/// Hash map: tgid → `u64`, a target's exit status as wait(2) reports it.
 pub const EXIT_STATUS: &str = "EXIT_STATUS";
 /// Array of [`UnwindRow`](crate::unwind::UnwindRow): every object's unwind
 /// table, one after another (shared by the processes mapping the object).
@@ -72,10 +76,12 @@ pub const UNWIND_WALK: &str = "UNWIND_WALK";
 pub const UNWIND_BISECT: &str = "UNWIND_BISECT";
 
 /// Every global above.
-pub const GLOBALS: [&str; 4] = [TARGET_TGID, PAGE_SIZE, GO_OFFSETS, TASK_EXIT_CODE];
+pub const GLOBALS: [&str; 2] = [PAGE_SIZE, TASK_EXIT_CODE];
 
 /// Every map above.
-pub const MAPS: [&str; 20] = [
+pub const MAPS: [&str; 22] = [
+    TARGETS,
+    GO_RUNTIMES,
     SAMPLE_RATE,
     PROBE_HITS,
     GO_TIMERS,

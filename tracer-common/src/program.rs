@@ -60,6 +60,12 @@ pub enum Program {
     /// Tracepoint sched:sched_process_exit: the target's exit status (for
     /// `attach`, where the tracer is not the parent that waits for it).
     ProcessExit,
+    /// Tracepoint task:task_newtask: a target's child (a new process, not a
+    /// thread) becomes a target when its parent follows forks.
+    ProcessFork,
+    /// Tracepoint sched:sched_process_exec: a target exec'd (the collector
+    /// re-plans for the new image).
+    ProcessExec,
     /// Does nothing, at a function's entry: the tracer times calls of a
     /// function of its own with it, for the cost of a trap on this machine
     /// (the overhead estimate).
@@ -89,7 +95,7 @@ pub enum Attach {
 
 impl Program {
     /// Every program, in the order the loader loads them.
-    pub const ALL: [Program; 24] = [
+    pub const ALL: [Program; 26] = [
         Program::SizeArg0,
         Program::SizeArg1,
         Program::CallocEnter,
@@ -112,6 +118,8 @@ impl Program {
         Program::AllocSession,
         Program::OomMarkVictim,
         Program::ProcessExit,
+        Program::ProcessFork,
+        Program::ProcessExec,
         Program::CalibrateEntry,
         Program::CalibrateReturn,
     ];
@@ -142,6 +150,8 @@ impl Program {
             Program::GoTimerFire => "go_timer_fire",
             Program::OomMarkVictim => "oom_mark_victim",
             Program::ProcessExit => "process_exit",
+            Program::ProcessFork => "process_fork",
+            Program::ProcessExec => "process_exec",
             Program::CalibrateEntry => "calibrate_entry",
             Program::CalibrateReturn => "calibrate_return",
         }
@@ -159,6 +169,14 @@ impl Program {
             Program::ProcessExit => Attach::Tracepoint {
                 category: "sched",
                 name: "sched_process_exit",
+            },
+            Program::ProcessFork => Attach::Tracepoint {
+                category: "task",
+                name: "task_newtask",
+            },
+            Program::ProcessExec => Attach::Tracepoint {
+                category: "sched",
+                name: "sched_process_exec",
             },
             _ => Attach::Uprobe,
         }
@@ -203,6 +221,8 @@ impl Program {
             | Program::AllocSession
             | Program::OomMarkVictim
             | Program::ProcessExit
+            | Program::ProcessFork
+            | Program::ProcessExec
             | Program::CalibrateEntry
             | Program::CalibrateReturn => {
                 return None;

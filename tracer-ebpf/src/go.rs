@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use aya_log_ebpf::warn;
-use tracer_common::{Counter, GoSiteKey, Kind, SiteKey, SiteStats};
+use tracer_common::{Counter, GoSiteKey, Kind, ProcKey, SiteKey, SiteStats};
 
 use crate::{
     LOG_TARGET,
@@ -32,6 +32,13 @@ fn read_u64(addr: u64) -> Option<u64> {
     }
 }
 
+/// The current process, if it is a target.
+#[inline(always)]
+fn target() -> Option<u32> {
+    let id = bpf_get_current_pid_tgid();
+    is_target(id).then_some((id >> 32) as u32)
+}
+
 #[inline(always)]
 fn stats_entry<K>(map: &HashMap<K, SiteStats>, key: &K) -> Option<*mut SiteStats> {
     if let Some(p) = map.get_ptr_mut(key) {
@@ -42,14 +49,16 @@ fn stats_entry<K>(map: &HashMap<K, SiteStats>, key: &K) -> Option<*mut SiteStats
 }
 
 pub(crate) fn try_go_newproc1_ret(ctx: &ProbeContext) -> Result<u32, u32> {
-    if !is_target(bpf_get_current_pid_tgid()) {
+    let Some(tgid) = target() else {
         return Ok(0);
-    }
+    };
     let newg = unsafe { (*ctx.regs).rax };
     if newg == 0 {
         return Ok(0);
     }
-    let off = go_offsets();
+    let Some(off) = go_offsets(tgid) else {
+        return Err(1);
+    };
     let (Some(goid), Some(gopc), Some(startpc)) = (
         read_u64(newg + off.g_goid),
         read_u64(newg + off.g_gopc),
@@ -58,13 +67,21 @@ pub(crate) fn try_go_newproc1_ret(ctx: &ProbeContext) -> Result<u32, u32> {
         return Err(1);
     };
     count(Counter::GoroutinesCreated);
-    let key = GoSiteKey { gopc, startpc };
+    let key = GoSiteKey {
+        gopc,
+        startpc,
+        tgid,
+        _pad: 0,
+    };
     let Some(site) = stats_entry(&GO_SITES, &key) else {
         count(Counter::GoMapFull);
         return Err(1);
     };
     add(unsafe { &raw mut (*site).allocs }, 1);
-    if GO_GOROUTINES.insert(&goid, &key, 0).is_err() {
+    if GO_GOROUTINES
+        .insert(&ProcKey::new(tgid, goid), &key, 0)
+        .is_err()
+    {
         if count(Counter::GoMapFull) == 0 {
             warn!(ctx, target: LOG_TARGET, "goroutine map full: goroutines are being lost");
         }
@@ -75,19 +92,23 @@ pub(crate) fn try_go_newproc1_ret(ctx: &ProbeContext) -> Result<u32, u32> {
 }
 
 pub(crate) fn try_go_goexit(ctx: &ProbeContext) -> Result<u32, u32> {
-    if !is_target(bpf_get_current_pid_tgid()) {
+    let Some(tgid) = target() else {
         return Ok(0);
-    }
+    };
+    let Some(off) = go_offsets(tgid) else {
+        return Err(1);
+    };
     let gp = unsafe { (*ctx.regs).rax };
-    let Some(goid) = read_u64(gp + go_offsets().g_goid) else {
+    let Some(goid) = read_u64(gp + off.g_goid) else {
         return Err(1);
     };
     count(Counter::GoroutinesExited);
+    let g = ProcKey::new(tgid, goid);
     // Created before attach: not tracked.
-    let Some(key) = (unsafe { GO_GOROUTINES.get(&goid) }).copied() else {
+    let Some(key) = (unsafe { GO_GOROUTINES.get(&g) }).copied() else {
         return Ok(0);
     };
-    let _ = GO_GOROUTINES.remove(&goid);
+    let _ = GO_GOROUTINES.remove(&g);
     if let Some(site) = GO_SITES.get_ptr_mut(&key) {
         add(unsafe { &raw mut (*site).outstanding_count }, -1);
         add(unsafe { &raw mut (*site).frees }, 1);
@@ -96,10 +117,10 @@ pub(crate) fn try_go_goexit(ctx: &ProbeContext) -> Result<u32, u32> {
 }
 
 pub(crate) fn try_go_profile_bucket(ctx: &ProbeContext) -> Result<u32, u32> {
-    if !is_target(bpf_get_current_pid_tgid()) {
+    let Some(tgid) = target() else {
         return Ok(0);
-    }
-    let bucket = unsafe { (*ctx.regs).rbx };
+    };
+    let bucket = ProcKey::new(tgid, unsafe { (*ctx.regs).rbx });
     let Some(stats) = stats_entry(&GO_BUCKETS, &bucket) else {
         if count(Counter::GoMapFull) == 0 {
             warn!(ctx, target: LOG_TARGET, "Go bucket map full: heap samples are being lost");
@@ -113,10 +134,10 @@ pub(crate) fn try_go_profile_bucket(ctx: &ProbeContext) -> Result<u32, u32> {
 }
 
 pub(crate) fn try_go_profile_free(ctx: &ProbeContext) -> Result<u32, u32> {
-    if !is_target(bpf_get_current_pid_tgid()) {
+    let Some(tgid) = target() else {
         return Ok(0);
-    }
-    let bucket = unsafe { (*ctx.regs).rax };
+    };
+    let bucket = ProcKey::new(tgid, unsafe { (*ctx.regs).rax });
     count(Counter::GoSampleFrees);
     // A bucket first seen now only holds objects sampled before attach.
     let Some(stats) = GO_BUCKETS.get_ptr_mut(&bucket) else {
@@ -133,7 +154,8 @@ pub(crate) fn try_go_profile_free(ctx: &ProbeContext) -> Result<u32, u32> {
 
 /// A timer became pending: account it to the current stack.
 #[inline(always)]
-fn timer_created(ctx: &ProbeContext, t: u64) {
+fn timer_created(ctx: &ProbeContext, tgid: u32, t: u64) {
+    let t = ProcKey::new(tgid, t);
     if unsafe { GO_TIMERS.get(&t) }.is_some() {
         return; // re-armed while pending: still one pending timer
     }
@@ -143,6 +165,8 @@ fn timer_created(ctx: &ProbeContext, t: u64) {
     let key = SiteKey {
         stack_id,
         kind: Kind::Timer as u32,
+        tgid,
+        _pad: 0,
     };
     let Some(site) = site_stats(&key) else {
         count(Counter::SiteMapFull);
@@ -161,7 +185,8 @@ fn timer_created(ctx: &ProbeContext, t: u64) {
 
 /// A timer stopped or fired for good.
 #[inline(always)]
-fn timer_retired(t: u64) {
+fn timer_retired(tgid: u32, t: u64) {
+    let t = ProcKey::new(tgid, t);
     let Some(stack_id) = (unsafe { GO_TIMERS.get(&t) }).copied() else {
         return; // created before attach, or already retired
     };
@@ -170,6 +195,8 @@ fn timer_retired(t: u64) {
     let key = SiteKey {
         stack_id,
         kind: Kind::Timer as u32,
+        tgid,
+        _pad: 0,
     };
     if let Some(site) = SITES.get_ptr_mut(&key) {
         add(unsafe { &raw mut (*site).outstanding_count }, -1);
@@ -178,10 +205,12 @@ fn timer_retired(t: u64) {
 }
 
 pub(crate) fn try_go_timer_modify(ctx: &ProbeContext) -> Result<u32, u32> {
-    if !is_target(bpf_get_current_pid_tgid()) {
+    let Some(tgid) = target() else {
         return Ok(0);
-    }
-    let off = go_offsets();
+    };
+    let Some(off) = go_offsets(tgid) else {
+        return Err(1);
+    };
     let t = unsafe { (*ctx.regs).rax };
     // Not yet past `push rbp`: the return address is at the stack top.
     let Some(caller) = read_u64(sp_of(ctx.regs)) else {
@@ -201,30 +230,30 @@ pub(crate) fn try_go_timer_modify(ctx: &ProbeContext) -> Result<u32, u32> {
             return Ok(0);
         }
     }
-    timer_created(ctx, t);
+    timer_created(ctx, tgid, t);
     Ok(0)
 }
 
 pub(crate) fn try_go_timer_start(ctx: &ProbeContext) -> Result<u32, u32> {
-    if !is_target(bpf_get_current_pid_tgid()) {
+    let Some(tgid) = target() else {
         return Ok(0);
-    }
-    timer_created(ctx, unsafe { (*ctx.regs).rax });
+    };
+    timer_created(ctx, tgid, unsafe { (*ctx.regs).rax });
     Ok(0)
 }
 
 pub(crate) fn try_go_timer_stop(ctx: &ProbeContext) -> Result<u32, u32> {
-    if !is_target(bpf_get_current_pid_tgid()) {
+    let Some(tgid) = target() else {
         return Ok(0);
-    }
-    timer_retired(unsafe { (*ctx.regs).rax });
+    };
+    timer_retired(tgid, unsafe { (*ctx.regs).rax });
     Ok(0)
 }
 
 pub(crate) fn try_go_timer_fire(ctx: &ProbeContext) -> Result<u32, u32> {
-    if !is_target(bpf_get_current_pid_tgid()) {
+    let Some(tgid) = target() else {
         return Ok(0);
-    }
+    };
     let old_runtime =
         tracer_common::cookie_value(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) }) == 1;
     // Two plain loads: LLVM would otherwise pick the field offset first and
@@ -236,14 +265,17 @@ pub(crate) fn try_go_timer_fire(ctx: &ProbeContext) -> Result<u32, u32> {
         )
     };
     let t = if old_runtime { rbx } else { rax };
-    if unsafe { GO_TIMERS.get(&t) }.is_none() {
+    if unsafe { GO_TIMERS.get(&ProcKey::new(tgid, t)) }.is_none() {
         return Ok(0);
     }
-    let Some(period) = read_u64(t + go_offsets().timer_period) else {
+    let Some(off) = go_offsets(tgid) else {
+        return Err(1);
+    };
+    let Some(period) = read_u64(t + off.timer_period) else {
         return Err(1);
     };
     if period == 0 {
-        timer_retired(t);
+        timer_retired(tgid, t);
     }
     Ok(0)
 }

@@ -14,7 +14,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use tracer_common::{
-    AllocInfo, Counter, Kind, OP_NO_RETURN, OP_UNSAMPLED, Op, Pending, SiteKey, SiteStats,
+    AllocInfo, Counter, Kind, OP_NO_RETURN, OP_UNSAMPLED, Op, Pending, ProcKey, SiteKey,
+    SiteStats,
 };
 
 use crate::{
@@ -98,7 +99,7 @@ pub(crate) fn remember<C: EbpfContext>(
         || sampled
         || (matches!(op, Op::Realloc | Op::ReallocArray)
             && addr != 0
-            && unsafe { ALLOCS.get(&addr) }.is_some());
+            && unsafe { ALLOCS.get(&ProcKey::new((id >> 32) as u32, addr)) }.is_some());
     let mut op_bits = op as u32;
     if !sampled {
         op_bits |= OP_UNSAMPLED;
@@ -327,6 +328,7 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
         return Ok(0);
     }
     let ret: u64 = unsafe { core::ptr::read_volatile(&(*regs).rax) };
+    let tgid = (id >> 32) as u32;
     let Some(op) = Op::from_u64(u64::from(pending.op & !OP_UNSAMPLED)) else {
         return Err(1);
     };
@@ -337,7 +339,7 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
             && pending.addr != 0
             && (ret != 0 || pending.size == 0)
         {
-            release(pending.addr, Kind::Heap, u64::MAX);
+            release(tgid, pending.addr, Kind::Heap, u64::MAX);
         }
         return Ok(0);
     }
@@ -368,14 +370,14 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
                 // realloc(p, 0) frees p and returns NULL; any other NULL is a
                 // failure that leaves p allocated.
                 if pending.size == 0 && pending.addr != 0 {
-                    release(pending.addr, Kind::Heap, u64::MAX);
+                    release(tgid, pending.addr, Kind::Heap, u64::MAX);
                 } else {
                     count(Counter::FailedAllocs);
                 }
                 return Ok(0);
             }
             if pending.addr != 0 {
-                release(pending.addr, Kind::Heap, u64::MAX);
+                release(tgid, pending.addr, Kind::Heap, u64::MAX);
             }
             (ret, Kind::Heap)
         }
@@ -385,30 +387,40 @@ fn on_return<C: StackIdContext>(ctx: &C, regs: *mut pt_regs) -> Result<u32, u32>
                 return Ok(0);
             }
             if matches!(op, Op::Mremap) {
-                release(pending.addr, Kind::Mmap, u64::MAX);
+                release(tgid, pending.addr, Kind::Mmap, u64::MAX);
             }
             (ret, Kind::Mmap)
         }
     };
-    record(ctx, regs, addr, pending.size, kind);
+    record(ctx, regs, tgid, addr, pending.size, kind);
     Ok(0)
 }
 
 /// Accounts a new block at `addr` to the current user stack.
 #[inline(always)]
-fn record<C: StackIdContext>(ctx: &C, regs: *mut pt_regs, addr: u64, size: u64, kind: Kind) {
+fn record<C: StackIdContext>(
+    ctx: &C,
+    regs: *mut pt_regs,
+    tgid: u32,
+    addr: u64,
+    size: u64,
+    kind: Kind,
+) {
     // At the return probe the registers are the caller's, so the walk starts
     // at the call site itself.
-    let stack_id = user_stack_id(ctx, regs, (bpf_get_current_pid_tgid() >> 32) as u32);
+    let stack_id = user_stack_id(ctx, regs, tgid);
+    let block = ProcKey::new(tgid, addr);
     // A block at this address that we still hold was freed by a path we do not
     // see; drop it so its bytes are not reported as leaked forever.
-    if unsafe { ALLOCS.get(&addr) }.is_some() {
+    if unsafe { ALLOCS.get(&block) }.is_some() {
         count(Counter::UntrackedFrees);
-        release(addr, kind, u64::MAX);
+        release(tgid, addr, kind, u64::MAX);
     }
     let key = SiteKey {
         stack_id,
         kind: kind as u32,
+        tgid,
+        _pad: 0,
     };
     let Some(site) = site_stats(&key) else {
         if count(Counter::SiteMapFull) == 0 {
@@ -428,7 +440,7 @@ fn record<C: StackIdContext>(ctx: &C, regs: *mut pt_regs, addr: u64, size: u64, 
         add(&raw mut (*site).allocs, blocks);
         add(&raw mut (*site).alloc_bytes, bytes);
     }
-    if ALLOCS.insert(&addr, &info, 0).is_err() {
+    if ALLOCS.insert(&block, &info, 0).is_err() {
         // Without the address its free could not be matched: counting it as
         // outstanding would report a leak that is not there.
         if count(Counter::AddrMapFull) == 0 {
@@ -456,8 +468,9 @@ pub(crate) fn site_stats(key: &SiteKey) -> Option<*mut SiteStats> {
 /// Removes `len` bytes from the start of the tracked block at `addr`
 /// (`u64::MAX`: the whole block).
 #[inline(always)]
-pub(crate) fn release(addr: u64, kind: Kind, len: u64) {
-    let Some(info) = (unsafe { ALLOCS.get(&addr) }).copied() else {
+pub(crate) fn release(tgid: u32, addr: u64, kind: Kind, len: u64) {
+    let block = ProcKey::new(tgid, addr);
+    let Some(info) = (unsafe { ALLOCS.get(&block) }).copied() else {
         count(Counter::UntrackedFrees);
         return;
     };
@@ -468,6 +481,8 @@ pub(crate) fn release(addr: u64, kind: Kind, len: u64) {
     let key = SiteKey {
         stack_id: info.stack_id,
         kind: info.kind,
+        tgid,
+        _pad: 0,
     };
     if len < info.size {
         // munmap of the head of a mapping: the tail stays, re-keyed at its start.
@@ -475,10 +490,13 @@ pub(crate) fn release(addr: u64, kind: Kind, len: u64) {
             size: info.size - len,
             ..info
         };
-        if ALLOCS.insert(&(addr + len), &rest, 0).is_err() {
+        if ALLOCS
+            .insert(&ProcKey::new(tgid, addr + len), &rest, 0)
+            .is_err()
+        {
             count(Counter::AddrMapFull);
         }
-        let _ = ALLOCS.remove(&addr);
+        let _ = ALLOCS.remove(&block);
         count(Counter::PartialUnmaps);
         if let Some(site) = SITES.get_ptr_mut(&key) {
             unsafe {
@@ -488,7 +506,7 @@ pub(crate) fn release(addr: u64, kind: Kind, len: u64) {
         }
         return;
     }
-    let _ = ALLOCS.remove(&addr);
+    let _ = ALLOCS.remove(&block);
     let Some(site) = SITES.get_ptr_mut(&key) else {
         return;
     };
@@ -512,6 +530,6 @@ pub(crate) fn try_free(ctx: &ProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
     count(Counter::FreeCalls);
-    release(ptr, Kind::Heap, u64::MAX);
+    release((id >> 32) as u32, ptr, Kind::Heap, u64::MAX);
     Ok(0)
 }

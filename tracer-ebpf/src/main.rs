@@ -283,6 +283,24 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
     }
 }
 
+/// A task is created (tracepoint task:task_newtask): the children of
+/// targets that follow forks become targets.
+#[tracepoint]
+pub fn process_fork(ctx: TracePointContext) -> u32 {
+    match oom::try_process_fork(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// A process exec'd (tracepoint sched:sched_process_exec): a target's image
+/// changed.
+#[tracepoint]
+pub fn process_exec(ctx: TracePointContext) -> u32 {
+    match oom::try_process_exec(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

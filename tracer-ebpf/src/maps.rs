@@ -8,36 +8,28 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
-    DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets, GoSiteKey, OomVictim,
-    PROBE_SLOTS, Pending, SiteKey, SiteStats, StackBuf,
+    DEFAULT_MAX_PROCESSES, DEFAULT_MAX_SITES, DEFAULT_MAX_STACKS, DEFAULT_MAX_THREADS, GoOffsets,
+    GoSiteKey, OomVictim, PROBE_SLOTS, Pending, ProcKey, SiteKey, SiteStats, StackBuf,
     unwind::{PcKey, ProcMappings, UnwindRow},
 };
 
 use crate::counters::count;
 
-/// Process (tgid) whose events count; 0 accepts every process. Set before load.
-/// The perf event is already scoped to the target, this guards against a
-/// probe shared with another consumer on the same inode.
-#[unsafe(no_mangle)]
-pub(crate) static TARGET_TGID: u32 = 0;
-
+/// The traced processes: tgid → [`tracer_common::target`] bits. The
+/// uprobes are scoped to their processes already; this tells them apart in
+/// the shared maps, guards against a probe shared with another consumer on
+/// the same inode, and lets the fork tracepoint add children.
+#[map]
+pub(crate) static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
 /// Page size of the target, for rounding mapping lengths. Set before load.
 #[unsafe(no_mangle)]
 pub(crate) static PAGE_SIZE: u64 = 4096;
 
-/// Struct offsets of the target's Go runtime. Set before load.
-#[unsafe(no_mangle)]
-pub(crate) static GO_OFFSETS: GoOffsets = GoOffsets {
-    g_goid: 0,
-    g_gopc: 0,
-    g_startpc: 0,
-    timer_period: 0,
-    newtimer_lo: 0,
-    newtimer_hi: 0,
-    count_chan_timers: 0,
-    sendtime_pc: 0,
-};
+/// Struct offsets of each traced Go process's runtime, by tgid.
+#[map]
+pub(crate) static GO_RUNTIMES: HashMap<u32, GoOffsets> =
+    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
 /// Sampling rate in bytes (`--sample-bytes`); 0 traces every allocation.
 /// Set before attach; `--max-overhead` raises it while tracing (each kept
@@ -52,13 +44,13 @@ pub(crate) static PROBE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(P
 
 /// Pending timers created since attach: *runtime.timer → creation stack id.
 #[map]
-pub(crate) static GO_TIMERS: HashMap<u64, u32> =
+pub(crate) static GO_TIMERS: HashMap<ProcKey, u32> =
     HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, 0);
 
 /// Live goroutines created since attach: goid → creation site. Keyed by goid:
 /// g structs are reused, goids are not.
 #[map]
-pub(crate) static GO_GOROUTINES: HashMap<u64, GoSiteKey> =
+pub(crate) static GO_GOROUTINES: HashMap<ProcKey, GoSiteKey> =
     HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, 0);
 
 /// Goroutines per creation site: outstanding_count = alive, allocs = created,
@@ -71,7 +63,7 @@ pub(crate) static GO_SITES: HashMap<GoSiteKey, SiteStats> =
 /// frees of sampled objects. The bucket (never freed by the runtime) holds the
 /// allocation stack and the object size, read by the collector.
 #[map]
-pub(crate) static GO_BUCKETS: HashMap<u64, SiteStats> =
+pub(crate) static GO_BUCKETS: HashMap<ProcKey, SiteStats> =
     HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
 
 /// Allocator calls in flight, per thread. LRU: entries whose return is not
@@ -83,7 +75,7 @@ pub(crate) static PENDING: LruHashMap<u64, Pending> =
     LruHashMap::with_max_entries(DEFAULT_MAX_THREADS, 0);
 
 #[map]
-pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
+pub(crate) static ALLOCS: HashMap<ProcKey, AllocInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
 
 #[map]
@@ -119,8 +111,10 @@ pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COU
 pub(crate) static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, 0);
 
 /// Processes walked by the DWARF unwinder, and their executable mappings.
+/// Not preallocated (8 KiB an entry): only the collector inserts.
 #[map]
-pub(crate) static UNWIND_MAPPINGS: HashMap<u32, ProcMappings> = HashMap::with_max_entries(64, 0);
+pub(crate) static UNWIND_MAPPINGS: HashMap<u32, ProcMappings> =
+    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// The rule found for a pc, so hot allocation sites skip the searches.
 #[map]
@@ -135,33 +129,35 @@ pub(crate) static UNWIND_WALK: PerCpuArray<crate::unwind::Walk> = PerCpuArray::w
 pub(crate) static UNWIND_BISECT: PerCpuArray<crate::unwind::Bisect> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// Targets the OOM killer chose, by tgid.
 #[map]
-pub(crate) static OOM_VICTIM: Array<OomVictim> = Array::with_max_entries(1, 0);
+pub(crate) static OOM_VICTIM: HashMap<u32, OomVictim> =
+    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
-/// The target's exit status (wait(2)'s form) in the low half, bit 32 set
-/// once recorded.
+/// Targets' exit statuses (wait(2)'s form), by tgid.
 #[map]
-pub(crate) static EXIT_STATUS: Array<u64> = Array::with_max_entries(1, 0);
+pub(crate) static EXIT_STATUS: HashMap<u32, u64> =
+    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
 /// Offset of `exit_code` in `task_struct`, from the kernel's BTF; 0:
 /// unknown. Set before load.
 #[unsafe(no_mangle)]
 pub(crate) static TASK_EXIT_CODE: u32 = 0;
 
-#[inline(always)]
-pub(crate) fn target_tgid() -> u32 {
-    unsafe { core::ptr::read_volatile(&TARGET_TGID) }
-}
-
-/// True when the event comes from the traced process.
+/// True when the event comes from a traced process.
 #[inline(always)]
 pub(crate) fn is_target(pid_tgid: u64) -> bool {
-    let want = target_tgid();
-    if want == 0 || (pid_tgid >> 32) as u32 == want {
+    if is_traced((pid_tgid >> 32) as u32) {
         return true;
     }
     count(Counter::OtherProcess);
     false
+}
+
+/// Whether process `tgid` is a target.
+#[inline(always)]
+pub(crate) fn is_traced(tgid: u32) -> bool {
+    unsafe { TARGETS.get(&tgid) }.is_some()
 }
 
 #[inline(always)]
@@ -169,7 +165,13 @@ pub(crate) fn sample_bytes() -> u64 {
     SAMPLE_RATE.get(0).copied().unwrap_or(0)
 }
 
+/// The runtime offsets of Go process `tgid`; None (counted) if the
+/// collector has not set them.
 #[inline(always)]
-pub(crate) fn go_offsets() -> GoOffsets {
-    unsafe { core::ptr::read_volatile(&GO_OFFSETS) }
+pub(crate) fn go_offsets(tgid: u32) -> Option<GoOffsets> {
+    let o = unsafe { GO_RUNTIMES.get(&tgid) }.copied();
+    if o.is_none() {
+        count(Counter::GoReadErrors);
+    }
+    o
 }

@@ -53,6 +53,6 @@ pub(crate) fn try_munmap(ctx: &ProbeContext) -> Result<u32, u32> {
     // glibc's free() unmaps large chunks itself; those addresses were never
     // recorded as mappings (the mmap inside malloc was nested) and are ignored
     // by the kind check in release().
-    release(addr, Kind::Mmap, round_up_page(len));
+    release((id >> 32) as u32, addr, Kind::Mmap, round_up_page(len));
     Ok(0)
 }

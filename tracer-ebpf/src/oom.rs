@@ -8,12 +8,13 @@ use aya_ebpf::{
 };
 use tracer_common::OomVictim;
 
-use crate::maps::{EXIT_STATUS, OOM_VICTIM, TASK_EXIT_CODE, target_tgid};
+use tracer_common::target;
+
+use crate::maps::{EXIT_STATUS, OOM_VICTIM, TARGETS, TASK_EXIT_CODE, is_traced};
 
 pub(crate) fn try_oom_mark_victim(ctx: &TracePointContext) -> Result<u32, u32> {
     let pid: i32 = unsafe { ctx.read_at(8) }.map_err(|_| 1u32)?;
-    let want = target_tgid();
-    if want != 0 && pid as u32 != want {
+    if !is_traced(pid as u32) {
         return Ok(0);
     }
     let field = |off: usize| -> u64 { unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0) };
@@ -26,7 +27,9 @@ pub(crate) fn try_oom_mark_victim(ctx: &TracePointContext) -> Result<u32, u32> {
         shmem_rss_kb: field(40),
         ktime_ns: unsafe { bpf_ktime_get_ns() },
     };
-    OOM_VICTIM.set(0, &victim, 0).map_err(|_| 1u32)?;
+    OOM_VICTIM
+        .insert(&(pid as u32), &victim, 0)
+        .map_err(|_| 1u32)?;
     Ok(0)
 }
 
@@ -36,8 +39,7 @@ pub(crate) fn try_oom_mark_victim(ctx: &TracePointContext) -> Result<u32, u32> {
 pub(crate) fn try_process_exit(_ctx: &TracePointContext) -> Result<u32, u32> {
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
-    let want = target_tgid();
-    if want == 0 || tgid != want || tid != tgid {
+    if tid != tgid || !is_traced(tgid) {
         return Ok(0);
     }
     let offset = unsafe { core::ptr::read_volatile(&TASK_EXIT_CODE) };
@@ -48,7 +50,45 @@ pub(crate) fn try_process_exit(_ctx: &TracePointContext) -> Result<u32, u32> {
     let code: i32 = unsafe { bpf_probe_read_kernel(task.add(offset as usize) as *const i32) }
         .map_err(|_| 1u32)?;
     EXIT_STATUS
-        .set(0, &(u64::from(code as u32) | (1 << 32)), 0)
+        .insert(&tgid, &u64::from(code as u32), 0)
         .map_err(|_| 1u32)?;
+    Ok(0)
+}
+
+/// task:task_newtask runs in the parent as a task is created (fields: pid
+/// at 8, clone_flags at 32). A new process whose parent follows forks is a
+/// target from birth, before it runs: its probes' events count as soon as
+/// the collector attaches them.
+pub(crate) fn try_process_fork(ctx: &TracePointContext) -> Result<u32, u32> {
+    const CLONE_THREAD: u64 = 0x10000;
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(bits) = (unsafe { TARGETS.get(&parent) }).copied() else {
+        return Ok(0);
+    };
+    if bits & target::FOLLOW_FORKS == 0 {
+        return Ok(0);
+    }
+    let flags: u64 = unsafe { ctx.read_at(32) }.map_err(|_| 1u32)?;
+    if flags & CLONE_THREAD != 0 {
+        return Ok(0);
+    }
+    let child: i32 = unsafe { ctx.read_at(8) }.map_err(|_| 1u32)?;
+    let bits = target::TRACED | target::FOLLOW_FORKS | target::NEW_CHILD;
+    if TARGETS.insert(&(child as u32), &bits, 0).is_err() {
+        crate::counters::count(tracer_common::Counter::ProcessMapFull);
+        return Err(1);
+    }
+    crate::counters::count(tracer_common::Counter::ProcessesFollowed);
+    Ok(0)
+}
+
+/// sched:sched_process_exec runs in the process that exec'd: marks a
+/// target so the collector re-plans for the new image at once.
+pub(crate) fn try_process_exec(_ctx: &TracePointContext) -> Result<u32, u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(bits) = TARGETS.get_ptr_mut(&tgid) else {
+        return Ok(0);
+    };
+    unsafe { *bits |= target::EXECED };
     Ok(0)
 }

@@ -84,7 +84,7 @@ impl Collector {
         // Pending timers from the runtime's heaps (None: the kernel's
         // probes count them).
         let timers = self.go.as_mut().and_then(|g| g.timer_census(kernel));
-        let sites = kernel.sites()?;
+        let sites = kernel.sites(self.pid);
         let kernel: &Kernel = kernel;
         let mut raw = Vec::new();
         for (key, stats) in sites {

@@ -42,6 +42,10 @@ enum Command {
     Attach {
         /// Process id of the target.
         pid: u32,
+        /// Trace the processes it starts too (fork, posix_spawn), each as a
+        /// target of its own, with its pid; and theirs.
+        #[arg(long)]
+        follow_forks: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -55,6 +59,10 @@ enum Command {
     },
     /// Start a command and trace it from its first allocation.
     Run {
+        /// Trace the command alone, not the processes it starts (by default
+        /// they are traced too: a shell wrapper is the common case).
+        #[arg(long)]
+        no_follow_forks: bool,
         #[command(flatten)]
         common: Common,
         /// The command and its arguments (after `--`).
@@ -264,6 +272,9 @@ struct Common {
     /// Do not watch the memory limit nor alert.
     #[arg(long)]
     no_alerts: bool,
+    /// Processes traced at once (followed children).
+    #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_PROCESSES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_processes: u32,
     /// Threads that can be inside an allocator call at once.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_THREADS, value_parser = clap::value_parser!(u32).range(1..))]
     max_threads: u32,
@@ -308,6 +319,7 @@ impl Common {
             duration: self.duration,
             trend_window: self.trend_window,
             exports: self.output.exports(),
+            follow_forks: false,
             debug_dirs: self.debug_dirs.clone(),
             frame_pointers_only: self.frame_pointers_only,
             go_census_budget: Duration::from_millis(self.go_census_ms),
@@ -335,6 +347,7 @@ impl Common {
                 stacks: self.max_stacks,
                 threads: self.max_threads,
                 goroutines: self.max_goroutines,
+                processes: self.max_processes,
                 sample_bytes: self.sample_bytes.unwrap_or(0),
                 unwind_rows: self.unwind_rows.unwrap_or(0),
                 adaptive_sampling: self.max_overhead.is_some(),
@@ -421,9 +434,15 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match &cli.command {
-            Command::Attach { pid, common } => {
+            Command::Attach {
+                pid,
+                follow_forks,
+                common,
+            } => {
                 let mut sink = common.sink()?;
-                Ok(session::attach(*pid, &common.options(), sink.as_mut()).await?)
+                let mut opts = common.options();
+                opts.follow_forks = *follow_forks;
+                Ok(session::attach(*pid, &opts, sink.as_mut()).await?)
             }
             Command::Watch { pid, common } => {
                 if common.no_alerts {
@@ -432,9 +451,15 @@ fn main() -> ExitCode {
                 let mut sink = common.sink()?;
                 Ok(session::watch(*pid, &common.options(), sink.as_mut()).await?)
             }
-            Command::Run { common, argv } => {
+            Command::Run {
+                common,
+                argv,
+                no_follow_forks,
+            } => {
                 let mut sink = common.sink()?;
-                Ok(session::run(argv, &common.options(), sink.as_mut()).await?)
+                let mut opts = common.options();
+                opts.follow_forks = !*no_follow_forks;
+                Ok(session::run(argv, &opts, sink.as_mut()).await?)
             }
             Command::Report { file, output } => {
                 let mut sink = output.sink()?;

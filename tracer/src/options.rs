@@ -27,4 +27,6 @@ pub struct Options {
     pub alerts: Option<AlertOptions>,
     /// Files written at the end and on SIGUSR1 (pprof, folded, flame graph).
     pub exports: Exports,
+    /// Trace the targets' children too (`--follow-forks`; `run` by default).
+    pub follow_forks: bool,
 }

@@ -708,6 +708,10 @@ pub struct Attached {
     #[serde(default = "schema_v1")]
     pub schema_version: u32,
     pub pid: u32,
+    /// For a child the session follows (`--follow-forks`, `run`): the
+    /// process it was born of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_pid: Option<u32>,
     pub comm: String,
     pub exe: String,
     /// The Go release that built the target, for Go programs.
@@ -1277,6 +1281,7 @@ pub(crate) mod tests {
             Event::Attached(Attached {
                 schema_version: SCHEMA_VERSION,
                 pid: 7,
+                parent_pid: Some(1),
                 comm: "a".into(),
                 exe: "/bin/a".into(),
                 go_version: Some("go1.24.11".into()),

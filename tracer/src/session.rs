@@ -9,7 +9,8 @@
 //! Go in [`crate::go`].
 
 use std::{
-    path::Path,
+    collections::HashSet,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -37,6 +38,10 @@ use crate::{
 /// (dlopen), beyond half of what the files mapped at start need.
 const UNWIND_HEADROOM: u32 = 1 << 16;
 
+/// The same when children are followed: they exec other programs (a shell
+/// wrapper's whole point), whose files are unknown at start. 16 MiB.
+const UNWIND_HEADROOM_FOLLOWING: u32 = 1 << 20;
+
 /// Builds the unwind tables of `paths`, and sizes the kernel's row array for
 /// them and for libraries loaded later.
 fn prepare_unwind<'a>(
@@ -55,7 +60,12 @@ fn prepare_unwind<'a>(
     unwinder.prepare(paths);
     if sizes.unwind_rows == 0 {
         let built = unwinder.capacity_for(0);
-        sizes.unwind_rows = unwinder.capacity_for((built / 2).max(UNWIND_HEADROOM));
+        let headroom = if opts.follow_forks {
+            UNWIND_HEADROOM_FOLLOWING
+        } else {
+            UNWIND_HEADROOM
+        };
+        sizes.unwind_rows = unwinder.capacity_for((built / 2).max(headroom));
     }
     unwinder
 }
@@ -145,10 +155,32 @@ struct Traced {
     overhead_told: bool,
     /// The last estimate, for snapshots outside the interval's.
     last_overhead: Option<Overhead>,
+    /// Whether its children become targets too.
+    follow_forks: bool,
+    /// The process the session started from (not a child it followed): the
+    /// one whose CPU time the overhead estimate is measured against.
+    root: bool,
+    /// For a child the session followed, its parent.
+    parent: Option<u32>,
+    /// Code files already planned for (hooked or found without an
+    /// allocator): a file mapped later (dlopen) is planned when it appears.
+    planned_files: HashSet<PathBuf>,
 }
 
 impl Traced {
-    fn new(pid: u32, maps: Maps, go: Option<&GoPlan>, opts: &Options) -> Self {
+    fn new(pid: u32, maps: Maps, plan: Option<&Plan>, opts: &Options) -> Self {
+        let go = plan.and_then(|p| p.go.as_ref());
+        let planned_files = match plan {
+            Some(p) if maps.mappings.is_empty() => {
+                p.probes.iter().map(|p| p.object.path.clone()).collect()
+            }
+            Some(_) => maps
+                .executable_objects()
+                .iter()
+                .map(|m| m.path.clone())
+                .collect(),
+            None => HashSet::new(),
+        };
         let symbols = Symbolizer::with_debug_dirs(maps.clone(), &opts.debug_dirs);
         let mut collector = Collector::new(pid, symbols, opts.trend_window);
         if let Some(plan) = go {
@@ -171,14 +203,19 @@ impl Traced {
             overhead: None,
             overhead_told: false,
             last_overhead: None,
+            follow_forks: false,
+            root: false,
+            parent: None,
+            planned_files,
         }
     }
 
     /// Starts over on the image `pid` exec'd: a new collector (its symbols,
     /// its Go runtime), the same memory watch and exit watch.
-    fn rehook(&mut self, maps: Maps, go: Option<&GoPlan>, opts: &Options) {
-        let fresh = Self::new(self.pid, maps, go, opts);
+    fn rehook(&mut self, maps: Maps, plan: &Plan, opts: &Options) {
+        let fresh = Self::new(self.pid, maps, Some(plan), opts);
         self.collector = fresh.collector;
+        self.planned_files = fresh.planned_files;
         self.maps_text.clear();
         self.exe_id = fresh.exe_id;
         self.exe = fresh.exe;
@@ -364,8 +401,9 @@ impl Traced {
     }
 
     /// Re-reads the maps (new libraries, the executable after exec). A
-    /// failed read means the target is exiting: keep the last maps.
-    fn refresh_maps(&mut self) {
+    /// failed read means the target is exiting: keep the last maps. True
+    /// when they changed.
+    fn refresh_maps(&mut self) -> bool {
         // Unchanged (the common case): nothing to parse, resolve or rebuild.
         if let Ok(Some(maps)) = Maps::read_if_changed(self.pid, &mut self.maps_text)
             && !maps.mappings.is_empty()
@@ -374,7 +412,75 @@ impl Traced {
                 go.resolve(&maps);
             }
             self.collector.symbolizer_mut().update_maps(maps);
+            return true;
         }
+        false
+    }
+
+    /// Hooks the allocators of code files mapped since the plan (a library
+    /// loaded with dlopen: jemalloc by a plugin, a Python extension's own
+    /// malloc), with a notice; files without one are remembered as planned.
+    fn hook_new_files(
+        &mut self,
+        kernel: &mut Kernel,
+        sink: &mut dyn Sink,
+    ) -> Result<(), TracerError> {
+        let new: Vec<ObjectRef> = self
+            .collector
+            .symbolizer_mut()
+            .maps()
+            .executable_objects()
+            .iter()
+            .filter(|m| !self.planned_files.contains(&m.path))
+            .map(|m| ObjectRef {
+                path: m.path.clone(),
+                open_path: m.open_path.clone(),
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.planned_files
+            .extend(new.iter().map(|o| o.path.clone()));
+        let planned = match probes::plan_libc(&new, &mut ElfObjects::new()) {
+            Ok(p) => p,
+            Err(e) => {
+                log::info!(
+                    "pid {}: new code files not planned: {}",
+                    self.pid,
+                    crate::error::chain(&e)
+                );
+                return Ok(());
+            }
+        };
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let mut planned = planned;
+        planned.sort_by_key(|p| !p.frees);
+        match kernel.attach(&planned, self.pid) {
+            Ok(live) => {
+                let files: HashSet<&str> = live.iter().map(|p| p.path.as_str()).collect();
+                let mut files: Vec<&str> = files.into_iter().collect();
+                files.sort_unstable();
+                sink.notice(
+                    self.pid,
+                    &format!(
+                        "pid {} loaded an allocator since attach: {} more probes in {}",
+                        self.pid,
+                        live.len(),
+                        files.join(", ")
+                    ),
+                )?;
+            }
+            // Unmapped again, or the process is exiting.
+            Err(e) => log::info!(
+                "pid {}: cannot hook a library loaded since attach: {}",
+                self.pid,
+                crate::error::chain(&e)
+            ),
+        }
+        Ok(())
     }
 
     /// Whether the target exec'd since the last look (its executable is
@@ -414,6 +520,7 @@ impl Traced {
     /// A snapshot outside the interval's (on demand, at the end), with the
     /// last memory status the watch saw.
     fn snapshot_now(&mut self, kernel: &mut Kernel) -> Result<Snapshot, TracerError> {
+        kernel.read_sites()?;
         let mut snap = self.collector.collect(kernel)?;
         kernel.flush_logs();
         snap.memory = self.watch.as_ref().and_then(|w| w.last.clone());
@@ -432,7 +539,9 @@ impl Traced {
         if self.exec_happened() {
             return Ok(Step::Exec);
         }
-        self.refresh_maps();
+        if self.refresh_maps() && !kernel.probes_detached() {
+            self.hook_new_files(kernel, sink)?;
+        }
         // Libraries loaded since (dlopen), the image after exec.
         if let Some(inst) =
             unwinder.install(kernel, self.pid, self.collector.symbolizer_mut().maps())?
@@ -443,7 +552,9 @@ impl Traced {
         self.sample_timer_creations(kernel);
         let started = Instant::now();
         let mut snap = self.collector.collect(kernel)?;
-        if !kernel.probes_detached() {
+        // The kernel's run-time statistics are per program, over every
+        // process: the estimate is the root's (with its children's calls).
+        if self.root && !kernel.probes_detached() {
             snap.overhead = self.measure_overhead(kernel);
         }
         if let Some(o) = snap.overhead {
@@ -499,7 +610,9 @@ impl Traced {
             }
             let (code, signal) = match &self.own_child {
                 Some(w) => w.status(),
-                None => kernel.exit_status().map_or((None, None), wait_status),
+                None => kernel
+                    .exit_status(self.pid)
+                    .map_or((None, None), wait_status),
             };
             sink.target_exited(&Exit {
                 pid: self.pid,
@@ -580,13 +693,22 @@ enum Step {
     Exec,
 }
 
+/// Target bits for a process of this session.
+fn target_bits(follow_forks: bool) -> u32 {
+    use tracer_common::target::{FOLLOW_FORKS, TRACED};
+    if follow_forks {
+        TRACED | FOLLOW_FORKS
+    } else {
+        TRACED
+    }
+}
+
 /// Follows `t` into the image it exec'd: keeps the old image's sites (as
-/// the exec found them) for the final report, then plans, loads and
-/// attaches for the new image as `attach` would, with a notice and a new
-/// `attached` record. The old links close once the new ones are live, so
-/// nothing the new image allocates in between goes unseen (both sets of
-/// probes fire for that moment; the old maps are dropped with their
-/// kernel objects).
+/// the exec found them) for the final report, then plans and attaches for
+/// the new image as `attach` would, with a notice and a new `attached`
+/// record. The old image's links close once the new ones are live, so
+/// nothing the new image allocates in between goes unseen (a function probed
+/// twice for that moment counts once: the second entry is a nested call).
 async fn follow_exec(
     t: &mut Traced,
     kernel: &mut Kernel,
@@ -616,6 +738,7 @@ async fn follow_exec(
             t.exe = std::fs::read_link(format!("/proc/{pid}/exe"))
                 .map(|p| p.display().to_string())
                 .unwrap_or_default();
+            kernel.clear_target_bits(pid, tracer_common::target::EXECED);
             if std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 sink.notice(
                     pid,
@@ -630,23 +753,18 @@ async fn follow_exec(
             return Ok(());
         }
     };
-    let Hooked {
-        kernel: new_kernel,
-        unwinder: new_unwinder,
-        info,
-    } = hook_running(pid, &target, &plan, opts, sink)?;
-    // The old links close here (in parallel, batched).
-    *kernel = new_kernel;
-    *unwinder = new_unwinder;
-    if opts.alerts.is_some()
-        && let Err(e) = kernel.watch_oom_kills()
-    {
-        log::warn!(
-            "cannot watch the OOM killer ({}); kills are detected from the cgroup's counter",
-            crate::error::chain(&e)
-        );
-    }
-    t.rehook(target.maps.clone(), plan.go.as_ref(), opts);
+    let old_links = kernel.links_of(pid);
+    let mut info = hook_process(
+        kernel,
+        unwinder,
+        &target,
+        &plan,
+        target_bits(t.follow_forks),
+        sink,
+    )?;
+    info.parent_pid = t.parent;
+    kernel.detach_first_links(pid, old_links);
+    t.rehook(target.maps.clone(), &plan, opts);
     t.settle_go(opts, sink)?;
     sink.notice(
         pid,
@@ -664,8 +782,9 @@ async fn follow_exec(
     Ok(())
 }
 
-/// Traces the running process `pid` until it exits, `duration` elapses or the
-/// user interrupts.
+/// Traces the running process `pid` (and, with `--follow-forks`, the
+/// children it starts) until it exits, `duration` elapses or the user
+/// interrupts.
 pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
     let signals = Signals::take()?;
     let pid = process_of_thread(pid, sink)?;
@@ -673,25 +792,32 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
     target::check_environment()?;
     let (target, plan) = plan_running(target).await?;
     let exit_fd = PidFd::open(pid)?;
-    let hooked = hook_running(pid, &target, &plan, opts, sink)?;
-    let Hooked {
-        mut kernel,
-        mut unwinder,
-        info,
-    } = hooked;
-    let mut traced = Traced::new(pid, target.maps.clone(), plan.go.as_ref(), opts);
+    let (mut kernel, mut unwinder) = load_kernel(
+        target
+            .maps
+            .executable_objects()
+            .iter()
+            .map(|m| m.open_path.as_path()),
+        opts,
+    )?;
+    watch_processes(&mut kernel, opts);
+    let info = hook_process(
+        &mut kernel,
+        &mut unwinder,
+        &target,
+        &plan,
+        target_bits(opts.follow_forks),
+        sink,
+    )?;
+    let mut traced = Traced::new(pid, target.maps.clone(), Some(&plan), opts);
+    traced.follow_forks = opts.follow_forks;
+    traced.root = true;
     // Before `attached`, which tells scripts that everything is in place.
     traced.settle_go(opts, sink)?;
     sink.attached(&info)?;
-    trace_loop(
-        &mut kernel,
-        &mut unwinder,
-        vec![(traced, exit_fd)],
-        signals,
-        opts,
-        sink,
-    )
-    .await
+    Session::new(kernel, unwinder)
+        .trace(vec![(traced, exit_fd)], signals, opts, sink)
+        .await
 }
 
 /// The plan for running process `pid`. A process started an instant ago
@@ -722,42 +848,56 @@ async fn plan_running(mut target: Target) -> Result<(Target, Plan), TracerError>
     Ok(found)
 }
 
-/// The kernel side of a running process, hooked.
-struct Hooked {
-    kernel: Kernel,
-    unwinder: Unwinder,
-    info: Attached,
+/// Loads the kernel side, with the row array of the unwind tables sized
+/// for the files `paths` (and libraries loaded later).
+fn load_kernel<'a>(
+    paths: impl IntoIterator<Item = &'a Path>,
+    opts: &Options,
+) -> Result<(Kernel, Unwinder), TracerError> {
+    let mut sizes = opts.sizes;
+    let mut unwinder = prepare_unwind(paths, opts, &mut sizes);
+    let mut kernel = Kernel::load(sizes)?;
+    unwinder.flush(&mut kernel, sizes.unwind_rows)?;
+    Ok((kernel, unwinder))
 }
 
-/// Loads the programs for `plan`, installs the unwind tables and attaches
-/// every probe to running process `pid`.
-fn hook_running(
-    pid: u32,
+/// Attaches the tracepoints that follow the targets' execs and, with
+/// `--follow-forks`, their children; without them an exec is noticed at
+/// the next interval and no child is followed.
+fn watch_processes(kernel: &mut Kernel, opts: &Options) {
+    if let Err(e) = kernel.watch_processes() {
+        let what = if opts.follow_forks {
+            "children are not followed and an exec is noticed at the next interval"
+        } else {
+            "an exec is noticed at the next interval"
+        };
+        log::warn!(
+            "cannot watch the targets' forks and execs ({}): {what}",
+            crate::error::chain(&e)
+        );
+    }
+}
+
+/// Makes the running process of `target` a target of `kernel` (`bits`:
+/// [`tracer_common::target`]), lists its mappings for the unwinder and
+/// attaches every probe of `plan` to it.
+fn hook_process(
+    kernel: &mut Kernel,
+    unwinder: &mut Unwinder,
     target: &Target,
     plan: &Plan,
-    opts: &Options,
+    bits: u32,
     sink: &mut dyn Sink,
-) -> Result<Hooked, TracerError> {
+) -> Result<Attached, TracerError> {
+    let pid = target.pid;
+    let started = Instant::now();
     let offsets = plan
         .go
         .as_ref()
-        .map(|g| GoTarget::kernel_offsets(g, Some(&target.maps)))
-        .unwrap_or_default();
-    let started = Instant::now();
-    let mut sizes = opts.sizes;
-    let mut unwinder = prepare_unwind(
-        target
-            .maps
-            .executable_objects()
-            .iter()
-            .map(|m| m.open_path.as_path()),
-        opts,
-        &mut sizes,
-    );
-    let mut kernel = Kernel::load(pid, sizes, offsets)?;
-    unwinder.flush(&mut kernel, sizes.unwind_rows)?;
+        .map(|g| GoTarget::kernel_offsets(g, Some(&target.maps)));
+    kernel.add_target(pid, bits, offsets)?;
     let mut unwind = None;
-    if let Some(inst) = unwinder.install(&mut kernel, pid, &target.maps)? {
+    if let Some(inst) = unwinder.install(kernel, pid, &target.maps)? {
         unwind_notice(pid, &inst, sink)?;
         unwind = inst.info();
     }
@@ -778,21 +918,17 @@ fn hook_running(
             .as_ref()
             .map_or(String::new(), |g| format!(" (Go {})", g.version.raw))
     );
-    session_notice(&kernel, sink, pid)?;
+    session_notice(kernel, sink, pid)?;
     census_notice(plan.go.as_ref(), sink, pid)?;
-    let info = Attached {
+    Ok(Attached {
         schema_version: SCHEMA_VERSION,
         pid,
+        parent_pid: None,
         comm: target.comm.clone(),
         exe: target.exe.display().to_string(),
         go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
         probes,
         unwind,
-    };
-    Ok(Hooked {
-        kernel,
-        unwinder,
-        info,
     })
 }
 
@@ -805,33 +941,30 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
     let target = Target::resolve(pid)?;
     target::check_environment()?;
     let exit_fd = PidFd::open(pid)?;
-    let mut kernel = Kernel::load(pid, opts.sizes, Default::default())?;
+    let mut kernel = Kernel::load(opts.sizes)?;
+    kernel.add_target(pid, target_bits(false), None)?;
     let info = Attached {
         schema_version: SCHEMA_VERSION,
         pid,
+        parent_pid: None,
         comm: target.comm.clone(),
         exe: target.exe.display().to_string(),
         go_version: None,
         probes: Vec::new(),
         unwind: None,
     };
-    let traced = Traced::new(pid, target.maps.clone(), None, opts);
+    let mut traced = Traced::new(pid, target.maps.clone(), None, opts);
+    traced.root = true;
     sink.attached(&info)?;
     // Nothing is walked: no tables.
-    let mut unwinder = Unwinder::disabled();
-    trace_loop(
-        &mut kernel,
-        &mut unwinder,
-        vec![(traced, exit_fd)],
-        signals,
-        opts,
-        sink,
-    )
-    .await
+    Session::new(kernel, Unwinder::disabled())
+        .trace(vec![(traced, exit_fd)], signals, opts, sink)
+        .await
 }
 
 /// Starts `argv` and traces it from its first instruction: the child is held
-/// between fork and exec until every probe is attached.
+/// between fork and exec until every probe is attached. Its children are
+/// followed unless `--no-follow-forks` (a shell wrapper is the common case).
 pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result<(), TracerError> {
     let signals = Signals::take()?;
     let command = argv.first().cloned().unwrap_or_default();
@@ -855,25 +988,18 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             None => (None, None),
         };
         let watcher = ExitWatcher::start(pid, hook);
-        let offsets = plan
-            .go
-            .as_ref()
-            .map(|g| GoTarget::kernel_offsets(g, None))
-            .unwrap_or_default();
-        let mut sizes = opts.sizes;
-        let mut unwinder = prepare_unwind(
-            objects.iter().map(|o| o.open_path.as_path()),
-            opts,
-            &mut sizes,
-        );
-        let mut kernel = Kernel::load(pid, sizes, offsets)?;
-        unwinder.flush(&mut kernel, sizes.unwind_rows)?;
+        let offsets = plan.go.as_ref().map(|g| GoTarget::kernel_offsets(g, None));
+        let (mut kernel, mut unwinder) =
+            load_kernel(objects.iter().map(|o| o.open_path.as_path()), opts)?;
+        watch_processes(&mut kernel, opts);
+        kernel.add_target(pid, target_bits(opts.follow_forks), offsets)?;
         let probes = kernel.attach(&plan.probes, pid)?;
         session_notice(&kernel, sink, pid)?;
         census_notice(plan.go.as_ref(), sink, pid)?;
-        let info = Attached {
+        let mut info = Attached {
             schema_version: SCHEMA_VERSION,
             pid,
+            parent_pid: None,
             comm: exe
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -883,7 +1009,6 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             probes,
             unwind: None,
         };
-        let mut info = info;
         child.release()?;
         // The unwinder needs the addresses the loader chose: the child stops
         // at its entry point with every library mapped, and runs on once
@@ -909,20 +1034,16 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
         // The symbolizer reads the maps at the first interval. The Go runtime
         // resets MemProfileRate during start-up, so the sampling policy is
         // applied from the first interval on.
-        let mut traced = Traced::new(pid, Maps::default(), plan.go.as_ref(), opts);
+        let mut traced = Traced::new(pid, Maps::default(), Some(&plan), opts);
+        traced.follow_forks = opts.follow_forks;
+        traced.root = true;
         if let (Some(slot), Some(go)) = (exit_census, traced.collector.go_mut()) {
             go.set_exit_census(slot);
         }
         traced.own_child = Some(watcher);
-        trace_loop(
-            &mut kernel,
-            &mut unwinder,
-            vec![(traced, exit_fd)],
-            signals,
-            opts,
-            sink,
-        )
-        .await
+        Session::new(kernel, unwinder)
+            .trace(vec![(traced, exit_fd)], signals, opts, sink)
+            .await
     }
     .await;
     if result.is_err() {
@@ -1038,114 +1159,279 @@ fn session_notice(kernel: &Kernel, sink: &mut dyn Sink, pid: u32) -> std::io::Re
     }
 }
 
-/// Snapshots every interval until the duration elapses, the user interrupts
-/// or every target has exited; SIGUSR1 writes the exports on demand.
-async fn trace_loop(
-    kernel: &mut Kernel,
-    unwinder: &mut Unwinder,
-    targets: Vec<(Traced, PidFd)>,
-    signals: Signals,
-    opts: &Options,
-    sink: &mut dyn Sink,
-) -> Result<(), TracerError> {
-    let started = Instant::now();
-    if opts.alerts.is_some()
-        && let Err(e) = kernel.watch_oom_kills()
-    {
-        log::warn!(
-            "cannot watch the OOM killer ({}); kills are detected from the cgroup's counter",
-            crate::error::chain(&e)
-        );
+/// How often the kernel's list of targets is read for children born and
+/// execs done: a new image runs unprobed until it is read.
+const PROCESS_POLL: Duration = Duration::from_millis(20);
+
+/// One set of kernel objects and the processes it traces.
+struct Session {
+    kernel: Kernel,
+    unwinder: Unwinder,
+    traced: Vec<Traced>,
+    /// Each target's exit arrives as its pid.
+    exit_tx: mpsc::UnboundedSender<u32>,
+    exits: mpsc::UnboundedReceiver<u32>,
+    /// Exited targets whose entries the maps still hold.
+    gone: HashSet<u32>,
+    /// Children that could not be traced (no allocator, gone at once):
+    /// kept as targets only so that their own children are followed.
+    untraced: HashSet<u32>,
+}
+
+impl Session {
+    fn new(kernel: Kernel, unwinder: Unwinder) -> Self {
+        let (exit_tx, exits) = mpsc::unbounded_channel();
+        Self {
+            kernel,
+            unwinder,
+            traced: Vec::new(),
+            exit_tx,
+            exits,
+            gone: HashSet::new(),
+            untraced: HashSet::new(),
+        }
     }
-    // Each target's exit arrives as its pid.
-    let (exit_tx, mut exits) = mpsc::unbounded_channel();
-    let mut traced = Vec::with_capacity(targets.len());
-    for (t, fd) in targets {
-        let tx = exit_tx.clone();
+
+    /// Adds a traced process; its exit arrives on `exits`.
+    fn add(&mut self, t: Traced, fd: PidFd) {
+        let tx = self.exit_tx.clone();
         let pid = t.pid;
         tokio::spawn(async move {
             fd.exited().await;
             let _ = tx.send(pid);
         });
-        traced.push(t);
+        self.traced.push(t);
     }
-    let mut ticker = tokio::time::interval(opts.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    let Signals {
-        mut sigint,
-        mut sigterm,
-        mut sigusr1,
-    } = signals;
-    let deadline = async {
-        match opts.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
+
+    /// Hooks the children the kernel made targets and the targets that
+    /// exec'd since the last look.
+    async fn poll_processes(
+        &mut self,
+        opts: &Options,
+        sink: &mut dyn Sink,
+    ) -> Result<(), TracerError> {
+        use tracer_common::target::{EXECED, NEW_CHILD};
+        for (pid, bits) in self.kernel.targets() {
+            if bits & NEW_CHILD != 0 {
+                self.adopt(pid, opts, sink).await?;
+            } else if bits & EXECED != 0 {
+                match self.traced.iter_mut().find(|t| t.pid == pid && !t.exited) {
+                    // Already on this image (`run`'s own exec of the
+                    // command, an exec seen by the interval first).
+                    Some(t) if t.exe_id.is_some() && t.exe_id == exe_id(pid) => {
+                        self.kernel.clear_target_bits(pid, EXECED)
+                    }
+                    Some(t) => {
+                        follow_exec(t, &mut self.kernel, &mut self.unwinder, opts, sink).await?
+                    }
+                    None => self.kernel.clear_target_bits(pid, EXECED),
+                }
+            } else if self.untraced.contains(&pid) && !target::Target::is_alive(pid) {
+                self.untraced.remove(&pid);
+                self.gone.insert(pid);
+            }
         }
-    };
-    tokio::pin!(deadline);
-    let reason = loop {
-        tokio::select! {
-            _ = ticker.tick() => {
-                for t in traced.iter_mut().filter(|t| !t.exited) {
-                    if t.interval(kernel, unwinder, opts, sink)? == Step::Exec {
-                        // One set of kernel objects per session: a session
-                        // traces one process.
-                        follow_exec(t, kernel, unwinder, opts, sink).await?;
+        Ok(())
+    }
+
+    /// Traces `pid`, a child the kernel made a target at its birth.
+    async fn adopt(
+        &mut self,
+        pid: u32,
+        opts: &Options,
+        sink: &mut dyn Sink,
+    ) -> Result<(), TracerError> {
+        let parent = procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.stat())
+            .ok()
+            .map(|s| s.ppid as u32);
+        // Held open first: the child may exit while it is being hooked.
+        let fd = PidFd::open(pid);
+        let found = match Target::resolve(pid) {
+            Ok(target) => plan_running(target).await,
+            Err(e) => Err(e),
+        };
+        let (target, plan, fd) = match (found, fd) {
+            (Ok((target, plan)), Ok(fd)) => (target, plan, fd),
+            (Err(e), _) | (_, Err(e)) => {
+                // Its own children are still followed.
+                self.kernel
+                    .add_target(pid, target_bits(true), None)
+                    .unwrap_or_else(|e| log::debug!("pid {pid}: {e}"));
+                self.untraced.insert(pid);
+                if target::Target::is_alive(pid) {
+                    sink.notice(
+                        pid,
+                        &format!(
+                            "child {pid} of {}: not traced ({})",
+                            parent.map_or("a traced process".into(), |p| p.to_string()),
+                            crate::error::chain(&e)
+                        ),
+                    )?;
+                }
+                return Ok(());
+            }
+        };
+        let mut info = match hook_process(
+            &mut self.kernel,
+            &mut self.unwinder,
+            &target,
+            &plan,
+            target_bits(true),
+            sink,
+        ) {
+            Ok(info) => info,
+            // Exited while being hooked: nothing to trace.
+            Err(_) if !target::Target::is_alive(pid) => {
+                self.kernel.remove_target(pid);
+                self.gone.insert(pid);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        info.parent_pid = parent;
+        let mut traced = Traced::new(pid, target.maps.clone(), Some(&plan), opts);
+        traced.follow_forks = true;
+        traced.parent = parent;
+        traced.settle_go(opts, sink)?;
+        sink.notice(
+            pid,
+            &format!(
+                "following child {pid} ({}) of {}: {} probes",
+                target.comm,
+                parent.map_or("a traced process".into(), |p| p.to_string()),
+                info.probes.len()
+            ),
+        )?;
+        sink.attached(&info)?;
+        self.add(traced, fd);
+        Ok(())
+    }
+
+    /// Whether a child is waiting to be hooked (born since the last look).
+    fn children_pending(&self) -> bool {
+        self.kernel
+            .targets()
+            .iter()
+            .any(|(_, bits)| bits & tracer_common::target::NEW_CHILD != 0)
+    }
+
+    /// Snapshots every interval until the duration elapses, the user
+    /// interrupts or every target has exited; SIGUSR1 writes the exports on
+    /// demand.
+    async fn trace(
+        mut self,
+        targets: Vec<(Traced, PidFd)>,
+        signals: Signals,
+        opts: &Options,
+        sink: &mut dyn Sink,
+    ) -> Result<(), TracerError> {
+        let started = Instant::now();
+        if opts.alerts.is_some()
+            && let Err(e) = self.kernel.watch_oom_kills()
+        {
+            log::warn!(
+                "cannot watch the OOM killer ({}); kills are detected from the cgroup's counter",
+                crate::error::chain(&e)
+            );
+        }
+        for (t, fd) in targets {
+            self.add(t, fd);
+        }
+        let mut ticker = tokio::time::interval(opts.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        let mut poll = tokio::time::interval(PROCESS_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Signals {
+            mut sigint,
+            mut sigterm,
+            mut sigusr1,
+        } = signals;
+        let deadline = async {
+            match opts.duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let reason = loop {
+            tokio::select! {
+                _ = poll.tick() => self.poll_processes(opts, sink).await?,
+                _ = ticker.tick() => {
+                    self.kernel.read_sites()?;
+                    let Self { kernel, unwinder, traced, .. } = &mut self;
+                    for t in traced.iter_mut().filter(|t| !t.exited) {
+                        if t.interval(kernel, unwinder, opts, sink)? == Step::Exec {
+                            follow_exec(t, kernel, unwinder, opts, sink).await?;
+                        }
+                    }
+                    self.kernel.forget_processes(&self.gone);
+                    self.gone.clear();
+                }
+                _ = sigusr1.recv() => {
+                    let Self { kernel, traced, .. } = &mut self;
+                    for t in traced.iter_mut().filter(|t| !t.exited) {
+                        let message = if opts.exports.is_empty() {
+                            "SIGUSR1: nothing to write (no --pprof, --folded or --flamegraph given)"
+                                .to_string()
+                        } else {
+                            let snap = t.snapshot_now(kernel)?;
+                            match opts.exports.write(&snap) {
+                                Ok(files) => format!(
+                                    "SIGUSR1: wrote {}",
+                                    files
+                                        .iter()
+                                        .map(|f| f.display().to_string())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                                // The session goes on: a full disk must not end the trace.
+                                Err(e) => format!("SIGUSR1: {}", crate::error::chain(&e)),
+                            }
+                        };
+                        sink.notice(t.pid, &message)?;
+                    }
+                }
+                _ = sigint.recv() => break EndReason::Interrupted,
+                _ = sigterm.recv() => break EndReason::Interrupted,
+                _ = &mut deadline => break EndReason::Duration,
+                Some(pid) = self.exits.recv() => {
+                    let Self { kernel, traced, gone, .. } = &mut self;
+                    if let Some(t) = traced.iter_mut().find(|t| t.pid == pid && !t.exited) {
+                        t.exited = true;
+                        t.finish(kernel, EndReason::TargetExited, started.elapsed(), opts, sink)
+                            .await?;
+                        kernel.remove_target(pid);
+                        gone.insert(pid);
+                    }
+                    if self.traced.iter().all(|t| t.exited) {
+                        // A child born just before its parent's exit is
+                        // still to be hooked.
+                        self.poll_processes(opts, sink).await?;
+                        if self.traced.iter().all(|t| t.exited) && !self.children_pending() {
+                            return Ok(());
+                        }
                     }
                 }
             }
-            _ = sigusr1.recv() => {
-                for t in traced.iter_mut() {
-                    let message = if opts.exports.is_empty() {
-                        "SIGUSR1: nothing to write (no --pprof, --folded or --flamegraph given)"
-                            .to_string()
-                    } else {
-                        let snap = t.snapshot_now(kernel)?;
-                        match opts.exports.write(&snap) {
-                            Ok(files) => format!(
-                                "SIGUSR1: wrote {}",
-                                files
-                                    .iter()
-                                    .map(|f| f.display().to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                            // The session goes on: a full disk must not end the trace.
-                            Err(e) => format!("SIGUSR1: {}", crate::error::chain(&e)),
-                        }
-                    };
-                    sink.notice(t.pid, &message)?;
-                }
-            }
-            _ = sigint.recv() => break EndReason::Interrupted,
-            _ = sigterm.recv() => break EndReason::Interrupted,
-            _ = &mut deadline => break EndReason::Duration,
-            Some(pid) = exits.recv() => {
-                if let Some(t) = traced.iter_mut().find(|t| t.pid == pid) {
-                    t.exited = true;
-                    t.finish(kernel, EndReason::TargetExited, started.elapsed(), opts, sink)
-                        .await?;
-                }
-                if traced.iter().all(|t| t.exited) {
-                    return Ok(());
-                }
-            }
+        };
+        if reason == EndReason::Interrupted {
+            // Detaching (the final report, restoring the Go sampling rate,
+            // closing every probe link) takes a moment: a second Ctrl-C quits
+            // at once. The kernel removes the probes when their descriptors
+            // close with the process, so the target is left clean either way.
+            quit_on_second_interrupt();
+            log::warn!("detaching; press Ctrl-C again to quit at once (skips the final report)");
         }
-    };
-    if reason == EndReason::Interrupted {
-        // Detaching (the final report, restoring the Go sampling rate,
-        // closing every probe link) takes a moment: a second Ctrl-C quits at
-        // once. The kernel removes the probes when their descriptors close
-        // with the process, so the target is left clean either way.
-        quit_on_second_interrupt();
-        log::warn!("detaching; press Ctrl-C again to quit at once (skips the final report)");
+        self.kernel.read_sites()?;
+        let Self { kernel, traced, .. } = &mut self;
+        for t in traced.iter_mut().filter(|t| !t.exited) {
+            t.finish(kernel, reason, started.elapsed(), opts, sink)
+                .await?;
+        }
+        Ok(())
     }
-    for t in traced.iter_mut().filter(|t| !t.exited) {
-        t.finish(kernel, reason, started.elapsed(), opts, sink)
-            .await?;
-    }
-    Ok(())
 }
 
 /// The signals a session answers. They are taken before anything is

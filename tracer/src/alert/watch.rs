@@ -224,7 +224,7 @@ impl MemoryWatch {
     /// Whether the kernel OOM-killed the target, and the record of it.
     pub fn oom_kill(&self, kernel: &Kernel, snap: &Snapshot) -> Option<OomKill> {
         let top_sites: Vec<_> = snap.sites.iter().take(10).cloned().collect();
-        if let Some(v) = kernel.oom_victim().filter(|v| v.pid == self.pid) {
+        if let Some(v) = kernel.oom_victim(self.pid) {
             return Some(OomKill {
                 pid: self.pid,
                 detected_by: "oom:mark_victim tracepoint".into(),

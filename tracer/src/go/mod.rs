@@ -230,7 +230,7 @@ impl GoTarget {
             .counters()
             .map_or(u64::MAX, |c| c.get(tracer_common::Counter::TimersCreated));
         let tracked = if created > self.retired.values().sum::<u64>() {
-            kernel.go_timers().unwrap_or_default()
+            kernel.go_timers(self.pid).unwrap_or_default()
         } else {
             Vec::new()
         };
@@ -254,7 +254,7 @@ impl GoTarget {
             if pending.contains_key(&t) {
                 by_addr.insert(t, stack);
             } else {
-                kernel.remove_go_timer(t);
+                kernel.remove_go_timer(self.pid, t);
                 *self.retired.entry(stack).or_default() += 1;
             }
         }

@@ -39,7 +39,7 @@ impl GoTarget {
         if self.plan.census.is_some() {
             raw.extend(self.census_sites(symbols));
         }
-        for (key, stats) in kernel.go_sites()? {
+        for (key, stats) in kernel.go_sites(self.pid)? {
             // gopc is the return address of the `go` statement's call to
             // newproc; startpc is a function entry (+1 undoes the -1 applied
             // to return addresses).
@@ -70,7 +70,7 @@ impl GoTarget {
                 .collect()
         } else {
             kernel
-                .go_buckets()?
+                .go_buckets(self.pid)?
                 .into_iter()
                 .map(|(addr, s)| (addr, s.allocs, s.frees, s.outstanding_count.max(0) as u64))
                 .collect()

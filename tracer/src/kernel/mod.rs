@@ -22,8 +22,8 @@ use aya::{
     },
 };
 use tracer_common::{
-    Attach, COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, PROBE_SLOTS, Program,
-    STACK_ID_OWN, SiteKey, SiteStats, StackBuf, maps,
+    AllocInfo, Attach, COUNTER_COUNT, Counter, GoOffsets, GoSiteKey, OomVictim, PROBE_SLOTS,
+    ProcKey, Program, STACK_ID_OWN, SiteKey, SiteStats, StackBuf, maps,
     unwind::{ProcMappings, UnwindRow, end_reason},
 };
 
@@ -51,6 +51,8 @@ pub struct MapSizes {
     pub threads: u32,
     /// Live goroutines tracked at once.
     pub goroutines: u32,
+    /// Processes traced at once (followed children, a cgroup's).
+    pub processes: u32,
     /// Heap sampling rate in bytes (`--sample-bytes`); 0: every allocation.
     pub sample_bytes: u64,
     /// Rows of the unwind-table array (see [`crate::unwind`]).
@@ -68,6 +70,7 @@ impl Default for MapSizes {
             stacks: tracer_common::DEFAULT_MAX_STACKS,
             threads: tracer_common::DEFAULT_MAX_THREADS,
             goroutines: tracer_common::DEFAULT_MAX_GOROUTINES,
+            processes: tracer_common::DEFAULT_MAX_PROCESSES,
             sample_bytes: 0,
             unwind_rows: 0,
             adaptive_sampling: false,
@@ -127,14 +130,20 @@ pub struct Kernel {
     ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     sites: HashMap<MapData, SiteKey, SiteStats>,
+    /// The site map as last read ([`Kernel::read_sites`]), by process.
+    site_cache: StdHashMap<u32, Vec<(SiteKey, SiteStats)>>,
+    targets: HashMap<MapData, u32, u32>,
+    go_runtimes: HashMap<MapData, u32, GoOffsets>,
+    allocs: HashMap<MapData, ProcKey, AllocInfo>,
+    go_goroutines: HashMap<MapData, ProcKey, GoSiteKey>,
     stacks: StackTraceMap<MapData>,
     /// Stacks the kernel's table refused for a hash collision.
     own_stacks: HashMap<MapData, u32, StackBuf>,
     counters: PerCpuArray<MapData, u64>,
     go_sites: HashMap<MapData, GoSiteKey, SiteStats>,
-    go_buckets: HashMap<MapData, u64, SiteStats>,
-    go_timers: HashMap<MapData, u64, u32>,
-    oom_victim: Array<MapData, OomVictim>,
+    go_buckets: HashMap<MapData, ProcKey, SiteStats>,
+    go_timers: HashMap<MapData, ProcKey, u32>,
+    oom_victim: HashMap<MapData, u32, OomVictim>,
     unwind_rows: Array<MapData, UnwindRow>,
     unwind_mappings: HashMap<MapData, u32, ProcMappings>,
     pub sizes: MapSizes,
@@ -144,10 +153,14 @@ pub struct Kernel {
     /// The uprobe programs loaded for batched links (see [`uprobe_multi`]);
     /// else why not, and aya loaded them for one perf event per probe.
     multi: Result<Vec<(Program, MultiProgram)>, KernelError>,
-    /// The uprobe links, owned here to detach them all at once on drop.
-    links: Vec<Link>,
-    /// Probes attached part of the time, with their link while attached.
-    sampled: Vec<(PlannedProbe, Option<Link>)>,
+    /// The uprobe links, by process, owned here to detach them all at once
+    /// on drop.
+    links: Vec<(u32, Link)>,
+    /// Probes attached part of the time, by process, with their link while
+    /// attached.
+    sampled: Vec<(u32, PlannedProbe, Option<Link>)>,
+    /// Tracepoints attached, by program.
+    tracepoints: Vec<Program>,
     /// Run-time statistics of every eBPF program, on while held (the
     /// overhead estimate); None where the kernel refused.
     _stats: Option<OwnedFd>,
@@ -157,8 +170,8 @@ pub struct Kernel {
     slots: Vec<(Program, bool)>,
     /// The heap sampling rate, as the programs read it.
     sample_rate: Array<MapData, u64>,
-    /// The target's exit status (see [`Kernel::watch_exit`]).
-    exit_status: Array<MapData, u64>,
+    /// Targets' exit statuses (see [`Kernel::watch_exit`]).
+    exit_status: HashMap<MapData, u32, u64>,
     /// Each counted probe's hits, by slot.
     probe_hits: PerCpuArray<MapData, u64>,
     /// Whether every probe was taken off ([`Kernel::detach_probes`]).
@@ -183,8 +196,14 @@ pub struct RawStack {
 }
 
 /// Counter totals summed over CPUs, indexed by [`Counter`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Counters(pub [u64; COUNTER_COUNT as usize]);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self([0; COUNTER_COUNT as usize])
+    }
+}
 
 impl Counters {
     pub fn get(&self, c: Counter) -> u64 {
@@ -197,17 +216,15 @@ fn load_err(e: impl std::fmt::Display) -> TracerError {
 }
 
 impl Kernel {
-    /// Loads the programs for process `tgid` (0: any process) with map sizes
-    /// `sizes` and, for a Go target, its runtime's struct offsets.
-    pub fn load(tgid: u32, sizes: MapSizes, go: GoOffsets) -> Result<Self, TracerError> {
+    /// Loads the programs with map sizes `sizes`. Nothing counts until a
+    /// process is added ([`Kernel::add_target`]).
+    pub fn load(sizes: MapSizes) -> Result<Self, TracerError> {
         if EBPF_OBJECT.is_empty() {
             return Err(TracerError::NoEbpfObject);
         }
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let mut ebpf = EbpfLoader::new()
-            .override_global(maps::TARGET_TGID, &tgid, true)
             .override_global(maps::PAGE_SIZE, &page_size, true)
-            .override_global(maps::GO_OFFSETS, &go, true)
             .override_global(
                 maps::TASK_EXIT_CODE,
                 &task_exit_code_offset().unwrap_or(0),
@@ -223,6 +240,11 @@ impl Kernel {
             .map_max_entries(maps::OWN_STACKS, sizes.stacks)
             .map_max_entries(maps::PENDING, sizes.threads)
             .map_max_entries(maps::UNWIND_ROWS, sizes.unwind_rows.max(1))
+            .map_max_entries(maps::TARGETS, sizes.processes)
+            .map_max_entries(maps::GO_RUNTIMES, sizes.processes)
+            .map_max_entries(maps::OOM_VICTIM, sizes.processes)
+            .map_max_entries(maps::EXIT_STATUS, sizes.processes)
+            .map_max_entries(maps::UNWIND_MAPPINGS, sizes.processes)
             .load(EBPF_OBJECT)
             .map_err(load_err)?;
         // Before any map is taken out of `ebpf`: the program shares them all.
@@ -304,13 +326,20 @@ impl Kernel {
         let go_sites = HashMap::try_from(take(&mut ebpf, maps::GO_SITES)?).map_err(load_err)?;
         let go_buckets = HashMap::try_from(take(&mut ebpf, maps::GO_BUCKETS)?).map_err(load_err)?;
         let go_timers = HashMap::try_from(take(&mut ebpf, maps::GO_TIMERS)?).map_err(load_err)?;
-        let oom_victim = Array::try_from(take(&mut ebpf, maps::OOM_VICTIM)?).map_err(load_err)?;
+        let oom_victim = HashMap::try_from(take(&mut ebpf, maps::OOM_VICTIM)?).map_err(load_err)?;
+        let targets = HashMap::try_from(take(&mut ebpf, maps::TARGETS)?).map_err(load_err)?;
+        let go_runtimes =
+            HashMap::try_from(take(&mut ebpf, maps::GO_RUNTIMES)?).map_err(load_err)?;
+        let allocs = HashMap::try_from(take(&mut ebpf, maps::ALLOCS)?).map_err(load_err)?;
+        let go_goroutines =
+            HashMap::try_from(take(&mut ebpf, maps::GO_GOROUTINES)?).map_err(load_err)?;
         let unwind_rows = Array::try_from(take(&mut ebpf, maps::UNWIND_ROWS)?).map_err(load_err)?;
         let unwind_mappings =
             HashMap::try_from(take(&mut ebpf, maps::UNWIND_MAPPINGS)?).map_err(load_err)?;
         let probe_hits =
             PerCpuArray::try_from(take(&mut ebpf, maps::PROBE_HITS)?).map_err(load_err)?;
-        let exit_status = Array::try_from(take(&mut ebpf, maps::EXIT_STATUS)?).map_err(load_err)?;
+        let exit_status =
+            HashMap::try_from(take(&mut ebpf, maps::EXIT_STATUS)?).map_err(load_err)?;
         let mut sample_rate: Array<MapData, u64> =
             Array::try_from(take(&mut ebpf, maps::SAMPLE_RATE)?).map_err(load_err)?;
         sample_rate
@@ -320,6 +349,11 @@ impl Kernel {
             ebpf,
             logger,
             sites,
+            site_cache: StdHashMap::new(),
+            targets,
+            go_runtimes,
+            allocs,
+            go_goroutines,
             stacks,
             own_stacks,
             counters,
@@ -334,6 +368,7 @@ impl Kernel {
             multi,
             links: Vec::new(),
             sampled: Vec::new(),
+            tracepoints: Vec::new(),
             _stats: stats,
             slots: Vec::new(),
             sample_rate,
@@ -418,9 +453,9 @@ impl Kernel {
             }
             let link = self.attach_one(probe, pid, scope)?;
             if probe.sampled {
-                self.sampled.push((probe.clone(), Some(link)));
+                self.sampled.push((pid, probe.clone(), Some(link)));
             } else {
-                self.links.push(link);
+                self.links.push((pid, link));
             }
             attached.push(attached_probe(probe, probe.program));
         }
@@ -432,13 +467,13 @@ impl Kernel {
                 },
                 Err(_) => continue,
             };
-            self.links.push(Link::Multi(fd));
+            self.links.push((pid, Link::Multi(fd)));
             attached.extend(probes.iter().map(|p| attached_probe(p, program)));
         }
         if let Ok(program) = &self.session {
             for (_, probes) in sessions {
                 let fd = attach_batch(program, &probes, pid)?;
-                self.links.push(Link::Multi(fd));
+                self.links.push((pid, Link::Multi(fd)));
                 attached.extend(
                     probes
                         .iter()
@@ -493,15 +528,18 @@ impl Kernel {
         let scope = probe_scope(pid);
         let mut changed = false;
         for i in 0..self.sampled.len() {
-            match (on, self.sampled[i].1.is_some()) {
+            if self.sampled[i].0 != pid {
+                continue;
+            }
+            match (on, self.sampled[i].2.is_some()) {
                 (true, false) => {
-                    let probe = self.sampled[i].0.clone();
+                    let probe = self.sampled[i].1.clone();
                     let link = self.attach_one(&probe, pid, scope)?;
-                    self.sampled[i].1 = Some(link);
+                    self.sampled[i].2 = Some(link);
                     changed = true;
                 }
                 (false, true) => {
-                    if let Some(link) = self.sampled[i].1.take() {
+                    if let Some(link) = self.sampled[i].2.take() {
                         std::thread::spawn(move || drop(link));
                     }
                     changed = true;
@@ -675,15 +713,139 @@ impl Kernel {
         self.detached = true;
         let links: Vec<Link> = std::mem::take(&mut self.links)
             .into_iter()
-            .chain(self.sampled.drain(..).filter_map(|(_, l)| l))
+            .map(|(_, l)| l)
+            .chain(self.sampled.drain(..).filter_map(|(_, _, l)| l))
             .collect();
-        std::thread::spawn(move || {
-            std::thread::scope(|s| {
-                for link in links {
-                    let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(link));
-                }
-            });
-        });
+        std::thread::spawn(move || close_links(links));
+    }
+
+    /// Takes process `pid`'s probes off (in the background): it exec'd
+    /// (its new image has its own) or it is no longer traced.
+    pub fn detach_process(&mut self, pid: u32) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(p, _)| *p == pid);
+        self.links = kept;
+        let (gone_sampled, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sampled)
+            .into_iter()
+            .partition(|(p, _, _)| *p == pid);
+        self.sampled = kept;
+        let links: Vec<Link> = gone
+            .into_iter()
+            .map(|(_, l)| l)
+            .chain(gone_sampled.into_iter().filter_map(|(_, _, l)| l))
+            .collect();
+        if !links.is_empty() {
+            std::thread::spawn(move || close_links(links));
+        }
+    }
+
+    /// How many links process `pid` has (those attached so far).
+    pub fn links_of(&self, pid: u32) -> usize {
+        self.links.iter().filter(|(p, _)| *p == pid).count()
+    }
+
+    /// Closes the first `n` links of process `pid` (in the background):
+    /// those of its image before an exec, once the new image's are live.
+    pub fn detach_first_links(&mut self, pid: u32, n: usize) {
+        let mut seen = 0;
+        let mut gone = Vec::new();
+        let mut kept = Vec::with_capacity(self.links.len());
+        for (p, link) in std::mem::take(&mut self.links) {
+            if p == pid && seen < n {
+                seen += 1;
+                gone.push(link);
+            } else {
+                kept.push((p, link));
+            }
+        }
+        self.links = kept;
+        if !gone.is_empty() {
+            std::thread::spawn(move || close_links(gone));
+        }
+    }
+
+    /// Makes process `tgid` a target (`bits`: [`tracer_common::target`]),
+    /// with its Go runtime's offsets for a Go program.
+    pub fn add_target(
+        &mut self,
+        tgid: u32,
+        bits: u32,
+        go: Option<GoOffsets>,
+    ) -> Result<(), TracerError> {
+        let write = |map, e: aya::maps::MapError| TracerError::MapWrite {
+            map,
+            reason: e.to_string(),
+        };
+        match go {
+            Some(o) => self
+                .go_runtimes
+                .insert(tgid, o, 0)
+                .map_err(|e| write(maps::GO_RUNTIMES, e))?,
+            None => {
+                let _ = self.go_runtimes.remove(&tgid);
+            }
+        }
+        self.targets
+            .insert(tgid, bits, 0)
+            .map_err(|e| write(maps::TARGETS, e))
+    }
+
+    /// Every target and its bits, the children the kernel added included.
+    pub fn targets(&self) -> Vec<(u32, u32)> {
+        self.targets.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Clears `bits` of target `tgid`'s (a child hooked, an exec handled).
+    pub fn clear_target_bits(&mut self, tgid: u32, bits: u32) {
+        if let Ok(v) = self.targets.get(&tgid, 0) {
+            // The kernel may set a bit in between (another exec): only the
+            // handled ones are cleared, and an exec marked during the
+            // handling is seen at the next look.
+            let _ = self.targets.insert(tgid, v & !bits, 0);
+        }
+    }
+
+    /// Stops tracing process `tgid`: its probes and its entries in the
+    /// maps that steer the programs go; its sites stay until
+    /// [`Kernel::forget_processes`].
+    pub fn remove_target(&mut self, tgid: u32) {
+        self.detach_process(tgid);
+        let _ = self.targets.remove(&tgid);
+        let _ = self.go_runtimes.remove(&tgid);
+        let _ = self.remove_unwind_mappings(tgid);
+    }
+
+    /// Drops every entry of processes `gone` (exited, their final report
+    /// out) from the accounting maps, which would otherwise fill with the
+    /// dead: a sweep of each map, once for all of them.
+    pub fn forget_processes(&mut self, gone: &std::collections::HashSet<u32>) {
+        if gone.is_empty() {
+            return;
+        }
+        fn sweep<K: aya::Pod, V: aya::Pod>(
+            map: &mut HashMap<MapData, K, V>,
+            dead: impl Fn(&K) -> bool,
+        ) -> usize {
+            let keys: Vec<K> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| dead(k))
+                .collect();
+            keys.iter().filter(|k| map.remove(k).is_ok()).count()
+        }
+        let n = sweep(&mut self.allocs, |k| gone.contains(&k.tgid))
+            + sweep(&mut self.sites, |k| gone.contains(&k.tgid))
+            + sweep(&mut self.go_sites, |k| gone.contains(&k.tgid))
+            + sweep(&mut self.go_buckets, |k| gone.contains(&k.tgid))
+            + sweep(&mut self.go_timers, |k| gone.contains(&k.tgid))
+            + sweep(&mut self.go_goroutines, |k| gone.contains(&k.tgid))
+            + sweep(&mut self.exit_status, |k| gone.contains(k))
+            + sweep(&mut self.oom_victim, |k| gone.contains(k));
+        for tgid in gone {
+            let _ = self.targets.remove(tgid);
+        }
+        log::debug!("forgot {n} map entries of {} exited processes", gone.len());
     }
 
     /// Whether any probe is planned as `sampled`.
@@ -691,17 +853,23 @@ impl Kernel {
         !self.sampled.is_empty()
     }
 
-    /// Current statistics of every site.
-    pub fn sites(&self) -> Result<Vec<(SiteKey, SiteStats)>, TracerError> {
-        self.sites
-            .iter()
-            .map(|r| {
-                r.map_err(|e| TracerError::MapRead {
-                    map: maps::SITES,
-                    reason: e.to_string(),
-                })
-            })
-            .collect()
+    /// Reads the whole site map once, for [`Kernel::sites`] of every process.
+    pub fn read_sites(&mut self) -> Result<(), TracerError> {
+        self.site_cache.clear();
+        for r in self.sites.iter() {
+            let (k, v) = r.map_err(|e| TracerError::MapRead {
+                map: maps::SITES,
+                reason: e.to_string(),
+            })?;
+            self.site_cache.entry(k.tgid).or_default().push((k, v));
+        }
+        Ok(())
+    }
+
+    /// Statistics of process `tgid`'s sites, as [`Kernel::read_sites`] last
+    /// read them.
+    pub fn sites(&self, tgid: u32) -> Vec<(SiteKey, SiteStats)> {
+        self.site_cache.get(&tgid).cloned().unwrap_or_default()
     }
 
     /// Watches the kernel's OOM killer (tracepoint oom:mark_victim). Needs
@@ -710,9 +878,9 @@ impl Kernel {
         self.attach_tracepoint(Program::OomMarkVictim)
     }
 
-    /// Records the target's exit status (tracepoint sched:sched_process_exit)
-    /// for [`Kernel::exit_status`]: `attach` is not the target's parent, so
-    /// no wait(2) tells it.
+    /// Records the targets' exit statuses (tracepoint
+    /// sched:sched_process_exit) for [`Kernel::exit_status`]: `attach` is
+    /// not the target's parent, so no wait(2) tells it.
     pub fn watch_exit(&mut self) -> Result<(), KernelError> {
         if task_exit_code_offset().is_none() {
             return Err(KernelError::NoTaskLayout);
@@ -720,13 +888,23 @@ impl Kernel {
         self.attach_tracepoint(Program::ProcessExit)
     }
 
-    /// The target's exit status as wait(2) gives it, once it exited.
-    pub fn exit_status(&self) -> Option<u32> {
-        let v = self.exit_status.get(&0, 0).ok()?;
-        (v >> 32 == 1).then_some(v as u32)
+    /// Marks targets that exec (tracepoint sched:sched_process_exec) and,
+    /// for those that follow forks, makes their children targets (task:
+    /// task_newtask) from birth.
+    pub fn watch_processes(&mut self) -> Result<(), KernelError> {
+        self.attach_tracepoint(Program::ProcessExec)?;
+        self.attach_tracepoint(Program::ProcessFork)
+    }
+
+    /// Target `tgid`'s exit status as wait(2) gives it, once it exited.
+    pub fn exit_status(&self, tgid: u32) -> Option<u32> {
+        self.exit_status.get(&tgid, 0).ok().map(|v| v as u32)
     }
 
     fn attach_tracepoint(&mut self, program: Program) -> Result<(), KernelError> {
+        if self.tracepoints.contains(&program) {
+            return Ok(());
+        }
         ensure_tracefs()?;
         let Attach::Tracepoint { category, name } = program.attach() else {
             return Err(KernelError::NotTracepoint(program.name()));
@@ -743,40 +921,45 @@ impl Kernel {
             .map_err(failed)?;
         prog.load().map_err(failed)?;
         prog.attach(category, name).map_err(failed)?;
+        self.tracepoints.push(program);
         Ok(())
     }
 
-    /// The OOM victim record, once the kernel has marked the target.
-    pub fn oom_victim(&self) -> Option<OomVictim> {
-        self.oom_victim.get(&0, 0).ok().filter(|v| v.pid != 0)
+    /// The OOM victim record, once the kernel has marked target `tgid`.
+    pub fn oom_victim(&self, tgid: u32) -> Option<OomVictim> {
+        self.oom_victim.get(&tgid, 0).ok().filter(|v| v.pid != 0)
     }
 
-    /// Goroutines per creation site.
-    /// Timers pending since their creation probe: timer → creation stack id.
-    pub fn go_timers(&self) -> Result<Vec<(u64, u32)>, TracerError> {
-        self.go_timers
-            .iter()
-            .map(|r| {
-                r.map_err(|e| TracerError::MapRead {
-                    map: maps::GO_TIMERS,
-                    reason: e.to_string(),
-                })
-            })
-            .collect()
+    /// Process `tgid`'s timers pending since their creation probe: timer →
+    /// creation stack id.
+    pub fn go_timers(&self, tgid: u32) -> Result<Vec<(u64, u32)>, TracerError> {
+        Ok(read_all(&self.go_timers, maps::GO_TIMERS)?
+            .into_iter()
+            .filter(|(k, _)| k.tgid == tgid)
+            .map(|(k, v)| (k.addr, v))
+            .collect())
     }
 
-    /// Forgets timer `t` (retired: no timer heap holds it).
-    pub fn remove_go_timer(&mut self, t: u64) {
-        let _ = self.go_timers.remove(&t);
+    /// Forgets process `tgid`'s timer `t` (retired: no timer heap holds it).
+    pub fn remove_go_timer(&mut self, tgid: u32, t: u64) {
+        let _ = self.go_timers.remove(&ProcKey::new(tgid, t));
     }
 
-    pub fn go_sites(&self) -> Result<Vec<(GoSiteKey, SiteStats)>, TracerError> {
-        read_all(&self.go_sites, maps::GO_SITES)
+    /// Process `tgid`'s goroutines per creation site.
+    pub fn go_sites(&self, tgid: u32) -> Result<Vec<(GoSiteKey, SiteStats)>, TracerError> {
+        Ok(read_all(&self.go_sites, maps::GO_SITES)?
+            .into_iter()
+            .filter(|(k, _)| k.tgid == tgid)
+            .collect())
     }
 
-    /// Sampled objects per Go memory-profile bucket.
-    pub fn go_buckets(&self) -> Result<Vec<(u64, SiteStats)>, TracerError> {
-        read_all(&self.go_buckets, maps::GO_BUCKETS)
+    /// Process `tgid`'s sampled objects per Go memory-profile bucket.
+    pub fn go_buckets(&self, tgid: u32) -> Result<Vec<(u64, SiteStats)>, TracerError> {
+        Ok(read_all(&self.go_buckets, maps::GO_BUCKETS)?
+            .into_iter()
+            .filter(|(k, _)| k.tgid == tgid)
+            .map(|(k, v)| (k.addr, v))
+            .collect())
     }
 
     /// Instruction pointers of a recorded stack, innermost first.
@@ -938,16 +1121,21 @@ impl Drop for Kernel {
     /// its probes (see [`uprobe_multi`]); perf-event links, one per probe,
     /// are closed in parallel.
     fn drop(&mut self) {
-        let links = std::mem::take(&mut self.links);
-        let sampled = self.sampled.drain(..).filter_map(|(_, l)| l);
-        // A closure no thread could be spawned for is dropped by the failed
-        // spawn: its link is then detached here, in turn.
-        std::thread::scope(|s| {
-            for link in links.into_iter().chain(sampled) {
-                let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(link));
-            }
-        });
+        let links = std::mem::take(&mut self.links).into_iter().map(|(_, l)| l);
+        let sampled = self.sampled.drain(..).filter_map(|(_, _, l)| l);
+        close_links(links.chain(sampled).collect());
     }
+}
+
+/// Closes links in parallel, each on a thread of its own: each waits for an
+/// RCU grace period. A link no thread could be spawned for is dropped by the
+/// failed spawn, in turn.
+fn close_links(links: Vec<Link>) {
+    std::thread::scope(|s| {
+        for link in links {
+            let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(link));
+        }
+    });
 }
 
 /// Offset of `exit_code` in the running kernel's `task_struct`, from its

@@ -487,6 +487,7 @@ mod tests {
         let info = Attached {
             schema_version: 2,
             pid: 1,
+            parent_pid: None,
             comm: "a".into(),
             exe: "/bin/a".into(),
             go_version: None,
