@@ -1223,3 +1223,55 @@ fn run_follows_a_shell_wrapper_into_its_program() {
     let _ = std::fs::remove_file(&out);
     assert_exact_sites(&report, true);
 }
+
+/// A library with an allocator of its own, loaded with dlopen after attach
+/// (a plugin bringing its own jemalloc): its malloc family is hooked when
+/// it is mapped, with a notice, and its blocks are counted exactly.
+#[test]
+fn an_allocator_loaded_after_attach_is_hooked() {
+    if !privileged("an_allocator_loaded_after_attach_is_hooked") {
+        return;
+    }
+    let lib = fixture("libownalloc.so");
+    let mut target = Proc::spawn(Command::new(fixture("dlchain")).arg(&lib));
+    target.expect_line("ready", T);
+    let (mut tracer, mut stream, first) = Tracing::attach(target.pid())
+        .interval("0.25")
+        .on_attached(|_| target.send("go"))
+        .start();
+    let lib_path = std::fs::canonicalize(&lib).unwrap().display().to_string();
+    assert!(
+        !first["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["path"] == lib_path.as_str()),
+        "not mapped yet at attach"
+    );
+    target.expect_line("loaded", T);
+    let notice = stream.next_of_where("notice", "the new allocator", T, |v| {
+        v["message"].as_str().unwrap().contains(&lib_path)
+    });
+    assert!(
+        notice["message"].as_str().unwrap().contains("allocator"),
+        "{notice}"
+    );
+    target.send("go");
+    target.expect_line("done", T);
+    let report = end_normally(&mut target, &mut tracer, &mut stream);
+    let text = std::fs::read_to_string(source("c/dlchain.c")).unwrap();
+    let define = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("#define") && w.next() == Some(name))
+                    .then(|| w.next().unwrap().parse().unwrap())
+            })
+            .unwrap()
+    };
+    let (n, size) = (define("N"), define("SIZE"));
+    let line = marker_line(&source("c/ownalloc.c"), "own_malloc");
+    let site = site_at(&report, "heap", "lib_f1", line);
+    assert_eq!(site["outstanding_bytes"], n * size, "{site}");
+    assert_eq!(site["outstanding_count"], n, "{site}");
+}

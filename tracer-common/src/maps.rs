@@ -24,6 +24,8 @@ pub const TARGETS: &str = "TARGETS";
 /// Hash map: tgid → [`GoOffsets`](crate::GoOffsets), the struct offsets of
 /// that Go process's runtime.
 pub const GO_RUNTIMES: &str = "GO_RUNTIMES";
+/// Ring buffer of `u32` tgids: a target forked a followed child or exec'd.
+pub const PROC_EVENTS: &str = "PROC_EVENTS";
 
 /// Array of one `u64`: the heap sampling rate in bytes (`--sample-bytes`;
 /// 0 traces every allocation). A map, not a global: `--max-overhead` raises
@@ -79,8 +81,9 @@ pub const UNWIND_BISECT: &str = "UNWIND_BISECT";
 pub const GLOBALS: [&str; 2] = [PAGE_SIZE, TASK_EXIT_CODE];
 
 /// Every map above.
-pub const MAPS: [&str; 22] = [
+pub const MAPS: [&str; 23] = [
     TARGETS,
+    PROC_EVENTS,
     GO_RUNTIMES,
     SAMPLE_RATE,
     PROBE_HITS,

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use tracer_common::{
     AllocInfo, COUNTER_COUNT, Counter, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_GOROUTINES,
@@ -21,6 +21,12 @@ use crate::counters::count;
 /// the same inode, and lets the fork tracepoint add children.
 #[map]
 pub(crate) static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+
+/// Wakes the collector when a target forks a process it follows or execs
+/// (a tgid each): the new image runs unprobed until it is hooked. A full
+/// buffer loses only the wakeup (the collector also polls [`TARGETS`]).
+#[map]
+pub(crate) static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 4096, 0);
 
 /// Page size of the target, for rounding mapping lengths. Set before load.
 #[unsafe(no_mangle)]

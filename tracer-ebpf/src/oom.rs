@@ -10,7 +10,7 @@ use tracer_common::OomVictim;
 
 use tracer_common::target;
 
-use crate::maps::{EXIT_STATUS, OOM_VICTIM, TARGETS, TASK_EXIT_CODE, is_traced};
+use crate::maps::{EXIT_STATUS, OOM_VICTIM, PROC_EVENTS, TARGETS, TASK_EXIT_CODE, is_traced};
 
 pub(crate) fn try_oom_mark_victim(ctx: &TracePointContext) -> Result<u32, u32> {
     let pid: i32 = unsafe { ctx.read_at(8) }.map_err(|_| 1u32)?;
@@ -79,6 +79,7 @@ pub(crate) fn try_process_fork(ctx: &TracePointContext) -> Result<u32, u32> {
         return Err(1);
     }
     crate::counters::count(tracer_common::Counter::ProcessesFollowed);
+    let _ = PROC_EVENTS.output::<u32>(child as u32, 0);
     Ok(0)
 }
 
@@ -90,5 +91,6 @@ pub(crate) fn try_process_exec(_ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     };
     unsafe { *bits |= target::EXECED };
+    let _ = PROC_EVENTS.output::<u32>(tgid, 0);
     Ok(0)
 }

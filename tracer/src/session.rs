@@ -96,6 +96,7 @@ fn unwind_notice(pid: u32, inst: &Installed, sink: &mut dyn Sink) -> std::io::Re
 }
 
 /// Everything to hook in one target.
+#[derive(Clone)]
 struct Plan {
     probes: Vec<PlannedProbe>,
     go: Option<GoPlan>,
@@ -165,6 +166,8 @@ struct Traced {
     /// Code files already planned for (hooked or found without an
     /// allocator): a file mapped later (dlopen) is planned when it appears.
     planned_files: HashSet<PathBuf>,
+    /// The plan hooked, for its forked children (same image, same probes).
+    plan: Option<Plan>,
 }
 
 impl Traced {
@@ -207,6 +210,7 @@ impl Traced {
             root: false,
             parent: None,
             planned_files,
+            plan: plan.cloned(),
         }
     }
 
@@ -216,6 +220,7 @@ impl Traced {
         let fresh = Self::new(self.pid, maps, Some(plan), opts);
         self.collector = fresh.collector;
         self.planned_files = fresh.planned_files;
+        self.plan = fresh.plan;
         self.maps_text.clear();
         self.exe_id = fresh.exe_id;
         self.exe = fresh.exe;
@@ -706,9 +711,7 @@ fn target_bits(follow_forks: bool) -> u32 {
 /// Follows `t` into the image it exec'd: keeps the old image's sites (as
 /// the exec found them) for the final report, then plans and attaches for
 /// the new image as `attach` would, with a notice and a new `attached`
-/// record. The old image's links close once the new ones are live, so
-/// nothing the new image allocates in between goes unseen (a function probed
-/// twice for that moment counts once: the second entry is a nested call).
+/// record.
 async fn follow_exec(
     t: &mut Traced,
     kernel: &mut Kernel,
@@ -739,7 +742,8 @@ async fn follow_exec(
                 .map(|p| p.display().to_string())
                 .unwrap_or_default();
             kernel.clear_target_bits(pid, tracer_common::target::EXECED);
-            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // Exited already (a short-lived command): its exit ends its trace.
+            if target::Target::is_alive(pid) {
                 sink.notice(
                     pid,
                     &format!(
@@ -753,7 +757,12 @@ async fn follow_exec(
             return Ok(());
         }
     };
-    let old_links = kernel.links_of(pid);
+    // The old image's links close first, and the new image's attach after:
+    // two links on one function (libc, mapped by both images) would each
+    // fire for one call, and one closing between a call's entry and its
+    // return loses that call. The new image runs unprobed meanwhile (one
+    // grace period, ~0.1 s of its start-up).
+    kernel.detach_process_now(pid);
     let mut info = hook_process(
         kernel,
         unwinder,
@@ -763,7 +772,6 @@ async fn follow_exec(
         sink,
     )?;
     info.parent_pid = t.parent;
-    kernel.detach_first_links(pid, old_links);
     t.rehook(target.maps.clone(), &plan, opts);
     t.settle_go(opts, sink)?;
     sink.notice(
@@ -1160,7 +1168,8 @@ fn session_notice(kernel: &Kernel, sink: &mut dyn Sink, pid: u32) -> std::io::Re
 }
 
 /// How often the kernel's list of targets is read for children born and
-/// execs done: a new image runs unprobed until it is read.
+/// execs done, besides the wakeups of its ring buffer: a new image runs
+/// unprobed until it is read.
 const PROCESS_POLL: Duration = Duration::from_millis(20);
 
 /// One set of kernel objects and the processes it traces.
@@ -1176,6 +1185,9 @@ struct Session {
     /// Children that could not be traced (no allocator, gone at once):
     /// kept as targets only so that their own children are followed.
     untraced: HashSet<u32>,
+    /// Children that exited before their probes could attach, and how
+    /// many of them the user was told about.
+    missed_children: (u64, u64),
 }
 
 impl Session {
@@ -1189,6 +1201,7 @@ impl Session {
             exits,
             gone: HashSet::new(),
             untraced: HashSet::new(),
+            missed_children: (0, 0),
         }
     }
 
@@ -1247,12 +1260,27 @@ impl Session {
             .map(|s| s.ppid as u32);
         // Held open first: the child may exit while it is being hooked.
         let fd = PidFd::open(pid);
-        let found = match Target::resolve(pid) {
-            Ok(target) => plan_running(target).await,
-            Err(e) => Err(e),
+        // A forked child runs its parent's image: its plan is the parent's
+        // (planning parses every file: tens of milliseconds in which the
+        // child runs unprobed).
+        let inherited = parent
+            .and_then(|pp| self.traced.iter().find(|t| t.pid == pp && !t.exited))
+            .filter(|t| t.exe_id.is_some() && t.exe_id == exe_id(pid))
+            .and_then(|t| t.plan.clone());
+        let reused = inherited.is_some();
+        let found = match (Target::resolve(pid), inherited) {
+            (Ok(target), Some(plan)) => Ok((target, plan)),
+            (Ok(target), None) => plan_running(target).await,
+            (Err(e), _) => Err(e),
         };
         let (target, plan, fd) = match (found, fd) {
             (Ok((target, plan)), Ok(fd)) => (target, plan, fd),
+            (Err(_), _) | (_, Err(_)) if !target::Target::is_alive(pid) => {
+                self.kernel.remove_target(pid);
+                self.gone.insert(pid);
+                self.missed_children.0 += 1;
+                return Ok(());
+            }
             (Err(e), _) | (_, Err(e)) => {
                 // Its own children are still followed.
                 self.kernel
@@ -1285,6 +1313,7 @@ impl Session {
             Err(_) if !target::Target::is_alive(pid) => {
                 self.kernel.remove_target(pid);
                 self.gone.insert(pid);
+                self.missed_children.0 += 1;
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -1293,6 +1322,11 @@ impl Session {
         let mut traced = Traced::new(pid, target.maps.clone(), Some(&plan), opts);
         traced.follow_forks = true;
         traced.parent = parent;
+        if reused {
+            // Files the parent loaded after its plan are planned for the
+            // child at its first interval.
+            traced.planned_files = plan.probes.iter().map(|p| p.object.path.clone()).collect();
+        }
         traced.settle_go(opts, sink)?;
         sink.notice(
             pid,
@@ -1306,6 +1340,25 @@ impl Session {
         sink.attached(&info)?;
         self.add(traced, fd);
         Ok(())
+    }
+
+    /// Tells the user how many children lived too briefly to be traced,
+    /// when more did since the last time.
+    fn tell_missed_children(&mut self, sink: &mut dyn Sink) -> std::io::Result<()> {
+        let (missed, told) = self.missed_children;
+        if missed == told {
+            return Ok(());
+        }
+        self.missed_children.1 = missed;
+        let pid = self.traced.first().map_or(0, |t| t.pid);
+        sink.notice(
+            pid,
+            &format!(
+                "{missed} child process(es) so far exited before their probes could attach \
+                 (they lived less than ~{} ms): their allocations are not counted",
+                PROCESS_POLL.as_millis() * 2
+            ),
+        )
     }
 
     /// Whether a child is waiting to be hooked (born since the last look).
@@ -1341,6 +1394,14 @@ impl Session {
         let mut ticker = tokio::time::interval(opts.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        // Forks and execs wake the session at once; without the ring buffer
+        // the poll alone finds them.
+        let mut events = self
+            .kernel
+            .take_process_events()
+            // SAFETY: the ring buffer owns its map's descriptor, which
+            // stays open and the same for as long as it lives.
+            .and_then(|r| unsafe { tokio::io::unix::AsyncFd::register(r) }.ok());
         let mut poll = tokio::time::interval(PROCESS_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let Signals {
@@ -1358,6 +1419,17 @@ impl Session {
         let reason = loop {
             tokio::select! {
                 _ = poll.tick() => self.poll_processes(opts, sink).await?,
+                Some(()) = async {
+                    match events.as_mut() {
+                        Some(fd) => {
+                            let mut ready = fd.readable_mut().await.ok()?;
+                            while ready.get_inner_mut().next().is_some() {}
+                            ready.clear_ready();
+                            Some(())
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => self.poll_processes(opts, sink).await?,
                 _ = ticker.tick() => {
                     self.kernel.read_sites()?;
                     let Self { kernel, unwinder, traced, .. } = &mut self;
@@ -1368,6 +1440,7 @@ impl Session {
                     }
                     self.kernel.forget_processes(&self.gone);
                     self.gone.clear();
+                    self.tell_missed_children(sink)?;
                 }
                 _ = sigusr1.recv() => {
                     let Self { kernel, traced, .. } = &mut self;

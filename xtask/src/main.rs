@@ -185,6 +185,18 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
             ],
         ),
         ("dlchain.c", "dlchain", &["-fomit-frame-pointer"]),
+        // A library with an allocator of its own, for dlchain to load.
+        (
+            "ownalloc.c",
+            "libownalloc.so",
+            &[
+                "-shared",
+                "-fPIC",
+                "-fno-omit-frame-pointer",
+                "-Wl,-Bsymbolic",
+                "-fno-builtin",
+            ],
+        ),
         // -O0: the two call lines per level must stay two calls.
         (
             "manysites.c",

@@ -15,7 +15,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
@@ -133,6 +133,8 @@ pub struct Kernel {
     /// The site map as last read ([`Kernel::read_sites`]), by process.
     site_cache: StdHashMap<u32, Vec<(SiteKey, SiteStats)>>,
     targets: HashMap<MapData, u32, u32>,
+    /// Taken by the session ([`Kernel::take_process_events`]).
+    proc_events: Option<RingBuf<MapData>>,
     go_runtimes: HashMap<MapData, u32, GoOffsets>,
     allocs: HashMap<MapData, ProcKey, AllocInfo>,
     go_goroutines: HashMap<MapData, ProcKey, GoSiteKey>,
@@ -328,6 +330,8 @@ impl Kernel {
         let go_timers = HashMap::try_from(take(&mut ebpf, maps::GO_TIMERS)?).map_err(load_err)?;
         let oom_victim = HashMap::try_from(take(&mut ebpf, maps::OOM_VICTIM)?).map_err(load_err)?;
         let targets = HashMap::try_from(take(&mut ebpf, maps::TARGETS)?).map_err(load_err)?;
+        let proc_events =
+            RingBuf::try_from(take(&mut ebpf, maps::PROC_EVENTS)?).map_err(load_err)?;
         let go_runtimes =
             HashMap::try_from(take(&mut ebpf, maps::GO_RUNTIMES)?).map_err(load_err)?;
         let allocs = HashMap::try_from(take(&mut ebpf, maps::ALLOCS)?).map_err(load_err)?;
@@ -351,6 +355,7 @@ impl Kernel {
             sites,
             site_cache: StdHashMap::new(),
             targets,
+            proc_events: Some(proc_events),
             go_runtimes,
             allocs,
             go_goroutines,
@@ -719,9 +724,22 @@ impl Kernel {
         std::thread::spawn(move || close_links(links));
     }
 
-    /// Takes process `pid`'s probes off (in the background): it exec'd
-    /// (its new image has its own) or it is no longer traced.
+    /// Takes process `pid`'s probes off (in the background): it is no
+    /// longer traced.
     pub fn detach_process(&mut self, pid: u32) {
+        let links = self.take_links_of(pid);
+        if !links.is_empty() {
+            std::thread::spawn(move || close_links(links));
+        }
+    }
+
+    /// Takes process `pid`'s probes off and returns once the kernel has
+    /// dropped them (one grace period, the links closed in parallel).
+    pub fn detach_process_now(&mut self, pid: u32) {
+        close_links(self.take_links_of(pid));
+    }
+
+    fn take_links_of(&mut self, pid: u32) -> Vec<Link> {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
             .into_iter()
             .partition(|(p, _)| *p == pid);
@@ -730,39 +748,10 @@ impl Kernel {
             .into_iter()
             .partition(|(p, _, _)| *p == pid);
         self.sampled = kept;
-        let links: Vec<Link> = gone
-            .into_iter()
+        gone.into_iter()
             .map(|(_, l)| l)
             .chain(gone_sampled.into_iter().filter_map(|(_, _, l)| l))
-            .collect();
-        if !links.is_empty() {
-            std::thread::spawn(move || close_links(links));
-        }
-    }
-
-    /// How many links process `pid` has (those attached so far).
-    pub fn links_of(&self, pid: u32) -> usize {
-        self.links.iter().filter(|(p, _)| *p == pid).count()
-    }
-
-    /// Closes the first `n` links of process `pid` (in the background):
-    /// those of its image before an exec, once the new image's are live.
-    pub fn detach_first_links(&mut self, pid: u32, n: usize) {
-        let mut seen = 0;
-        let mut gone = Vec::new();
-        let mut kept = Vec::with_capacity(self.links.len());
-        for (p, link) in std::mem::take(&mut self.links) {
-            if p == pid && seen < n {
-                seen += 1;
-                gone.push(link);
-            } else {
-                kept.push((p, link));
-            }
-        }
-        self.links = kept;
-        if !gone.is_empty() {
-            std::thread::spawn(move || close_links(gone));
-        }
+            .collect()
     }
 
     /// Makes process `tgid` a target (`bits`: [`tracer_common::target`]),
@@ -789,6 +778,12 @@ impl Kernel {
         self.targets
             .insert(tgid, bits, 0)
             .map_err(|e| write(maps::TARGETS, e))
+    }
+
+    /// The ring buffer that wakes the session when a target forks or execs
+    /// (see [`Kernel::watch_processes`]); once.
+    pub fn take_process_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.proc_events.take()
     }
 
     /// Every target and its bits, the children the kernel added included.

@@ -283,7 +283,11 @@ pub fn plan_libc(
             probes.extend(PlannedProbe::for_hook(hook, obj, offset, shift));
         }
     }
-    if !probes.iter().any(|p| p.function == "malloc") {
+    // "malloc+0x4": placed past the entry, on a cheaper instruction.
+    if !probes
+        .iter()
+        .any(|p| p.function.split('+').next() == Some("malloc"))
+    {
         return Ok(Vec::new());
     }
     // Frees go live before allocations: a block allocated by a live probe and
