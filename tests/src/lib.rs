@@ -447,8 +447,9 @@ impl Stream {
 /// first, as version 1 of the stream did.
 #[derive(Default)]
 pub struct Rebuild {
-    sites: std::collections::HashMap<String, Value>,
-    numbers: std::collections::HashMap<String, Value>,
+    /// Per process (a session traces several: deltas are per pid), by site id.
+    sites: std::collections::HashMap<(u64, String), Value>,
+    numbers: std::collections::HashMap<u64, std::collections::HashMap<String, Value>>,
 }
 
 impl Rebuild {
@@ -465,27 +466,29 @@ impl Rebuild {
                 for k in ["type", "ts", "pid"] {
                     o.remove(k);
                 }
+                let pid = v["pid"].as_u64().unwrap();
                 self.sites
-                    .insert(v["site_id"].as_str().unwrap().to_string(), site);
+                    .insert((pid, v["site_id"].as_str().unwrap().to_string()), site);
                 v
             }
             Some("snapshot") => {
+                let pid = v["pid"].as_u64().unwrap();
+                let numbers = self.numbers.entry(pid).or_default();
                 for id in v["removed"].as_array().into_iter().flatten() {
-                    self.numbers.remove(id.as_str().unwrap());
+                    numbers.remove(id.as_str().unwrap());
                 }
                 for n in v["sites"].as_array().unwrap() {
                     let id = n["site_id"].as_str().unwrap();
                     assert!(
-                        self.sites.contains_key(id),
-                        "snapshot names site {id} before any `site` event describes it"
+                        self.sites.contains_key(&(pid, id.to_string())),
+                        "snapshot names site {id} before any `site` event of pid {pid} describes it"
                     );
-                    self.numbers.insert(id.to_string(), n.clone());
+                    numbers.insert(id.to_string(), n.clone());
                 }
-                let mut whole: Vec<Value> = self
-                    .numbers
+                let mut whole: Vec<Value> = numbers
                     .iter()
                     .map(|(id, n)| {
-                        let mut s = self.sites[id].clone();
+                        let mut s = self.sites[&(pid, id.clone())].clone();
                         for (k, x) in n.as_object().unwrap() {
                             s[k] = x.clone();
                         }
@@ -607,6 +610,11 @@ impl<'h> Tracing<'h> {
     /// `tracer attach PID`.
     pub fn attach(pid: u32) -> Self {
         Self::new("attach", Some(pid))
+    }
+
+    /// `tracer attach --cgroup DIR`.
+    pub fn attach_cgroup(dir: &Path) -> Self {
+        Self::new("attach", None).args(["--cgroup".as_ref(), dir.as_os_str()])
     }
 
     /// `tracer watch PID` (no probes).

@@ -1275,3 +1275,98 @@ fn an_allocator_loaded_after_attach_is_hooked() {
     assert_eq!(site["outstanding_bytes"], n * size, "{site}");
     assert_eq!(site["outstanding_count"], n, "{site}");
 }
+
+/// `attach --cgroup`: two copies of the fixture in a memory cgroup and a
+/// leaking third moved in after attach. Every process is traced with its
+/// own pid and exact sites; the cgroup's alert names the leaking process
+/// and its site; its OOM kill is recorded for it.
+#[test]
+fn a_cgroup_is_traced_whole_and_its_alert_names_the_culprit() {
+    if !privileged("a_cgroup_is_traced_whole_and_its_alert_names_the_culprit") {
+        return;
+    }
+    let Some(cg) = MemCgroup::create("whole", 96 << 20) else {
+        panic!("this machine has a cgroup v1 memory controller; CI must run this test");
+    };
+    let mut a = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
+    let mut b = Proc::spawn(Command::new(fixture("allocs-nofp")).arg("wait"));
+    a.expect_line("ready", T);
+    b.expect_line("ready", T);
+    cg.add(a.pid());
+    cg.add(b.pid());
+    let (mut tracer, mut stream, _) = Tracing::attach_cgroup(&cg.dir)
+        .interval("0.5")
+        .args(["--oom-window", "12"])
+        .start();
+    for pid in [a.pid(), b.pid()] {
+        if !stream
+            .seen
+            .iter()
+            .any(|v| v["type"] == "attached" && v["pid"] == pid)
+        {
+            stream.next_of_where("attached", "each process of the cgroup", T, |v| {
+                v["pid"] == pid
+            });
+        }
+    }
+    // 8 MiB/s from a process that enters the cgroup after attach.
+    let mut leak = Proc::spawn(Command::new(fixture("oomleak")).args(["leak", "8192"]));
+    leak.expect_line("ready", T);
+    cg.add(leak.pid());
+    stream.next_of_where("attached", "the leaking process", T, |v| {
+        v["pid"] == leak.pid()
+    });
+    for p in [&mut a, &mut b] {
+        p.send("go");
+        p.expect_line("done", T);
+    }
+    leak.send("go");
+    let alert = stream.next_of_where("alert", "a warning or worse", T, |v| v["severity"] != "ok");
+    assert_eq!(
+        alert["pid"],
+        leak.pid(),
+        "the alert names the leaking process: {alert}"
+    );
+    let top = &alert["top_sites"][0];
+    assert_eq!(top["process"]["pid"], leak.pid(), "{alert}");
+    assert_eq!(
+        top["frames"][0]["function"], "grow_session_cache",
+        "{alert}"
+    );
+    assert_eq!(
+        top["frames"][0]["line"],
+        marker_line(&source("c/oomleak.c"), "oom_leak"),
+        "{alert}"
+    );
+    let kill = stream.next_of("oom_kill", T);
+    assert_eq!(kill["pid"], leak.pid(), "{kill}");
+    assert_eq!(kill["detected_by"], "oom:mark_victim tracepoint");
+    let totals = stream.next_of_where("cgroup", "the leak ended", T, |v| {
+        v["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pid"] == leak.pid() && p["ended"] == true)
+    });
+    assert_eq!(totals["processes"].as_array().unwrap().len(), 3, "{totals}");
+    for p in [&mut a, &mut b] {
+        p.close_stdin();
+        assert_eq!(p.wait(T), Some(0));
+    }
+    let mut reports = Vec::new();
+    while reports.len() < 2 {
+        let r = stream.next_of("report", T);
+        if r["pid"] != leak.pid() {
+            reports.push(r);
+        }
+    }
+    assert_eq!(
+        tracer.wait(T),
+        Some(0),
+        "the tracer ends with the cgroup's last process"
+    );
+    for r in &reports {
+        assert!(r["pid"] == a.pid() || r["pid"] == b.pid(), "{}", r["pid"]);
+        assert_exact_sites(r, r["pid"] == a.pid());
+    }
+}

@@ -195,6 +195,7 @@ impl Collector {
                         sampled: site.sampled,
                         truncated: site.truncated,
                         frames: site.frames.clone(),
+                        process: None,
                     },
                     0,
                     0,

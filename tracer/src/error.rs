@@ -55,6 +55,12 @@ pub enum TracerError {
     )]
     NoAllocator(u32),
 
+    #[error("{what}: {reason}")]
+    BadCgroup { what: String, reason: String },
+
+    #[error("cgroup {0} has no process to trace (none, or none with an allocator)")]
+    EmptyCgroup(String),
+
     #[error("cannot start `{command}`: {reason}")]
     Spawn { command: String, reason: String },
 
@@ -122,6 +128,8 @@ impl TracerError {
             | Self::Zombie(_)
             | Self::UnreadableBinary { .. }
             | Self::NoAllocator(_)
+            | Self::BadCgroup { .. }
+            | Self::EmptyCgroup(_)
             | Self::Spawn { .. }
             | Self::BadMaps { .. }
             | Self::Recording { .. } => 3,

@@ -11,6 +11,7 @@
 //! reads ELF files for all of them.
 
 pub mod alert;
+pub mod cgroup;
 pub mod collect;
 pub mod error;
 pub mod go;

@@ -41,7 +41,16 @@ enum Command {
     /// Attach to a running process.
     Attach {
         /// Process id of the target.
-        pid: u32,
+        #[arg(required_unless_present_any = ["cgroup", "container"], conflicts_with_all = ["cgroup", "container"])]
+        pid: Option<u32>,
+        /// Trace every process of this cgroup directory (v1 or v2, its
+        /// child cgroups included), those started or moved in later too.
+        #[arg(long, value_name = "DIR", conflicts_with = "container")]
+        cgroup: Option<PathBuf>,
+        /// Trace every process of this container (its id or a 12+
+        /// character prefix, as `docker ps` or `crictl ps` shows it).
+        #[arg(long, value_name = "ID")]
+        container: Option<String>,
         /// Trace the processes it starts too (fork, posix_spawn), each as a
         /// target of its own, with its pid; and theirs.
         #[arg(long)]
@@ -436,13 +445,24 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Attach {
                 pid,
+                cgroup,
+                container,
                 follow_forks,
                 common,
             } => {
-                let mut sink = common.sink()?;
                 let mut opts = common.options();
                 opts.follow_forks = *follow_forks;
-                Ok(session::attach(*pid, &opts, sink.as_mut()).await?)
+                let group = match (cgroup, container) {
+                    (Some(dir), _) => Some(tracer::cgroup::Cgroup::at(dir)?),
+                    (None, Some(id)) => Some(tracer::cgroup::Cgroup::of_container(id)?),
+                    (None, None) => None,
+                };
+                let mut sink = common.sink()?;
+                match (group, pid) {
+                    (Some(cg), _) => Ok(session::attach_cgroup(cg, &opts, sink.as_mut()).await?),
+                    (None, Some(pid)) => Ok(session::attach(*pid, &opts, sink.as_mut()).await?),
+                    (None, None) => anyhow::bail!("give a PID, --cgroup DIR or --container ID"),
+                }
             }
             Command::Watch { pid, common } => {
                 if common.no_alerts {

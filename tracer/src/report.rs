@@ -133,6 +133,7 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
                 pid = s.pid;
                 latest = Some((s, since(start, Some(ts))));
             }
+            Event::Cgroup(totals) => sink.cgroup(&totals)?,
             Event::Report(mut r) => {
                 r.snapshot.ts = ts;
                 pid = r.snapshot.pid;

@@ -161,6 +161,40 @@ pub struct SiteReport {
     pub truncated: bool,
     /// Innermost first.
     pub frames: Frames,
+    /// Where sites of several processes are ranked together (a cgroup's
+    /// alert): the process holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessRef>,
+}
+
+/// A process, as a cgroup's sites and totals name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// A cgroup's processes and what they hold, each interval under `--cgroup`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CgroupTotals {
+    /// The cgroup's directory.
+    pub cgroup: String,
+    /// Outstanding bytes of every process traced in it.
+    pub total_outstanding_bytes: u64,
+    pub processes: Vec<ProcessTotal>,
+    /// The cgroup's memory against its limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStatus>,
+}
+
+/// One process of a cgroup: its outstanding bytes as last read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProcessTotal {
+    pub pid: u32,
+    pub comm: String,
+    pub total_outstanding_bytes: u64,
+    /// No longer traced: exited or left the cgroup (its last numbers).
+    pub ended: bool,
 }
 
 /// What a site is: written once per site in the stream (`site` event).
@@ -278,6 +312,7 @@ impl SiteReport {
             sampled: info.sampled,
             truncated: info.truncated,
             frames: info.frames.clone(),
+            process: None,
         }
     }
 
@@ -752,6 +787,8 @@ pub enum EndReason {
     Interrupted,
     /// The target process exited.
     TargetExited,
+    /// The process left the cgroup traced (`--cgroup`).
+    LeftCgroup,
     /// `tracer report`: the recording stops without a final report (the
     /// tracer was killed or the stream cut).
     Recorded,
@@ -763,6 +800,7 @@ impl EndReason {
             Self::Duration => "duration elapsed",
             Self::Interrupted => "interrupted",
             Self::TargetExited => "target exited",
+            Self::LeftCgroup => "left the cgroup",
             Self::Recorded => "the recording ends without a final report",
         }
     }
@@ -832,6 +870,7 @@ pub enum Event {
     OomKill(OomKill),
     TargetExited(Exit),
     Report(Report),
+    Cgroup(CgroupTotals),
 }
 
 /// A line of the stream: an event and when it happened.
@@ -854,9 +893,18 @@ fn de_ts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error>
 }
 
 /// Turns whole snapshots into the stream's events: `site` events for sites
-/// new or changed in description, and a snapshot of changed numbers.
+/// new or changed in description, and a snapshot of changed numbers. A
+/// session traces several processes (followed children, a cgroup's): the
+/// deltas are per process, as a reader rebuilds them (a forked child's
+/// sites have its parent's ids).
 #[derive(Default)]
 pub struct Encoder {
+    processes: HashMap<u32, EncoderState>,
+}
+
+/// What the stream said so far about one process.
+#[derive(Default)]
+struct EncoderState {
     infos: HashMap<String, SiteInfo>,
     numbers: HashMap<String, SiteNumbers>,
     mappings: Vec<ModuleMapping>,
@@ -870,6 +918,12 @@ impl Encoder {
     /// The events for `snap`, in order: its new `site` events, then the
     /// `snapshot`.
     pub fn encode(&mut self, snap: &Snapshot) -> Vec<Event> {
+        self.processes.entry(snap.pid).or_default().encode(snap)
+    }
+}
+
+impl EncoderState {
+    fn encode(&mut self, snap: &Snapshot) -> Vec<Event> {
         let mut events = Vec::new();
         let mut changed = Vec::new();
         let mut now: HashSet<&str> = HashSet::with_capacity(snap.sites.len());
@@ -925,9 +979,15 @@ pub enum RebuildError {
     UnknownSite(String),
 }
 
-/// Rebuilds whole snapshots from a stream's `site` and `snapshot` events.
+/// Rebuilds whole snapshots from a stream's `site` and `snapshot` events,
+/// per process.
 #[derive(Default)]
 pub struct Rebuilder {
+    processes: HashMap<u32, RebuilderState>,
+}
+
+#[derive(Default)]
+struct RebuilderState {
     infos: HashMap<String, SiteInfo>,
     numbers: HashMap<String, SiteNumbers>,
     mappings: Vec<ModuleMapping>,
@@ -940,7 +1000,11 @@ impl Rebuilder {
 
     /// Learns (or updates) a site's description.
     pub fn site(&mut self, info: SiteInfo) {
-        self.infos.insert(info.site_id.clone(), info);
+        self.processes
+            .entry(info.pid)
+            .or_default()
+            .infos
+            .insert(info.site_id.clone(), info);
     }
 
     /// The whole snapshot a `snapshot` event stands for.
@@ -949,6 +1013,15 @@ impl Rebuilder {
         delta: SnapshotDelta,
         ts: SystemTime,
     ) -> Result<Snapshot, RebuildError> {
+        self.processes
+            .entry(delta.pid)
+            .or_default()
+            .snapshot(delta, ts)
+    }
+}
+
+impl RebuilderState {
+    fn snapshot(&mut self, delta: SnapshotDelta, ts: SystemTime) -> Result<Snapshot, RebuildError> {
         for id in &delta.removed {
             self.numbers.remove(id);
         }
@@ -1014,6 +1087,7 @@ pub(crate) mod tests {
             sampled: false,
             truncated: false,
             frames: frames.into(),
+            process: None,
         }
     }
 
@@ -1310,7 +1384,13 @@ pub(crate) mod tests {
                 usage_bytes: 5,
                 limit_bytes: None,
                 memory: state,
-                top_sites: vec![leak.clone()],
+                top_sites: vec![SiteReport {
+                    process: Some(ProcessRef {
+                        pid: 7,
+                        comm: "a".into(),
+                    }),
+                    ..leak.clone()
+                }],
                 target_growth_bytes_per_s: Some(1.5),
                 growing_processes: vec![GrowingProcess {
                     pid: 8,
@@ -1327,13 +1407,24 @@ pub(crate) mod tests {
                 file_rss_bytes: None,
                 shmem_rss_bytes: None,
                 total_vm_bytes: None,
-                memory: Some(status),
+                memory: Some(status.clone()),
                 top_sites: vec![leak],
             }),
             Event::TargetExited(Exit {
                 pid: 7,
                 code: None,
                 signal: Some(9),
+            }),
+            Event::Cgroup(CgroupTotals {
+                cgroup: "/sys/fs/cgroup/memory/app".into(),
+                total_outstanding_bytes: 4096,
+                processes: vec![ProcessTotal {
+                    pid: 7,
+                    comm: "a".into(),
+                    total_outstanding_bytes: 4096,
+                    ended: false,
+                }],
+                memory: Some(status.clone()),
             }),
             Event::Report(Report {
                 reason: EndReason::TargetExited,

@@ -18,6 +18,7 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     alert::watch::MemoryWatch,
+    cgroup::Cgroup,
     collect::{Collector, Snapshot},
     error::TracerError,
     go::GoTarget,
@@ -168,6 +169,15 @@ struct Traced {
     planned_files: HashSet<PathBuf>,
     /// The plan hooked, for its forked children (same image, same probes).
     plan: Option<Plan>,
+    /// Its last snapshot (a cgroup's totals and alerts rank every
+    /// process's sites together).
+    last_snap: Option<Snapshot>,
+    /// Its CPU time as last read (seconds), kept once it exited.
+    last_cpu: f64,
+    /// For the root of a session tracing several processes: the CPU time
+    /// of all of them, for the overhead estimate.
+    session_cpu: Option<f64>,
+    comm: String,
 }
 
 impl Traced {
@@ -211,6 +221,12 @@ impl Traced {
             parent: None,
             planned_files,
             plan: plan.cloned(),
+            last_snap: None,
+            last_cpu: 0.0,
+            session_cpu: None,
+            comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -221,6 +237,7 @@ impl Traced {
         self.collector = fresh.collector;
         self.planned_files = fresh.planned_files;
         self.plan = fresh.plan;
+        self.comm = fresh.comm;
         self.maps_text.clear();
         self.exe_id = fresh.exe_id;
         self.exe = fresh.exe;
@@ -255,7 +272,12 @@ impl Traced {
             }
         }
         let runs = kernel.probe_runs()?;
-        let cpu = crate::overhead::cpu_seconds(self.pid)?;
+        // The programs' statistics count every traced process: so does the
+        // CPU time they are measured against.
+        let cpu = match self.session_cpu {
+            Some(total) => total,
+            None => crate::overhead::cpu_seconds(self.pid)?,
+        };
         self.overhead.as_mut()?.update(Instant::now(), runs, cpu)
     }
 
@@ -583,6 +605,7 @@ impl Traced {
             w.update(&mut snap, sink)?;
         }
         sink.snapshot(&snap)?;
+        self.last_snap = Some(snap);
         Ok(Step::Snapshot)
     }
 
@@ -594,8 +617,10 @@ impl Traced {
         reason: EndReason,
         elapsed: Duration,
         opts: &Options,
+        group_watch: Option<&MemoryWatch>,
         sink: &mut dyn Sink,
     ) -> Result<(), TracerError> {
+        self.exited = true;
         if reason != EndReason::TargetExited {
             self.refresh_maps();
             let pid = self.pid;
@@ -610,7 +635,8 @@ impl Traced {
         snap.previous_images = self.previous_images.clone();
         self.tell_missing_symbols(sink)?;
         if reason == EndReason::TargetExited {
-            if let Some(kill) = self.watch.as_ref().and_then(|w| w.oom_kill(kernel, &snap)) {
+            let watch = self.watch.as_ref().or(group_watch);
+            if let Some(kill) = watch.and_then(|w| w.oom_kill(self.pid, kernel, &snap)) {
                 sink.oom_kill(&kill)?;
             }
             let (code, signal) = match &self.own_child {
@@ -627,6 +653,7 @@ impl Traced {
         }
         sink.finish(&snap, reason, elapsed.as_secs_f64())?;
         opts.exports.write(&snap)?;
+        self.last_snap = Some(snap);
         if let Some(w) = self.watch.as_mut() {
             w.notifier.flush(Duration::from_secs(5)).await;
         }
@@ -826,6 +853,104 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
     Session::new(kernel, unwinder)
         .trace(vec![(traced, exit_fd)], signals, opts, sink)
         .await
+}
+
+/// Traces every process of cgroup `cg` (and its descendant cgroups), those
+/// that enter it or are born in it later included, until the duration
+/// elapses or the user interrupts (or every process is gone).
+pub async fn attach_cgroup(
+    cg: Cgroup,
+    opts: &Options,
+    sink: &mut dyn Sink,
+) -> Result<(), TracerError> {
+    let signals = Signals::take()?;
+    target::check_environment()?;
+    let mut opts = opts.clone();
+    // Children are born in their parent's cgroup.
+    opts.follow_forks = true;
+    let opts = &opts;
+    let mut planned = Vec::new();
+    let mut untraced = Vec::new();
+    for pid in cg.processes() {
+        let found = match Target::resolve(pid) {
+            Ok(target) => plan_running(target).await,
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok(p) => planned.push(p),
+            Err(e) => {
+                log::info!(
+                    "pid {pid} of {}: not traced: {}",
+                    cg.name(),
+                    crate::error::chain(&e)
+                );
+                untraced.push((pid, e));
+            }
+        }
+    }
+    if planned.is_empty() {
+        return Err(TracerError::EmptyCgroup(cg.name()));
+    }
+    let mut paths: Vec<&Path> = planned
+        .iter()
+        .flat_map(|(t, _)| t.maps.executable_objects())
+        .map(|m| m.open_path.as_path())
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    let (mut kernel, mut unwinder) = load_kernel(paths, opts)?;
+    watch_processes(&mut kernel, opts);
+    let mut targets = Vec::new();
+    for (i, (target, plan)) in planned.iter().enumerate() {
+        let pid = target.pid;
+        let fd = match PidFd::open(pid) {
+            Ok(fd) => fd,
+            Err(_) => continue, // exited meanwhile
+        };
+        let info = match hook_process(
+            &mut kernel,
+            &mut unwinder,
+            target,
+            plan,
+            target_bits(true),
+            sink,
+        ) {
+            Ok(info) => info,
+            Err(_) if !target::Target::is_alive(pid) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut traced = Traced::new(pid, target.maps.clone(), Some(plan), opts);
+        traced.follow_forks = true;
+        traced.root = i == 0;
+        traced.watch = None;
+        traced.settle_go(opts, sink)?;
+        sink.attached(&info)?;
+        targets.push((traced, fd));
+    }
+    let mut session = Session::new(kernel, unwinder);
+    for (pid, e) in untraced {
+        // Their children are followed still.
+        if target::Target::is_alive(pid) {
+            session.kernel.add_target(pid, target_bits(true), None)?;
+            session.untraced.insert(pid);
+            sink.notice(
+                pid,
+                &format!(
+                    "pid {pid} of the cgroup: not traced ({})",
+                    crate::error::chain(&e)
+                ),
+            )?;
+        }
+    }
+    let first = targets.first().map_or(0, |(t, _)| t.pid);
+    session.cgroup = Some(CgroupState {
+        watch: opts
+            .alerts
+            .as_ref()
+            .map(|a| MemoryWatch::of_cgroup(first, cg.memory_source(first), a)),
+        cgroup: cg,
+    });
+    session.trace(targets, signals, opts, sink).await
 }
 
 /// The plan for running process `pid`. A process started an instant ago
@@ -1188,6 +1313,16 @@ struct Session {
     /// Children that exited before their probes could attach, and how
     /// many of them the user was told about.
     missed_children: (u64, u64),
+    /// Under `--cgroup`: the cgroup, its memory watch.
+    cgroup: Option<CgroupState>,
+}
+
+/// A cgroup traced whole (`--cgroup`).
+struct CgroupState {
+    cgroup: Cgroup,
+    /// The cgroup's memory against its limit; alerts rank every process's
+    /// sites together. None with `--no-alerts`.
+    watch: Option<MemoryWatch>,
 }
 
 impl Session {
@@ -1202,7 +1337,121 @@ impl Session {
             gone: HashSet::new(),
             untraced: HashSet::new(),
             missed_children: (0, 0),
+            cgroup: None,
         }
+    }
+
+    /// Under `--cgroup`, each interval: processes that entered the cgroup
+    /// are hooked, those that left stop being traced (their last numbers
+    /// stay in their report); then the cgroup's totals and memory watch,
+    /// every process's sites ranked together.
+    async fn cgroup_tick(
+        &mut self,
+        started: Instant,
+        opts: &Options,
+        sink: &mut dyn Sink,
+    ) -> Result<(), TracerError> {
+        let Some(state) = &self.cgroup else {
+            return Ok(());
+        };
+        let members: HashSet<u32> = state.cgroup.processes().into_iter().collect();
+        let known: HashSet<u32> = self
+            .traced
+            .iter()
+            .map(|t| t.pid)
+            .chain(self.untraced.iter().copied())
+            .collect();
+        for &pid in members.difference(&known) {
+            self.adopt(pid, false, opts, sink).await?;
+        }
+        let Self {
+            kernel,
+            traced,
+            gone,
+            cgroup,
+            ..
+        } = self;
+        let group_watch = cgroup.as_ref().and_then(|c| c.watch.as_ref());
+        for t in traced
+            .iter_mut()
+            .filter(|t| !t.exited && !members.contains(&t.pid))
+        {
+            if !target::Target::is_alive(t.pid) {
+                continue; // its exit is on the way
+            }
+            sink.notice(
+                t.pid,
+                &format!("pid {} left the cgroup: no longer traced", t.pid),
+            )?;
+            t.finish(
+                kernel,
+                EndReason::LeftCgroup,
+                started.elapsed(),
+                opts,
+                group_watch,
+                sink,
+            )
+            .await?;
+            kernel.remove_target(t.pid);
+            gone.insert(t.pid);
+        }
+        self.cgroup_totals(sink)
+    }
+
+    /// The cgroup's totals from every process's last snapshot, and its
+    /// memory watch on all their sites.
+    fn cgroup_totals(&mut self, sink: &mut dyn Sink) -> Result<(), TracerError> {
+        let Some(state) = self.cgroup.as_mut() else {
+            return Ok(());
+        };
+        let mut processes = Vec::new();
+        let mut sites = Vec::new();
+        for t in &self.traced {
+            let Some(snap) = &t.last_snap else {
+                continue;
+            };
+            processes.push(crate::schema::ProcessTotal {
+                pid: t.pid,
+                comm: t.comm.clone(),
+                total_outstanding_bytes: snap.total_outstanding_bytes,
+                ended: t.exited,
+            });
+            if !t.exited {
+                sites.extend(snap.sites.iter().cloned().map(|mut s| {
+                    s.process = Some(crate::schema::ProcessRef {
+                        pid: t.pid,
+                        comm: t.comm.clone(),
+                    });
+                    s
+                }));
+            }
+        }
+        sites.sort_by(crate::schema::SiteReport::rank);
+        let total = processes.iter().map(|p| p.total_outstanding_bytes).sum();
+        let mut memory = None;
+        if let Some(w) = state.watch.as_mut() {
+            let mut combined = Snapshot {
+                ts: std::time::SystemTime::now(),
+                pid: self.traced.first().map_or(0, |t| t.pid),
+                total_outstanding_bytes: total,
+                sites,
+                lost: Default::default(),
+                activity: Default::default(),
+                memory: None,
+                mappings: Vec::new(),
+                overhead: None,
+                previous_images: Vec::new(),
+            };
+            w.update(&mut combined, sink)?;
+            memory = combined.memory;
+        }
+        sink.cgroup(&crate::schema::CgroupTotals {
+            cgroup: state.cgroup.name(),
+            total_outstanding_bytes: total,
+            processes,
+            memory,
+        })?;
+        Ok(())
     }
 
     /// Adds a traced process; its exit arrives on `exits`.
@@ -1226,7 +1475,7 @@ impl Session {
         use tracer_common::target::{EXECED, NEW_CHILD};
         for (pid, bits) in self.kernel.targets() {
             if bits & NEW_CHILD != 0 {
-                self.adopt(pid, opts, sink).await?;
+                self.adopt(pid, true, opts, sink).await?;
             } else if bits & EXECED != 0 {
                 match self.traced.iter_mut().find(|t| t.pid == pid && !t.exited) {
                     // Already on this image (`run`'s own exec of the
@@ -1247,10 +1496,12 @@ impl Session {
         Ok(())
     }
 
-    /// Traces `pid`, a child the kernel made a target at its birth.
+    /// Traces `pid`: a child the kernel made a target at its birth
+    /// (`born`), or a process that entered the cgroup traced.
     async fn adopt(
         &mut self,
         pid: u32,
+        born: bool,
         opts: &Options,
         sink: &mut dyn Sink,
     ) -> Result<(), TracerError> {
@@ -1322,24 +1573,49 @@ impl Session {
         let mut traced = Traced::new(pid, target.maps.clone(), Some(&plan), opts);
         traced.follow_forks = true;
         traced.parent = parent;
+        if self.cgroup.is_some() {
+            // The cgroup's watch alerts for all of its processes.
+            traced.watch = None;
+        }
         if reused {
             // Files the parent loaded after its plan are planned for the
             // child at its first interval.
             traced.planned_files = plan.probes.iter().map(|p| p.object.path.clone()).collect();
         }
         traced.settle_go(opts, sink)?;
-        sink.notice(
-            pid,
-            &format!(
-                "following child {pid} ({}) of {}: {} probes",
+        let how = if born {
+            format!(
+                "following child {pid} ({}) of {}",
                 target.comm,
-                parent.map_or("a traced process".into(), |p| p.to_string()),
-                info.probes.len()
-            ),
-        )?;
+                parent.map_or("a traced process".into(), |p| p.to_string())
+            )
+        } else {
+            format!("pid {pid} ({}) entered the cgroup: tracing it", target.comm)
+        };
+        sink.notice(pid, &format!("{how}: {} probes", info.probes.len()))?;
         sink.attached(&info)?;
         self.add(traced, fd);
         Ok(())
+    }
+
+    /// Gives the root the CPU time of every process traced (those exited
+    /// at their last reading), when there are several.
+    fn share_cpu_time(&mut self) {
+        if self.traced.len() < 2 {
+            return;
+        }
+        let mut total = 0.0;
+        for t in &mut self.traced {
+            if !t.exited
+                && let Some(c) = crate::overhead::cpu_seconds(t.pid)
+            {
+                t.last_cpu = c;
+            }
+            total += t.last_cpu;
+        }
+        if let Some(root) = self.traced.iter_mut().find(|t| t.root) {
+            root.session_cpu = Some(total);
+        }
     }
 
     /// Tells the user how many children lived too briefly to be traced,
@@ -1432,11 +1708,15 @@ impl Session {
                 } => self.poll_processes(opts, sink).await?,
                 _ = ticker.tick() => {
                     self.kernel.read_sites()?;
+                    self.share_cpu_time();
                     let Self { kernel, unwinder, traced, .. } = &mut self;
                     for t in traced.iter_mut().filter(|t| !t.exited) {
                         if t.interval(kernel, unwinder, opts, sink)? == Step::Exec {
                             follow_exec(t, kernel, unwinder, opts, sink).await?;
                         }
+                    }
+                    if self.cgroup.is_some() {
+                        self.cgroup_tick(started, opts, sink).await?;
                     }
                     self.kernel.forget_processes(&self.gone);
                     self.gone.clear();
@@ -1470,11 +1750,18 @@ impl Session {
                 _ = sigterm.recv() => break EndReason::Interrupted,
                 _ = &mut deadline => break EndReason::Duration,
                 Some(pid) = self.exits.recv() => {
-                    let Self { kernel, traced, gone, .. } = &mut self;
+                    let Self { kernel, traced, gone, cgroup, .. } = &mut self;
+                    let group_watch = cgroup.as_ref().and_then(|c| c.watch.as_ref());
                     if let Some(t) = traced.iter_mut().find(|t| t.pid == pid && !t.exited) {
-                        t.exited = true;
-                        t.finish(kernel, EndReason::TargetExited, started.elapsed(), opts, sink)
-                            .await?;
+                        t.finish(
+                            kernel,
+                            EndReason::TargetExited,
+                            started.elapsed(),
+                            opts,
+                            group_watch,
+                            sink,
+                        )
+                        .await?;
                         kernel.remove_target(pid);
                         gone.insert(pid);
                     }
@@ -1498,10 +1785,19 @@ impl Session {
             log::warn!("detaching; press Ctrl-C again to quit at once (skips the final report)");
         }
         self.kernel.read_sites()?;
-        let Self { kernel, traced, .. } = &mut self;
+        let Self {
+            kernel,
+            traced,
+            cgroup,
+            ..
+        } = &mut self;
+        let group_watch = cgroup.as_ref().and_then(|c| c.watch.as_ref());
         for t in traced.iter_mut().filter(|t| !t.exited) {
-            t.finish(kernel, reason, started.elapsed(), opts, sink)
+            t.finish(kernel, reason, started.elapsed(), opts, group_watch, sink)
                 .await?;
+        }
+        if self.cgroup.is_some() {
+            self.cgroup_totals(sink)?;
         }
         Ok(())
     }

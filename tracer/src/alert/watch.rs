@@ -26,6 +26,9 @@ pub struct AlertOptions {
 /// The target's memory against its limit: trend, alerts, notifications.
 pub struct MemoryWatch {
     pid: u32,
+    /// Where the limit is read; None: the memory cgroup of `pid`, resolved
+    /// at each read (the target may be moved).
+    source: Option<memlimit::Source>,
     trend: Trend,
     alerter: Alerter,
     pub notifier: Notifier,
@@ -120,7 +123,21 @@ fn page_size() -> u64 {
 
 impl MemoryWatch {
     pub fn new(pid: u32, opts: &AlertOptions) -> Self {
-        let start = memlimit::Source::of_pid(pid).read().ok();
+        Self::with_source(pid, None, opts)
+    }
+
+    /// The watch of a whole cgroup (`--cgroup`): its limit from `source`;
+    /// alerts name the process holding the fastest-growing site.
+    pub fn of_cgroup(first: u32, source: memlimit::Source, opts: &AlertOptions) -> Self {
+        Self::with_source(first, Some(source), opts)
+    }
+
+    fn with_source(pid: u32, source: Option<memlimit::Source>, opts: &AlertOptions) -> Self {
+        let start = source
+            .clone()
+            .unwrap_or_else(|| memlimit::Source::of_pid(pid))
+            .read()
+            .ok();
         // A target that exits before the first interval still has its
         // memory in the final report: the state read at start.
         let last = start.clone().map(|state| MemoryStatus {
@@ -131,6 +148,7 @@ impl MemoryWatch {
         });
         Self {
             pid,
+            source,
             trend: Trend::new(opts.window),
             alerter: Alerter::new(opts.thresholds),
             notifier: Notifier::new(opts.exec.clone(), opts.webhook.clone()),
@@ -146,7 +164,11 @@ impl MemoryWatch {
     /// Reads the memory state, attaches it to `snap`, and alerts when due.
     pub fn update(&mut self, snap: &mut Snapshot, sink: &mut dyn Sink) -> std::io::Result<()> {
         // The target may have been moved to another cgroup: resolve each time.
-        let Ok(state) = memlimit::Source::of_pid(self.pid).read() else {
+        let source = self
+            .source
+            .clone()
+            .unwrap_or_else(|| memlimit::Source::of_pid(self.pid));
+        let Ok(state) = source.read() else {
             return Ok(());
         };
         let now = Instant::now();
@@ -201,8 +223,15 @@ impl MemoryWatch {
                     );
                 }
             }
+            // Sites of several processes (a cgroup's): the alert names the
+            // process holding the fastest-growing one.
+            let mut pid = self.pid;
+            if let Some(p) = top_sites.first().and_then(|s| s.process.clone()) {
+                pid = p.pid;
+                reason = format!("{reason}; growing fastest: pid {} ({})", p.pid, p.comm);
+            }
             let alert = Alert {
-                pid: self.pid,
+                pid,
                 severity,
                 reason,
                 eta_s: eta,
@@ -221,12 +250,13 @@ impl MemoryWatch {
         Ok(())
     }
 
-    /// Whether the kernel OOM-killed the target, and the record of it.
-    pub fn oom_kill(&self, kernel: &Kernel, snap: &Snapshot) -> Option<OomKill> {
+    /// Whether the kernel OOM-killed process `pid` (the target, or one of
+    /// the cgroup's), and the record of it.
+    pub fn oom_kill(&self, pid: u32, kernel: &Kernel, snap: &Snapshot) -> Option<OomKill> {
         let top_sites: Vec<_> = snap.sites.iter().take(10).cloned().collect();
-        if let Some(v) = kernel.oom_victim(self.pid) {
+        if let Some(v) = kernel.oom_victim(pid) {
             return Some(OomKill {
-                pid: self.pid,
+                pid,
                 detected_by: "oom:mark_victim tracepoint".into(),
                 anon_rss_bytes: Some(v.anon_rss_kb * 1024),
                 file_rss_bytes: Some(v.file_rss_kb * 1024),
@@ -236,7 +266,11 @@ impl MemoryWatch {
                 top_sites,
             });
         }
-        // Without the tracepoint: the cgroup counted a kill while we watched.
+        // Without the tracepoint: the cgroup counted a kill while we watched
+        // (a cgroup's watch cannot tell which of its processes it was).
+        if self.source.is_some() {
+            return None;
+        }
         let before = self.oom_kills_at_start?;
         let cgroup = self.last.as_ref()?.state.cgroup.clone()?;
         let now = memlimit::Source::V1 {
@@ -255,7 +289,7 @@ impl MemoryWatch {
             .and_then(|s| s.oom_kills)
         })?;
         (now > before).then(|| OomKill {
-            pid: self.pid,
+            pid,
             detected_by: "cgroup oom_kill counter".into(),
             anon_rss_bytes: None,
             file_rss_bytes: None,

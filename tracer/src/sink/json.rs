@@ -77,6 +77,10 @@ impl<W: Write> Sink for JsonSink<W> {
         self.emit(Event::TargetExited(exit.clone()), SystemTime::now())
     }
 
+    fn cgroup(&mut self, totals: &crate::schema::CgroupTotals) -> io::Result<()> {
+        self.emit(Event::Cgroup(totals.clone()), SystemTime::now())
+    }
+
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()> {
         let report = Report {
             reason,

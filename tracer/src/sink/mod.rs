@@ -25,6 +25,10 @@ pub trait Sink {
     fn oom_kill(&mut self, kill: &crate::alert::OomKill) -> io::Result<()>;
     /// The final report; `elapsed_s` is the time traced.
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()>;
+    /// A cgroup's totals (`--cgroup`), each interval and at the end.
+    fn cgroup(&mut self, _totals: &crate::schema::CgroupTotals) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Sends everything to several sinks (the terminal or JSON, and metrics).
@@ -64,6 +68,9 @@ impl Sink for Tee {
     }
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()> {
         self.each(|s| s.finish(snap, reason, elapsed_s))
+    }
+    fn cgroup(&mut self, totals: &crate::schema::CgroupTotals) -> io::Result<()> {
+        self.each(|s| s.cgroup(totals))
     }
 }
 

@@ -447,6 +447,7 @@ mod tests {
             sampled: false,
             truncated: false,
             frames: frames.into(),
+            process: None,
         };
         Snapshot {
             ts: UNIX_EPOCH,

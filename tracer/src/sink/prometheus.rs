@@ -565,6 +565,7 @@ mod tests {
                 inlined: false,
             }]
             .into(),
+            process: None,
         }
     }
 

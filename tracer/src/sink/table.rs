@@ -10,7 +10,8 @@ pub struct TableSink<W: Write> {
     /// Redraw in place (an interactive terminal) instead of appending.
     redraw: bool,
     top: usize,
-    comm: String,
+    /// Each traced process's command name, from its `attached`.
+    comms: std::collections::HashMap<u32, String>,
 }
 
 impl<W: Write> TableSink<W> {
@@ -19,7 +20,7 @@ impl<W: Write> TableSink<W> {
             out,
             redraw,
             top,
-            comm: String::new(),
+            comms: Default::default(),
         }
     }
 }
@@ -135,13 +136,20 @@ fn probed_files(info: &Attached) -> Vec<&str> {
 }
 
 impl<W: Write> TableSink<W> {
+    fn comm_of(&self, pid: u32) -> &str {
+        self.comms.get(&pid).map_or("?", String::as_str)
+    }
+}
+
+impl<W: Write> TableSink<W> {
     fn write_table(&mut self, snap: &Snapshot) -> io::Result<()> {
         let ts = humantime::format_rfc3339_seconds(snap.ts);
+        let comm = self.comm_of(snap.pid).to_owned();
         writeln!(
             self.out,
             "tracer: pid {} ({}) at {ts}: {} outstanding in {} sites; {}",
             snap.pid,
-            self.comm,
+            comm,
             human_bytes(snap.total_outstanding_bytes as f64),
             snap.sites.len(),
             lost_line(&snap.lost)
@@ -184,7 +192,7 @@ impl<W: Write> TableSink<W> {
 
 impl<W: Write> Sink for TableSink<W> {
     fn attached(&mut self, info: &Attached) -> io::Result<()> {
-        self.comm = info.comm.clone();
+        self.comms.insert(info.pid, info.comm.clone());
         let objects = probed_files(info);
         writeln!(
             self.out,
@@ -285,6 +293,31 @@ impl<W: Write> Sink for TableSink<W> {
         self.out.flush()
     }
 
+    fn cgroup(&mut self, totals: &crate::schema::CgroupTotals) -> io::Result<()> {
+        let mut procs: Vec<&crate::schema::ProcessTotal> = totals.processes.iter().collect();
+        procs.sort_by_key(|p| std::cmp::Reverse(p.total_outstanding_bytes));
+        writeln!(
+            self.out,
+            "tracer: cgroup {}: {} outstanding in {} processes: {}",
+            totals.cgroup,
+            human_bytes(totals.total_outstanding_bytes as f64),
+            procs.len(),
+            procs
+                .iter()
+                .take(5)
+                .map(|p| format!(
+                    "{} ({}) {}{}",
+                    p.comm,
+                    p.pid,
+                    human_bytes(p.total_outstanding_bytes as f64),
+                    if p.ended { ", ended" } else { "" }
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )?;
+        self.out.flush()
+    }
+
     fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {
         let how = match (exit.code, exit.signal) {
             (Some(c), _) => format!(" with status {c}"),
@@ -296,11 +329,12 @@ impl<W: Write> Sink for TableSink<W> {
     }
 
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()> {
+        let comm = self.comm_of(snap.pid).to_owned();
         writeln!(
             self.out,
             "\n== tracer report: pid {} ({}), traced {elapsed_s:.1} s, ended: {}",
             snap.pid,
-            self.comm,
+            comm,
             reason.describe()
         )?;
         writeln!(
