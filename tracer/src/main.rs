@@ -162,7 +162,7 @@ impl Output {
     }
 
     /// The terminal or JSON sink.
-    fn sink(&self) -> anyhow::Result<Box<dyn Sink>> {
+    fn sink(&self, labels: &[(String, String)]) -> anyhow::Result<Box<dyn Sink>> {
         let (out, interactive): (Box<dyn Write>, bool) = match &self.output {
             Some(path) => (
                 Box::new(io::BufWriter::new(File::create(path).with_context(
@@ -173,7 +173,7 @@ impl Output {
             None => (Box::new(io::stdout()), io::stdout().is_terminal()),
         };
         Ok(match self.format {
-            Format::Json => Box::new(JsonSink::new(out)),
+            Format::Json => Box::new(JsonSink::new(out).with_labels(labels)),
             Format::Table => Box::new(TableSink::new(out, interactive, self.top as usize)),
         })
     }
@@ -275,9 +275,20 @@ struct Common {
     /// Run this shell command for each alert, with the alert's JSON on stdin.
     #[arg(long, value_name = "CMD")]
     alert_exec: Option<String>,
-    /// POST each alert to this URL in the Alertmanager webhook format.
+    /// POST each alert to this URL in the Alertmanager webhook format
+    /// (retried with backoff until it lands).
     #[arg(long, value_name = "URL", value_parser = parse_url)]
     alert_webhook: Option<String>,
+    /// Send alerts to this Alertmanager (`http://host:9093`) through its
+    /// API, as Prometheus does: re-sent while firing, resolved when memory
+    /// recovers or the target is gone, retried until delivered. Repeat for
+    /// each member of an HA pair.
+    #[arg(long, value_name = "URL", value_parser = parse_url)]
+    alertmanager: Vec<String>,
+    /// Add KEY=VALUE to every alert, metric and JSON line (repeatable):
+    /// tells nodes, clusters and services apart across a fleet.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+    label: Vec<(String, String)>,
     /// Do not watch the memory limit nor alert.
     #[arg(long)]
     no_alerts: bool,
@@ -290,6 +301,37 @@ struct Common {
     /// Live goroutines (and Go timers) the kernel can track at once.
     #[arg(long, default_value_t = tracer_common::DEFAULT_MAX_GOROUTINES, value_parser = clap::value_parser!(u32).range(1..))]
     max_goroutines: u32,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    let valid = !k.is_empty()
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && !k.starts_with("__");
+    if !valid {
+        return Err(format!(
+            "`{k}` is not a label name: letters, digits and _, not starting with a digit or __"
+        ));
+    }
+    const TAKEN: [&str; 10] = [
+        "pid",
+        "comm",
+        "cgroup",
+        "kind",
+        "site",
+        "function",
+        "reason",
+        "event",
+        "map",
+        "alertname",
+    ];
+    if TAKEN.contains(&k) {
+        return Err(format!("`{k}` is a label the tracer sets itself"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -329,6 +371,7 @@ impl Common {
             trend_window: self.trend_window,
             exports: self.output.exports(),
             follow_forks: false,
+            labels: self.label.clone(),
             debug_dirs: self.debug_dirs.clone(),
             frame_pointers_only: self.frame_pointers_only,
             go_census_budget: Duration::from_millis(self.go_census_ms),
@@ -347,8 +390,12 @@ impl Common {
                     reminder: self.alert_reminder,
                 },
                 window: self.oom_window,
-                exec: self.alert_exec.clone(),
-                webhook: self.alert_webhook.clone(),
+                notify: tracer::alert::notify::NotifyConfig {
+                    exec: self.alert_exec.clone(),
+                    webhook: self.alert_webhook.clone(),
+                    alertmanagers: self.alertmanager.clone(),
+                    labels: self.label.clone(),
+                },
             }),
             sizes: MapSizes {
                 allocs: self.max_allocs,
@@ -366,16 +413,15 @@ impl Common {
 
     /// The output sink, with the metrics endpoint next to it when asked.
     /// Must run inside the tokio runtime (the endpoint is a task of it).
-    fn sink(&self) -> anyhow::Result<Box<dyn Sink>> {
-        let out = self.output.sink()?;
+    fn sink(&self, labels: &[(String, String)]) -> anyhow::Result<Box<dyn Sink>> {
+        let out = self.output.sink(labels)?;
         let Some(addr) = self.prometheus else {
             return Ok(out);
         };
-        let metrics = PrometheusSink::bind(addr, self.prometheus_sites as usize).map_err(|e| {
-            TracerError::Listen {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            }
+        let metrics = PrometheusSink::bind(addr, self.prometheus_sites as usize, labels.to_vec())
+            .map_err(|e| TracerError::Listen {
+            addr: addr.to_string(),
+            reason: e.to_string(),
         })?;
         log::info!("serving metrics at http://{}/metrics", metrics.local_addr());
         Ok(Box::new(Tee(vec![out, Box::new(metrics)])))
@@ -452,12 +498,15 @@ fn main() -> ExitCode {
             } => {
                 let mut opts = common.options();
                 opts.follow_forks = *follow_forks;
+                if let Some(id) = container {
+                    opts.add_label("container", id);
+                }
                 let group = match (cgroup, container) {
                     (Some(dir), _) => Some(tracer::cgroup::Cgroup::at(dir)?),
                     (None, Some(id)) => Some(tracer::cgroup::Cgroup::of_container(id)?),
                     (None, None) => None,
                 };
-                let mut sink = common.sink()?;
+                let mut sink = common.sink(&opts.labels)?;
                 match (group, pid) {
                     (Some(cg), _) => Ok(session::attach_cgroup(cg, &opts, sink.as_mut()).await?),
                     (None, Some(pid)) => Ok(session::attach(*pid, &opts, sink.as_mut()).await?),
@@ -468,21 +517,22 @@ fn main() -> ExitCode {
                 if common.no_alerts {
                     anyhow::bail!("`watch` with --no-alerts has nothing to do");
                 }
-                let mut sink = common.sink()?;
-                Ok(session::watch(*pid, &common.options(), sink.as_mut()).await?)
+                let opts = common.options();
+                let mut sink = common.sink(&opts.labels)?;
+                Ok(session::watch(*pid, &opts, sink.as_mut()).await?)
             }
             Command::Run {
                 common,
                 argv,
                 no_follow_forks,
             } => {
-                let mut sink = common.sink()?;
                 let mut opts = common.options();
                 opts.follow_forks = !*no_follow_forks;
+                let mut sink = common.sink(&opts.labels)?;
                 Ok(session::run(argv, &opts, sink.as_mut()).await?)
             }
             Command::Report { file, output } => {
-                let mut sink = output.sink()?;
+                let mut sink = output.sink(&[])?;
                 let replayed = tracer::report::replay(file, sink.as_mut())?;
                 for path in output.exports().write(&replayed.snapshot)? {
                     log::info!("wrote {}", path.display());

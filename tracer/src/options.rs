@@ -29,4 +29,17 @@ pub struct Options {
     pub exports: Exports,
     /// Trace the targets' children too (`--follow-forks`; `run` by default).
     pub follow_forks: bool,
+    /// `--label` pairs (and `container` under `--container`): on every
+    /// alert, metric and JSON line.
+    pub labels: Vec<(String, String)>,
+}
+
+impl Options {
+    /// Adds a label to every output, the alerts' included.
+    pub fn add_label(&mut self, key: &str, value: &str) {
+        self.labels.push((key.to_string(), value.to_string()));
+        if let Some(a) = self.alerts.as_mut() {
+            a.notify.labels.push((key.to_string(), value.to_string()));
+        }
+    }
 }

@@ -110,7 +110,7 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
             }
             Some(_) => {}
         }
-        let Envelope { ts, event } = field(&value, *n).map_err(bad)?;
+        let Envelope { ts, event, .. } = field(&value, *n).map_err(bad)?;
         match event {
             Event::Attached(a) => {
                 pid = a.pid;

@@ -880,6 +880,9 @@ pub struct Envelope {
     pub ts: SystemTime,
     #[serde(flatten)]
     pub event: Event,
+    /// `--label` pairs, on every line.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// RFC 3339 timestamps with millisecond precision, UTC.
@@ -1117,7 +1120,12 @@ pub(crate) mod tests {
         events
             .into_iter()
             .map(|event| {
-                let line = serde_json::to_string(&Envelope { ts, event }).unwrap();
+                let line = serde_json::to_string(&Envelope {
+                    ts,
+                    event,
+                    labels: Default::default(),
+                })
+                .unwrap();
                 serde_json::from_str(&line).unwrap()
             })
             .collect()
@@ -1436,6 +1444,7 @@ pub(crate) mod tests {
             let line = serde_json::to_string(&Envelope {
                 ts: SystemTime::UNIX_EPOCH,
                 event,
+                labels: [("cluster".to_string(), "eu1".to_string())].into(),
             })
             .unwrap();
             assert_valid(&v, &line);

@@ -655,6 +655,10 @@ impl Traced {
         opts.exports.write(&snap)?;
         self.last_snap = Some(snap);
         if let Some(w) = self.watch.as_mut() {
+            if reason == EndReason::TargetExited {
+                // Gone: nothing left to alert about.
+                w.notifier.resolve();
+            }
             w.notifier.flush(Duration::from_secs(5)).await;
         }
         if self.own_child.is_some() && reason != EndReason::TargetExited {
@@ -1511,6 +1515,10 @@ impl Session {
             .map(|s| s.ppid as u32);
         // Held open first: the child may exit while it is being hooked.
         let fd = PidFd::open(pid);
+        // A child execs right after its birth (a shell running a command):
+        // the image found may be gone by the time it is hooked, and the
+        // exec's mark cleared by the hooking.
+        let exe_before = exe_id(pid);
         // A forked child runs its parent's image: its plan is the parent's
         // (planning parses every file: tens of milliseconds in which the
         // child runs unprobed).
@@ -1594,8 +1602,22 @@ impl Session {
         };
         sink.notice(pid, &format!("{how}: {} probes", info.probes.len()))?;
         sink.attached(&info)?;
+        traced.exe_id = exe_before;
+        let execed = traced.exec_happened();
         self.add(traced, fd);
+        if execed && let Some(t) = self.traced.last_mut() {
+            follow_exec(t, &mut self.kernel, &mut self.unwinder, opts, sink).await?;
+        }
         Ok(())
+    }
+
+    /// The end of a cgroup's watch: its firing alert resolved (nobody
+    /// watches any more), its deliveries given a moment to land.
+    async fn flush_group_alerts(&mut self) {
+        if let Some(w) = self.cgroup.as_mut().and_then(|c| c.watch.as_mut()) {
+            w.notifier.resolve();
+            w.notifier.flush(Duration::from_secs(5)).await;
+        }
     }
 
     /// Gives the root the CPU time of every process traced (those exited
@@ -1770,6 +1792,10 @@ impl Session {
                         // still to be hooked.
                         self.poll_processes(opts, sink).await?;
                         if self.traced.iter().all(|t| t.exited) && !self.children_pending() {
+                            if self.cgroup.is_some() {
+                                self.cgroup_totals(sink)?;
+                            }
+                            self.flush_group_alerts().await;
                             return Ok(());
                         }
                     }
@@ -1799,6 +1825,7 @@ impl Session {
         if self.cgroup.is_some() {
             self.cgroup_totals(sink)?;
         }
+        self.flush_group_alerts().await;
         Ok(())
     }
 }

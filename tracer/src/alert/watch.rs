@@ -19,8 +19,8 @@ pub struct AlertOptions {
     pub thresholds: Thresholds,
     /// History the usage trend is computed over.
     pub window: Duration,
-    pub exec: Option<String>,
-    pub webhook: Option<String>,
+    /// Where alerts go besides the output, and their labels.
+    pub notify: super::notify::NotifyConfig,
 }
 
 /// The target's memory against its limit: trend, alerts, notifications.
@@ -151,7 +151,7 @@ impl MemoryWatch {
             source,
             trend: Trend::new(opts.window),
             alerter: Alerter::new(opts.thresholds),
-            notifier: Notifier::new(opts.exec.clone(), opts.webhook.clone()),
+            notifier: Notifier::new(opts.notify.clone()),
             oom_kills_at_start: start.and_then(|s| s.oom_kills),
             last,
             processes: ProcessGrowth {
@@ -172,6 +172,7 @@ impl MemoryWatch {
             return Ok(());
         };
         let now = Instant::now();
+        self.notifier.tick();
         self.trend.push(now, state.usage_bytes);
         let system = state.scope == Scope::System;
         if system {

@@ -12,11 +12,25 @@ use crate::schema::{Alert, Encoder, Envelope, Event, Notice, OomKill, Report, Sn
 pub struct JsonSink<W: Write> {
     out: W,
     encoder: Encoder,
+    /// `--label` pairs, on every line.
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The JSON line of an event at `ts`.
 pub fn line(event: Event, ts: SystemTime) -> io::Result<String> {
-    Ok(serde_json::to_string(&Envelope { ts, event })?)
+    labelled(event, ts, &Default::default())
+}
+
+fn labelled(
+    event: Event,
+    ts: SystemTime,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> io::Result<String> {
+    Ok(serde_json::to_string(&Envelope {
+        ts,
+        event,
+        labels: labels.clone(),
+    })?)
 }
 
 /// The JSON line of an alert, as `--alert-exec` receives it.
@@ -29,11 +43,18 @@ impl<W: Write> JsonSink<W> {
         Self {
             out,
             encoder: Encoder::new(),
+            labels: Default::default(),
         }
     }
 
+    /// Adds `--label` pairs to every line.
+    pub fn with_labels(mut self, labels: &[(String, String)]) -> Self {
+        self.labels = labels.iter().cloned().collect();
+        self
+    }
+
     fn emit(&mut self, event: Event, ts: SystemTime) -> io::Result<()> {
-        writeln!(self.out, "{}", line(event, ts)?)?;
+        writeln!(self.out, "{}", labelled(event, ts, &self.labels)?)?;
         // Consumers react to lines as they come (e.g. start a workload on
         // "attached"): never leave one in a buffer.
         self.out.flush()
@@ -50,7 +71,7 @@ impl<W: Write> Sink for JsonSink<W> {
         // when the maps were read, not when the lines are written.
         let mut text = String::new();
         for event in self.encoder.encode(snap) {
-            text.push_str(&line(event, snap.ts)?);
+            text.push_str(&labelled(event, snap.ts, &self.labels)?);
             text.push('\n');
         }
         self.out.write_all(text.as_bytes())?;

@@ -44,19 +44,30 @@ pub struct PrometheusSink {
 #[derive(Default)]
 struct State {
     top: usize,
-    pid: u32,
+    /// `--label` pairs, on every series.
+    labels: Vec<(String, String)>,
+    /// Under `--cgroup`: its directory, a label of every process's series.
+    cgroup: Option<String>,
+    /// Every process traced, by pid (a session follows children, a cgroup's
+    /// processes).
+    procs: std::collections::BTreeMap<u32, Proc>,
+}
+
+/// One traced process's last events.
+#[derive(Default)]
+struct Proc {
     attached: Option<Attached>,
     snapshot: Option<Snapshot>,
     level: Option<Level>,
     alerts: u64,
     oom_kills: u64,
-    target_up: bool,
+    up: bool,
 }
 
 impl PrometheusSink {
     /// Listens on `addr` (must be called inside the tokio runtime). `top`
     /// sites per kind get series of their own.
-    pub fn bind(addr: SocketAddr, top: usize) -> io::Result<Self> {
+    pub fn bind(addr: SocketAddr, top: usize, labels: Vec<(String, String)>) -> io::Result<Self> {
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
@@ -67,6 +78,7 @@ impl PrometheusSink {
             page,
             state: State {
                 top,
+                labels,
                 ..State::default()
             },
             server,
@@ -142,51 +154,57 @@ fn respond<B>(req: &Request<B>, page: &Mutex<String>) -> Response<Full<Bytes>> {
     }
 }
 
-/// The series of one snapshot, per kind: the top sites, then the rest summed.
-fn bounded_sites(sites: &[SiteReport], top: usize) -> Vec<(Labels, SiteSums)> {
-    let mut kinds: Vec<SiteKind> = sites.iter().map(|s| s.kind).collect();
+/// The site series of every process, per kind: the `top` sites holding the
+/// most over all processes, then the rest summed per process
+/// (`site="other"`). `who` gives a process's labels.
+fn bounded_sites(
+    sites: &[(u32, &SiteReport)],
+    top: usize,
+    who: impl Fn(u32) -> Labels,
+) -> Vec<(Labels, SiteSums)> {
+    let mut kinds: Vec<SiteKind> = sites.iter().map(|(_, s)| s.kind).collect();
     kinds.sort_unstable();
     kinds.dedup();
     let mut out = Vec::new();
     for kind in kinds {
-        let mut of_kind: Vec<&SiteReport> = sites.iter().filter(|s| s.kind == kind).collect();
+        let mut of_kind: Vec<&(u32, &SiteReport)> =
+            sites.iter().filter(|(_, s)| s.kind == kind).collect();
         // Bytes first; goroutines and timers hold counts, not bytes.
-        of_kind.sort_by(|a, b| {
-            (b.outstanding_bytes, b.outstanding_count, &a.site_id).cmp(&(
+        of_kind.sort_by(|(pa, a), (pb, b)| {
+            (b.outstanding_bytes, b.outstanding_count, &a.site_id, pa).cmp(&(
                 a.outstanding_bytes,
                 a.outstanding_count,
                 &b.site_id,
+                pb,
             ))
         });
-        let mut rest = SiteSums::default();
-        let mut others = 0;
-        for (i, s) in of_kind.iter().enumerate() {
+        let mut rest: std::collections::BTreeMap<u32, (SiteSums, usize)> = Default::default();
+        for (i, (pid, s)) in of_kind.iter().enumerate() {
             if i < top {
                 let function = s
                     .culprit()
                     .map_or_else(|| "[unknown]".to_string(), |f| f.function.clone());
-                out.push((
-                    vec![
-                        ("kind", kind.to_string()),
-                        ("site", s.site_id.clone()),
-                        ("function", function),
-                    ],
-                    SiteSums::of(s),
-                ));
+                let mut labels = who(*pid);
+                labels.extend([
+                    ("kind", kind.to_string()),
+                    ("site", s.site_id.clone()),
+                    ("function", function),
+                ]);
+                out.push((labels, SiteSums::of(s)));
             } else {
-                rest.add(&SiteSums::of(s));
-                others += 1;
+                let r = rest.entry(*pid).or_default();
+                r.0.add(&SiteSums::of(s));
+                r.1 += 1;
             }
         }
-        if others > 0 {
-            out.push((
-                vec![
-                    ("kind", kind.to_string()),
-                    ("site", "other".into()),
-                    ("function", format!("[{others} other sites]")),
-                ],
-                rest,
-            ));
+        for (pid, (sums, others)) in rest {
+            let mut labels = who(pid);
+            labels.extend([
+                ("kind", kind.to_string()),
+                ("site", "other".into()),
+                ("function", format!("[{others} other sites]")),
+            ]);
+            out.push((labels, sums));
         }
     }
     out
@@ -251,76 +269,112 @@ fn counters(
 }
 
 fn render(st: &State) -> Result<String, std::fmt::Error> {
-    let mut reg = Registry::with_prefix("tracer");
-    let pid = st.pid.to_string();
-    let with_pid = |mut l: Labels| {
-        l.insert(0, ("pid", pid.clone()));
+    let mut reg = Registry::with_prefix_and_labels(
+        "tracer",
+        st.labels
+            .iter()
+            .map(|(k, v)| (k.clone().into(), v.clone().into())),
+    );
+    // Each process's series carry its pid (its command and cgroup with
+    // several processes).
+    let several = st.procs.len() > 1 || st.cgroup.is_some();
+    let who = |pid: u32| -> Labels {
+        let mut l: Labels = vec![("pid", pid.to_string())];
+        if several {
+            let comm = st
+                .procs
+                .get(&pid)
+                .and_then(|p| p.attached.as_ref())
+                .map(|a| a.comm.clone())
+                .unwrap_or_default();
+            l.push(("comm", comm));
+            if let Some(cg) = &st.cgroup {
+                l.push(("cgroup", cg.clone()));
+            }
+        }
         l
     };
+    let with = |pid: u32, extra: Labels| -> Labels {
+        let mut l = who(pid);
+        l.extend(extra);
+        l
+    };
+    let procs = || st.procs.iter().map(|(&pid, p)| (pid, p));
+    let snaps = || procs().filter_map(|(pid, p)| Some((pid, p.snapshot.as_ref()?)));
     gauges(
         &mut reg,
         "target_up",
         "1 while the target is alive and traced",
         None,
-        [(with_pid(vec![]), f64::from(u8::from(st.target_up)))],
+        procs().map(|(pid, p)| (with(pid, vec![]), f64::from(u8::from(p.up)))),
     );
-    if let Some(a) = &st.attached {
-        gauges(
-            &mut reg,
-            "target_info",
-            "The traced process (value 1)",
-            None,
-            [(
-                with_pid(vec![
-                    ("comm", a.comm.clone()),
-                    ("exe", a.exe.clone()),
-                    ("go_version", a.go_version.clone().unwrap_or_default()),
-                ]),
+    gauges(
+        &mut reg,
+        "target_info",
+        "The traced process (value 1)",
+        None,
+        procs().filter_map(|(pid, p)| {
+            let a = p.attached.as_ref()?;
+            Some((
+                with(
+                    pid,
+                    vec![
+                        ("exe", a.exe.clone()),
+                        ("go_version", a.go_version.clone().unwrap_or_default()),
+                    ]
+                    .into_iter()
+                    .chain((!several).then(|| ("comm", a.comm.clone())))
+                    .collect(),
+                ),
                 1.0,
-            )],
-        );
-        gauges(
-            &mut reg,
-            "probes_attached",
-            "Uprobes live in the target",
-            None,
-            [(with_pid(vec![]), a.probes.len() as f64)],
-        );
-    }
+            ))
+        }),
+    );
+    gauges(
+        &mut reg,
+        "probes_attached",
+        "Uprobes live in the target",
+        None,
+        procs().filter_map(|(pid, p)| {
+            Some((with(pid, vec![]), p.attached.as_ref()?.probes.len() as f64))
+        }),
+    );
     counters(
         &mut reg,
         "alerts",
         "OOM-risk alerts raised (warning, critical or resolved)",
-        [(with_pid(vec![]), st.alerts)],
+        procs().map(|(pid, p)| (with(pid, vec![]), p.alerts)),
     );
     counters(
         &mut reg,
         "oom_kills",
         "OOM kills of the target seen",
-        [(with_pid(vec![]), st.oom_kills)],
+        procs().map(|(pid, p)| (with(pid, vec![]), p.oom_kills)),
     );
-    if let Some(level) = st.level {
-        gauges(
-            &mut reg,
-            "alert_level",
-            "Current OOM-risk level: 0 ok, 1 warning, 2 critical",
-            None,
-            [(with_pid(vec![]), level as u8 as f64)],
-        );
-    }
-    let Some(snap) = &st.snapshot else {
-        let mut text = String::new();
-        encode(&mut text, &reg)?;
-        return Ok(text);
-    };
-    let series = bounded_sites(&snap.sites, st.top);
+    counters(
+        &mut reg,
+        "alert_delivery_failures",
+        "Alert deliveries (Alertmanager, --alert-webhook) that failed and were retried or given up",
+        [(vec![], crate::alert::notify::delivery_failures())],
+    );
+    gauges(
+        &mut reg,
+        "alert_level",
+        "Current OOM-risk level: 0 ok, 1 warning, 2 critical",
+        None,
+        procs().filter_map(|(pid, p)| Some((with(pid, vec![]), p.level? as u8 as f64))),
+    );
+    let all_sites: Vec<(u32, &SiteReport)> = snaps()
+        .flat_map(|(pid, s)| s.sites.iter().map(move |site| (pid, site)))
+        .collect();
+    let series = bounded_sites(&all_sites, st.top, who);
     let site_gauge = |reg: &mut Registry, name, help, unit, pick: fn(&SiteSums) -> f64| {
         gauges(
             reg,
             name,
             help,
             unit,
-            series.iter().map(|(l, s)| (with_pid(l.clone()), pick(s))),
+            series.iter().map(|(l, s)| (l.clone(), pick(s))),
         );
     };
     site_gauge(
@@ -351,14 +405,14 @@ fn render(st: &State) -> Result<String, std::fmt::Error> {
         None,
         |s| s.growth_objects,
     );
-    let mut per_kind: Vec<(SiteKind, usize, u64)> = Vec::new();
-    for s in &snap.sites {
-        match per_kind.iter_mut().find(|k| k.0 == s.kind) {
+    let mut per_kind: Vec<(u32, SiteKind, usize, u64)> = Vec::new();
+    for (pid, s) in &all_sites {
+        match per_kind.iter_mut().find(|k| k.0 == *pid && k.1 == s.kind) {
             Some(k) => {
-                k.1 += 1;
-                k.2 += s.outstanding_bytes;
+                k.2 += 1;
+                k.3 += s.outstanding_bytes;
             }
-            None => per_kind.push((s.kind, 1, s.outstanding_bytes)),
+            None => per_kind.push((*pid, s.kind, 1, s.outstanding_bytes)),
         }
     }
     gauges(
@@ -368,7 +422,7 @@ fn render(st: &State) -> Result<String, std::fmt::Error> {
         None,
         per_kind
             .iter()
-            .map(|k| (with_pid(vec![("kind", k.0.to_string())]), k.1 as f64)),
+            .map(|k| (with(k.0, vec![("kind", k.1.to_string())]), k.2 as f64)),
     );
     gauges(
         &mut reg,
@@ -377,114 +431,111 @@ fn render(st: &State) -> Result<String, std::fmt::Error> {
         Some(Unit::Bytes),
         per_kind
             .iter()
-            .map(|k| (with_pid(vec![("kind", k.0.to_string())]), k.2 as f64)),
+            .map(|k| (with(k.0, vec![("kind", k.1.to_string())]), k.3 as f64)),
     );
-    if let Some(m) = &snap.memory {
-        gauges(
-            &mut reg,
-            "memory_usage",
-            "Working set of the target's memory cgroup (or the system)",
-            Some(Unit::Bytes),
-            [(with_pid(vec![]), m.state.usage_bytes as f64)],
-        );
-        if let Some(limit) = m.state.limit_bytes {
-            gauges(
-                &mut reg,
-                "memory_limit",
-                "Memory limit that applies to the target",
-                Some(Unit::Bytes),
-                [(with_pid(vec![]), limit as f64)],
-            );
-        }
-        if let Some(g) = m.growth_bytes_per_s {
-            gauges(
-                &mut reg,
-                "memory_growth_bytes_per_second",
-                "Robust trend of memory usage",
-                None,
-                [(with_pid(vec![]), g)],
-            );
-        }
-        if let Some(eta) = m.eta_s {
-            gauges(
-                &mut reg,
-                "oom_eta",
-                "Estimated time until the memory limit is reached (absent: not growing)",
-                Some(Unit::Seconds),
-                [(with_pid(vec![]), eta)],
-            );
-        }
-    }
-    if let Some(o) = &snap.overhead {
-        gauges(
-            &mut reg,
-            "probe_overhead_ratio",
-            "Share of the target's CPU time spent in the tracer's probes (traps and eBPF programs)",
-            None,
-            [(with_pid(vec![]), o.share_pct / 100.0)],
-        );
-        gauges(
-            &mut reg,
-            "probed_calls_per_second",
-            "Probed calls per second in the target",
-            None,
-            [(with_pid(vec![]), o.calls_per_s)],
-        );
-        gauges(
-            &mut reg,
-            "probe_cost_per_call",
-            "Cost of one probed call, traps and programs",
-            Some(Unit::Seconds),
-            [(with_pid(vec![]), o.ns_per_call / 1e9)],
-        );
-    }
-    let lost = &snap.lost;
-    counters(
+    let memory = || snaps().filter_map(|(pid, s)| Some((pid, s.memory.as_ref()?)));
+    gauges(
         &mut reg,
-        "lost",
-        "What the kernel side could not account, by reason (see the README)",
-        lost.described()
-            .filter(|(name, _, _)| *name != TRUNCATED_STACKS)
-            .map(|(r, v, _)| (with_pid(vec![("reason", r.to_string())]), v)),
+        "memory_usage",
+        "Working set of the target's memory cgroup (or the system)",
+        Some(Unit::Bytes),
+        memory().map(|(pid, m)| (with(pid, vec![]), m.state.usage_bytes as f64)),
     );
+    gauges(
+        &mut reg,
+        "memory_limit",
+        "Memory limit that applies to the target",
+        Some(Unit::Bytes),
+        memory().filter_map(|(pid, m)| Some((with(pid, vec![]), m.state.limit_bytes? as f64))),
+    );
+    gauges(
+        &mut reg,
+        "memory_growth_bytes_per_second",
+        "Robust trend of memory usage",
+        None,
+        memory().filter_map(|(pid, m)| Some((with(pid, vec![]), m.growth_bytes_per_s?))),
+    );
+    gauges(
+        &mut reg,
+        "oom_eta",
+        "Estimated time until the memory limit is reached (absent: not growing)",
+        Some(Unit::Seconds),
+        memory().filter_map(|(pid, m)| Some((with(pid, vec![]), m.eta_s?))),
+    );
+    let overhead = || snaps().filter_map(|(pid, s)| Some((pid, s.overhead?)));
+    gauges(
+        &mut reg,
+        "probe_overhead_ratio",
+        "Share of the target's CPU time spent in the tracer's probes (traps and eBPF programs)",
+        None,
+        overhead().map(|(pid, o)| (with(pid, vec![]), o.share_pct / 100.0)),
+    );
+    gauges(
+        &mut reg,
+        "probed_calls_per_second",
+        "Probed calls per second in the target",
+        None,
+        overhead().map(|(pid, o)| (with(pid, vec![]), o.calls_per_s)),
+    );
+    gauges(
+        &mut reg,
+        "probe_cost_per_call",
+        "Cost of one probed call, traps and programs",
+        Some(Unit::Seconds),
+        overhead().map(|(pid, o)| (with(pid, vec![]), o.ns_per_call / 1e9)),
+    );
+    // The kernel side's counters are the session's, over every process:
+    // shown once, with the first process's labels.
+    if let Some((pid, snap)) = snaps().next() {
+        let lost = &snap.lost;
+        counters(
+            &mut reg,
+            "lost",
+            "What the kernel side could not account, by reason (see the README)",
+            lost.described()
+                .filter(|(name, _, _)| *name != TRUNCATED_STACKS)
+                .map(|(r, v, _)| (with(pid, vec![("reason", r.to_string())]), v)),
+        );
+        let act = &snap.activity;
+        gauges(
+            &mut reg,
+            "map_fill_ratio",
+            "Fill of the kernel maps (0 to 1)",
+            None,
+            [
+                ("addresses", act.addr_map_fill),
+                ("sites", act.site_map_fill),
+            ]
+            .map(|(m, v)| (with(pid, vec![("map", m.to_string())]), v)),
+        );
+        counters(
+            &mut reg,
+            "probe_events",
+            "Probe hits and what they saw, by event",
+            act.counts
+                .iter()
+                .map(|(e, v)| (with(pid, vec![("event", e.clone())]), *v)),
+        );
+    }
     gauges(
         &mut reg,
         "truncated_stacks",
         "Sites whose recorded stack lacks its outer frames",
         None,
-        [(with_pid(vec![]), lost.get(TRUNCATED_STACKS) as f64)],
+        snaps().map(|(pid, s)| (with(pid, vec![]), s.lost.get(TRUNCATED_STACKS) as f64)),
     );
-    let act = &snap.activity;
-    gauges(
-        &mut reg,
-        "map_fill_ratio",
-        "Fill of the kernel maps (0 to 1)",
-        None,
-        [
-            ("addresses", act.addr_map_fill),
-            ("sites", act.site_map_fill),
-        ]
-        .map(|(m, v)| (with_pid(vec![("map", m.to_string())]), v)),
-    );
-    counters(
-        &mut reg,
-        "probe_events",
-        "Probe hits and what they saw, by event",
-        act.counts
-            .iter()
-            .map(|(e, v)| (with_pid(vec![("event", e.clone())]), *v)),
-    );
-    let ts = snap
-        .ts
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
     gauges(
         &mut reg,
         "snapshot_timestamp",
         "When the kernel maps behind these values were read",
         Some(Unit::Seconds),
-        [(with_pid(vec![]), ts)],
+        snaps().map(|(pid, s)| {
+            let ts =
+                s.ts.duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+            (with(pid, vec![]), ts)
+        }),
     );
     let mut text = String::new();
     encode(&mut text, &reg)?;
@@ -493,23 +544,23 @@ fn render(st: &State) -> Result<String, std::fmt::Error> {
 
 impl Sink for PrometheusSink {
     fn attached(&mut self, info: &Attached) -> io::Result<()> {
-        self.state.pid = info.pid;
-        self.state.attached = Some(info.clone());
-        self.state.target_up = true;
+        let p = self.state.procs.entry(info.pid).or_default();
+        p.attached = Some(info.clone());
+        p.up = true;
         self.publish()
     }
 
     fn snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
-        self.state.pid = snap.pid;
-        self.state.snapshot = Some(snap.clone());
+        let p = self.state.procs.entry(snap.pid).or_default();
+        p.snapshot = Some(snap.clone());
         if let Some(m) = &snap.memory {
-            self.state.level = Some(m.level);
+            p.level = Some(m.level);
         }
         self.publish()
     }
 
-    fn target_exited(&mut self, _exit: &Exit) -> io::Result<()> {
-        self.state.target_up = false;
+    fn target_exited(&mut self, exit: &Exit) -> io::Result<()> {
+        self.state.procs.entry(exit.pid).or_default().up = false;
         self.publish()
     }
 
@@ -518,20 +569,30 @@ impl Sink for PrometheusSink {
     }
 
     fn alert(&mut self, alert: &Alert) -> io::Result<()> {
-        self.state.alerts += 1;
-        self.state.level = Some(alert.severity);
+        let p = self.state.procs.entry(alert.pid).or_default();
+        p.alerts += 1;
+        p.level = Some(alert.severity);
         self.publish()
     }
 
-    fn oom_kill(&mut self, _kill: &OomKill) -> io::Result<()> {
-        self.state.oom_kills += 1;
-        self.state.target_up = false;
+    fn oom_kill(&mut self, kill: &OomKill) -> io::Result<()> {
+        let p = self.state.procs.entry(kill.pid).or_default();
+        p.oom_kills += 1;
+        p.up = false;
         self.publish()
     }
 
     fn finish(&mut self, snap: &Snapshot, _reason: EndReason, _elapsed_s: f64) -> io::Result<()> {
-        self.state.snapshot = Some(snap.clone());
+        self.state.procs.entry(snap.pid).or_default().snapshot = Some(snap.clone());
         self.publish()
+    }
+
+    fn cgroup(&mut self, totals: &crate::schema::CgroupTotals) -> io::Result<()> {
+        if self.state.cgroup.as_ref() != Some(&totals.cgroup) {
+            self.state.cgroup = Some(totals.cgroup.clone());
+            self.publish()?;
+        }
+        Ok(())
     }
 }
 
@@ -575,15 +636,34 @@ mod tests {
             .map(|i| site(SiteKind::Heap, &format!("{i:012x}"), &format!("f{i}"), i, 1))
             .collect();
         sites.push(site(SiteKind::Goroutine, "g1", "main.worker", 0, 50));
-        let series = bounded_sites(&sites, 5);
-        let heap: Vec<_> = series.iter().filter(|(l, _)| l[0].1 == "heap").collect();
-        assert_eq!(heap.len(), 6, "5 top sites and one aggregate");
-        assert_eq!(heap[0].0[2].1, "f999");
-        let other = heap.iter().find(|(l, _)| l[1].1 == "other").unwrap();
-        assert_eq!(other.0[2].1, "[995 other sites]");
+        // Two processes: the top is over both, the rest summed per process.
+        let all: Vec<(u32, &SiteReport)> = sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (if i % 2 == 0 { 1 } else { 2 }, s))
+            .collect();
+        let series = bounded_sites(&all, 5, |pid| vec![("pid", pid.to_string())]);
+        let heap: Vec<_> = series.iter().filter(|(l, _)| l[1].1 == "heap").collect();
+        assert_eq!(heap.len(), 7, "5 top sites and one aggregate per process");
+        assert_eq!(heap[0].0[3].1, "f999");
+        let others: Vec<_> = heap.iter().filter(|(l, _)| l[2].1 == "other").collect();
+        assert_eq!(others.len(), 2);
+        let n_other: usize = others
+            .iter()
+            .map(|(l, _)| {
+                l[3].1
+                    .trim_start_matches('[')
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap()
+            })
+            .sum();
+        assert_eq!(n_other, 995);
         let total: f64 = heap.iter().map(|(_, s)| s.bytes).sum();
         assert_eq!(total, (0..1000).sum::<u64>() as f64);
-        let g = series.iter().find(|(l, _)| l[0].1 == "goroutine").unwrap();
+        let g = series.iter().find(|(l, _)| l[1].1 == "goroutine").unwrap();
         assert_eq!(g.1.objects, 50.0);
     }
 
@@ -602,22 +682,31 @@ mod tests {
             previous_images: vec![],
         };
         snap.lost.0.insert("stacks_lost".into(), 3);
-        let st = State {
+        let mut st = State {
             top: 10,
-            pid: 42,
-            snapshot: Some(snap),
-            target_up: true,
+            labels: vec![("cluster".into(), "eu1".into())],
             ..State::default()
         };
+        st.procs.insert(
+            42,
+            Proc {
+                snapshot: Some(snap),
+                up: true,
+                ..Proc::default()
+            },
+        );
         let text = render(&st).unwrap();
         assert!(text.contains(
-            "tracer_site_outstanding_bytes{pid=\"42\",kind=\"heap\",site=\"abc\",function=\"leak\"} 10000.0"
+            "tracer_site_outstanding_bytes{cluster=\"eu1\",pid=\"42\",kind=\"heap\",site=\"abc\",function=\"leak\"} 10000.0"
         ), "{text}");
         assert!(
-            text.contains("tracer_lost_total{pid=\"42\",reason=\"stacks_lost\"} 3"),
+            text.contains("tracer_lost_total{cluster=\"eu1\",pid=\"42\",reason=\"stacks_lost\"} 3"),
             "{text}"
         );
-        assert!(text.contains("tracer_target_up{pid=\"42\"} 1.0"), "{text}");
+        assert!(
+            text.contains("tracer_target_up{cluster=\"eu1\",pid=\"42\"} 1.0"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }
