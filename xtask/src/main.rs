@@ -370,6 +370,11 @@ fn test(args: &[String]) -> Result<()> {
             "redis-tools",
             "redis-benchmark, the load for the overhead test",
         ),
+        (
+            "prometheus-alertmanager",
+            "a real Alertmanager: the alerting tests post to its API and read \
+             what it routes to a receiver",
+        ),
     ])?;
     build(&route)?;
     fixtures()?;
