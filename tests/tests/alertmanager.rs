@@ -267,7 +267,7 @@ fn alerts_reach_alertmanager_through_a_restart_and_resolve_after_the_kill() {
             .unwrap_or_else(|_| panic!("fired {fired}, resolved {resolved} within {T:?}"));
         let v = json_body(&body);
         for a in v["alerts"].as_array().unwrap() {
-            if a["labels"]["pid"] != target.pid().to_string() {
+            if a["labels"]["pid"].as_str() != Some(target.pid().to_string().as_str()) {
                 continue;
             }
             match a["status"].as_str() {
