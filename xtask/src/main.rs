@@ -380,6 +380,7 @@ fn test(args: &[String]) -> Result<()> {
     fixtures()?;
     // The newest Go reads the tracer's pprof files back (`go tool pprof`).
     let go = go_toolchain(GO_VERSIONS[GO_VERSIONS.len() - 1])?;
+    let pytools = kubernetes_validate()?;
     run(Command::new("cargo")
         .current_dir(root())
         .args(["test", "--workspace", "--release", "--no-fail-fast"])
@@ -387,7 +388,35 @@ fn test(args: &[String]) -> Result<()> {
         .env("TRACER_BIN", tracer_bin())
         .env("TRACER_FIXTURES", fixtures_dir())
         .env("TRACER_SOURCES", root().join("tests/fixtures"))
-        .env("TRACER_GO", go))
+        .env("TRACER_GO", go)
+        .env("TRACER_PYTOOLS", pytools))
+}
+
+/// PyPI's kubernetes-validate (the Kubernetes API's schemas, offline),
+/// installed under target/pytools: the deploy test validates the manifests
+/// with it.
+fn kubernetes_validate() -> Result<PathBuf> {
+    let dir = root().join("target/pytools");
+    if dir.join("kubernetes_validate").exists() {
+        return Ok(dir);
+    }
+    println!(
+        "test: installing kubernetes-validate (PyPI: Kubernetes schemas, to check deploy/) into {}",
+        dir.display()
+    );
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg("kubernetes-validate==1.37.0"))
+    .context("installing kubernetes-validate needs python3 with pip (Debian: python3-pip)")?;
+    Ok(dir)
 }
 
 fn demo(seconds: u32) -> Result<()> {
