@@ -111,6 +111,12 @@ impl Target {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
     }
+
+    /// Ends a target that may not have run yet.
+    fn finish_now(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Waits for `child` and returns its (CPU seconds, max RSS KiB).
@@ -1040,5 +1046,184 @@ fn report(
     });
     std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
     println!("\nbench: results in {}", path.display());
+    Ok(())
+}
+
+/// A scratch cgroup for the benchmark (the v1 memory hierarchy, else the v2
+/// root's child), removed on drop with its processes killed.
+struct BenchCgroup(PathBuf);
+
+impl BenchCgroup {
+    fn create() -> Result<Self> {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let base = if v1.join("cgroup.procs").exists() {
+            v1.to_path_buf()
+        } else {
+            PathBuf::from("/sys/fs/cgroup")
+        };
+        let dir = base.join(format!("tracer-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn add(&self, pid: u32) -> Result<()> {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", self.0.display()))
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: signalling a process we started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// One process's ns per malloc+free pair: alone untraced, alone traced by
+/// pid, and traced as one of three processes of a cgroup (`--cgroup`; the
+/// other two waiting, so that only the tracing differs, not the CPU share).
+fn cgroup_round(bench: &Path, pairs: u64, out_dir: &Path) -> Result<[f64; 3]> {
+    let untraced = {
+        let mut t = Target::start(Command::new(bench).arg(pairs.to_string()))?;
+        t.go()?;
+        let v = t.value("ns_per_pair")?;
+        t.finish();
+        v
+    };
+    let alone = c_run("tracer", bench, pairs, out_dir)?.cost;
+    let cg = BenchCgroup::create()?;
+    let mut procs: Vec<Target> = (0..3)
+        .map(|_| Target::start(Command::new(bench).arg(pairs.to_string())))
+        .collect::<Result<_>>()?;
+    for p in &procs {
+        cg.add(p.child.id())?;
+    }
+    let out = out_dir.join("cgroup.jsonl");
+    let _ = std::fs::remove_file(&out);
+    let mut tracer = Command::new(tracer_bin())
+        .args(["attach", "--cgroup"])
+        .arg(&cg.0)
+        .args(["--format", "json", "--no-alerts", "-o"])
+        .arg(&out)
+        .stderr(Stdio::null())
+        .spawn()?;
+    // Every process hooked before the measured one runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .matches("\"attached\"")
+        .count()
+        < 3
+    {
+        if Instant::now() > deadline {
+            bail!("the tracer did not attach to the cgroup's three processes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    procs[0].go()?;
+    let in_cgroup = procs[0].value("ns_per_pair")?;
+    for p in procs.drain(..) {
+        p.finish_now();
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    let _ = tracer.wait();
+    Ok([untraced, alone, in_cgroup])
+}
+
+/// The tracer's own CPU tracing a cgroup of three processes doing
+/// `rate` malloc+free pairs per second in all, over `secs`; and the pace
+/// they really kept (CPU% of the three).
+fn cgroup_steady_cpu(bench: &Path, rate: u64, secs: u64) -> Result<(f64, f64)> {
+    let cg = BenchCgroup::create()?;
+    let mut targets = Vec::new();
+    for _ in 0..3 {
+        let t = Command::new(bench)
+            .args(["pace", &(rate / 3).to_string()])
+            .stdout(Stdio::null())
+            .spawn()?;
+        cg.add(t.id())?;
+        targets.push(t);
+    }
+    let mut tracer = Command::new(tracer_bin())
+        .args(["attach", "--cgroup"])
+        .arg(&cg.0)
+        .args(["--format", "json", "--no-alerts", "-o", "/dev/null"])
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(5));
+    let cpu_all = |ts: &[Child]| ts.iter().filter_map(|t| cpu_secs(t.id())).sum::<f64>();
+    let (c0, t0, p0) = (cpu_secs(tracer.id()), Instant::now(), cpu_all(&targets));
+    std::thread::sleep(Duration::from_secs(secs));
+    let (c1, dt, p1) = (
+        cpu_secs(tracer.id()),
+        t0.elapsed().as_secs_f64(),
+        cpu_all(&targets),
+    );
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    for mut t in targets {
+        let _ = t.kill();
+        let _ = t.wait();
+    }
+    Ok((
+        (c1.unwrap_or(0.0) - c0.unwrap_or(0.0)) / dt * 100.0,
+        (p1 - p0) / dt * 100.0,
+    ))
+}
+
+/// `cargo xtask bench --cgroup-only`: per-process cost traced alone and as
+/// one of a cgroup's three, and the tracer's own CPU on a cgroup at 100k
+/// pairs/s in all.
+pub fn bench_cgroup(rounds: usize, pairs: u64) -> Result<()> {
+    let out_dir = root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let bench = fixtures_dir().join("bench");
+    let mut rows = Vec::new();
+    for round in 1..=rounds {
+        println!("bench: cgroup round {round}/{rounds}");
+        rows.push(cgroup_round(&bench, pairs, &out_dir)?);
+    }
+    let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+    let (untraced, alone, in_cgroup) = (col(0), col(1), col(2));
+    println!("bench: the tracer's own CPU on a cgroup of three at 100k pairs/s (20 s)");
+    let (tracer_pct, targets_pct) = cgroup_steady_cpu(&bench, 100_000, 20)?;
+    println!();
+    println!("one process, ns per malloc+free pair (median of {rounds} interleaved rounds):");
+    println!("  untraced                          {untraced:8.1}");
+    println!(
+        "  traced alone (attach PID)         {alone:8.1}   ({:.2}x untraced)",
+        alone / untraced
+    );
+    println!(
+        "  traced as one of a cgroup's three {in_cgroup:8.1}   ({:.2}x untraced, {:.2}x alone)",
+        in_cgroup / untraced,
+        in_cgroup / alone
+    );
+    println!(
+        "tracer's own CPU, cgroup of three at 100k pairs/s in all: {tracer_pct:.2}% of a core \
+         (the three used {targets_pct:.0}%)"
+    );
+    let json = json!({
+        "pairs": pairs,
+        "rounds": rows,
+        "ns_per_pair": {"untraced": untraced, "alone": alone, "in_cgroup_of_three": in_cgroup},
+        "tracer_cpu_pct_at_100k_pairs_per_s": tracer_pct,
+        "targets_cpu_pct": targets_pct,
+    });
+    std::fs::write(
+        out_dir.join("cgroup.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     Ok(())
 }

@@ -56,6 +56,10 @@ enum Task {
         /// (batched links against one perf event per probe).
         #[arg(long)]
         exit_only: bool,
+        /// Only the cgroup rows: one process traced alone and as one of a
+        /// cgroup's three, the tracer's own CPU on a cgroup.
+        #[arg(long)]
+        cgroup_only: bool,
     },
     /// Set up, build, and trace the bundled leaky demo service live.
     Demo {
@@ -470,6 +474,7 @@ fn main() -> Result<()> {
             stream_only,
             go_only,
             exit_only,
+            cgroup_only,
         } => {
             let route = toolchain::setup()?;
             build(&route)?;
@@ -484,7 +489,11 @@ fn main() -> Result<()> {
             if go_only {
                 return bench::bench_go(rounds);
             }
-            bench::bench(rounds, pairs)
+            if cgroup_only {
+                return bench::bench_cgroup(rounds, pairs);
+            }
+            bench::bench(rounds, pairs)?;
+            bench::bench_cgroup(rounds, pairs)
         }
     }
 }
