@@ -1370,3 +1370,84 @@ fn a_cgroup_is_traced_whole_and_its_alert_names_the_culprit() {
         assert_exact_sites(r, r["pid"] == a.pid());
     }
 }
+
+/// `attach --cgroup` on a cgroup v2 directory (this machine's unified
+/// hierarchy has no memory controller: the memory watch then reads the
+/// processes' v1 memory cgroup): its processes, and a child one of them
+/// starts, are traced with their exact sites.
+#[test]
+fn a_cgroup_v2_directory_is_traced_whole() {
+    if !privileged("a_cgroup_v2_directory_is_traced_whole") {
+        return;
+    }
+    let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("cgroup.controllers").exists())
+        .expect("a cgroup v2 hierarchy (this machine mounts one at /sys/fs/cgroup/unified)");
+    let dir = unified.join(format!("tracer-test-{}-v2", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let mut a = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
+    let mut forker = Proc::spawn(Command::new(fixture("allocs-fp")).arg("fork"));
+    a.expect_line("ready", T);
+    forker.expect_line("ready", T);
+    for pid in [a.pid(), forker.pid()] {
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+    let (mut tracer, mut stream, _) = Tracing::attach_cgroup(&dir).interval("0.5").start();
+    for pid in [a.pid(), forker.pid()] {
+        if !stream
+            .seen
+            .iter()
+            .any(|v| v["type"] == "attached" && v["pid"] == pid)
+        {
+            stream.next_of_where("attached", "each process of the cgroup", T, |v| {
+                v["pid"] == pid
+            });
+        }
+    }
+    // The forker's child is born in the cgroup: traced from its birth.
+    forker.send("fork");
+    let child: u32 = forker
+        .expect_line("child", T)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    stream.next_of_where("attached", "the child", T, |v| v["pid"] == child);
+    forker.expect_line("ready", T);
+    forker.send("go");
+    forker.expect_line("done", T);
+    a.send("go");
+    a.expect_line("done", T);
+    a.close_stdin();
+    forker.close_stdin();
+    assert_eq!(a.wait(T), Some(0));
+    assert_eq!(forker.wait(T), Some(0));
+    let mut reports = std::collections::HashMap::new();
+    while reports.len() < 3 {
+        let r = stream.next_of("report", T);
+        reports.insert(r["pid"].as_u64().unwrap() as u32, r);
+    }
+    assert_eq!(tracer.wait(T), Some(0));
+    assert_exact_sites(&reports[&a.pid()], true);
+    assert_exact_sites(&reports[&child], true);
+    // The last line: the cgroup's final totals, every process ended.
+    let totals = stream.next_of("cgroup", T);
+    assert_eq!(totals["cgroup"], dir.display().to_string());
+    let procs = totals["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 3, "{totals}");
+    assert!(procs.iter().all(|p| p["ended"] == true), "{totals}");
+}
