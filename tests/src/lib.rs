@@ -175,7 +175,8 @@ pub fn marker_line(src: &Path, name: &str) -> u32 {
 }
 
 /// Whether privileged tests can run here. Not being root is a setup error
-/// (CI is root); a kernel without uprobes is a real reason to skip, printed.
+/// (CI is root); a kernel without uprobes is a reason to skip (see
+/// [`skip`]).
 pub fn privileged(test: &str) -> bool {
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -183,10 +184,29 @@ pub fn privileged(test: &str) -> bool {
         "{test} loads eBPF programs and needs root: run `sudo cargo xtask test`"
     );
     if !Path::new("/sys/bus/event_source/devices/uprobe/type").exists() {
-        eprintln!("SKIP {test}: this kernel has no uprobe PMU (CONFIG_UPROBE_EVENTS)");
+        skip(test, "this kernel has no uprobe PMU (CONFIG_UPROBE_EVENTS)");
         return false;
     }
     true
+}
+
+/// A test that cannot run here. Under CI (`CI` set) that is a failure with
+/// its reason: a skipped test must not pass as coverage. Elsewhere the SKIP
+/// line goes to the real stderr (libtest captures `eprintln!`) and to the
+/// file `TRACER_SKIP_LOG` names, which `cargo xtask test` counts at the end.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false") {
+        panic!("{test} cannot run here, and CI must run it: {reason}");
+    }
+    let line = format!("SKIP {test}: {reason}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    if let Some(log) = std::env::var_os("TRACER_SKIP_LOG") {
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    }
 }
 
 /// A process owned by a test: killed and reaped on drop.
@@ -945,7 +965,10 @@ impl MemCgroup {
     pub fn create(name: &str, limit: u64) -> Option<Self> {
         let base = Path::new("/sys/fs/cgroup/memory");
         if !base.join("memory.limit_in_bytes").exists() {
-            eprintln!("SKIP: no cgroup v1 memory controller at {}", base.display());
+            skip(
+                &format!("memory cgroup {name}"),
+                &format!("no cgroup v1 memory controller at {}", base.display()),
+            );
             return None;
         }
         let dir = base.join(format!("tracer-test-{}-{name}", std::process::id()));

@@ -122,6 +122,42 @@ fn assert_exact_sites(report: &Value, full_stacks: bool) {
         "large malloc blocks double-counted as mappings:\n{}",
         describe_sites(report)
     );
+    // No phantom: every site whose innermost frame is the fixture's own
+    // code is one of the expected, and together they hold exactly the
+    // fixture's arithmetic (what libc allocates on its behalf, a thread's
+    // stack, stdio's buffer, has libc frames innermost).
+    let own: Vec<&Value> = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["frames"][0]["file"]
+                .as_str()
+                .is_some_and(|f| f.ends_with("allocs.c"))
+        })
+        .collect();
+    for site in &own {
+        let f = &site["frames"][0];
+        assert!(
+            EXPECTED.iter().any(|&(kind, function, marker, ..)| {
+                site["kind"] == kind
+                    && f["function"] == function
+                    && f["line"] == marker_line(&src, marker)
+            }),
+            "a site the fixture does not have: {site}\n{}",
+            describe_sites(report)
+        );
+    }
+    assert_eq!(own.len(), EXPECTED.len(), "{}", describe_sites(report));
+    let held: u64 = own
+        .iter()
+        .map(|s| s["outstanding_bytes"].as_u64().unwrap())
+        .sum();
+    let truth: u64 = EXPECTED.iter().map(|e| e.3).sum();
+    assert_eq!(
+        held, truth,
+        "the fixture's sites hold {held} B, it leaves {truth} B"
+    );
     // The failing calloc leaves no site, and is counted as failed.
     assert!(sites_at(report, "heap", "failures", marker_line(&src, "calloc_fail")).is_empty());
     assert!(report["activity"]["failed_allocs"].as_u64().unwrap() >= 1);

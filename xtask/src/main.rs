@@ -385,15 +385,27 @@ fn test(args: &[String]) -> Result<()> {
     // The newest Go reads the tracer's pprof files back (`go tool pprof`).
     let go = go_toolchain(GO_VERSIONS[GO_VERSIONS.len() - 1])?;
     let pytools = kubernetes_validate()?;
-    run(Command::new("cargo")
+    let skip_log = root().join("target/skipped-tests.txt");
+    let _ = std::fs::remove_file(&skip_log);
+    let result = run(Command::new("cargo")
         .current_dir(root())
         .args(["test", "--workspace", "--release", "--no-fail-fast"])
         .args(args)
+        .env("TRACER_SKIP_LOG", &skip_log)
         .env("TRACER_BIN", tracer_bin())
         .env("TRACER_FIXTURES", fixtures_dir())
         .env("TRACER_SOURCES", root().join("tests/fixtures"))
         .env("TRACER_GO", go)
-        .env("TRACER_PYTOOLS", pytools))
+        .env("TRACER_PYTOOLS", pytools));
+    // Skips are visible: counted at the end (under CI they fail instead).
+    let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
+    let n = skipped.lines().count();
+    if n > 0 {
+        println!("\ntest: {n} test(s) skipped on this machine:\n{skipped}");
+    } else {
+        println!("\ntest: no test skipped");
+    }
+    result
 }
 
 /// PyPI's kubernetes-validate (the Kubernetes API's schemas, offline),
