@@ -1487,3 +1487,87 @@ fn a_cgroup_v2_directory_is_traced_whole() {
     assert_eq!(procs.len(), 3, "{totals}");
     assert!(procs.iter().all(|p| p["ended"] == true), "{totals}");
 }
+
+/// Eight threads allocating at once, each freeing the blocks another
+/// allocated; realloc shrinking and realloc(p, 0); mremap moving a mapping;
+/// a free of a block from before attach. Every figure is the fixture's
+/// arithmetic (tests/fixtures/c/threads.c).
+#[test]
+fn threads_freeing_each_others_blocks_and_realloc_corners_are_exact() {
+    if !privileged("threads_freeing_each_others_blocks_and_realloc_corners_are_exact") {
+        return;
+    }
+    let mut target = Proc::spawn(&mut Command::new(fixture("threads")));
+    target.expect_line("ready", T);
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .on_attached(|_| target.send("go"))
+        .start();
+    target.expect_line("done", T);
+    let report = end_normally(&mut target, &mut tracer, &mut stream);
+    let src = source("c/threads.c");
+    let define = |name: &str| -> u64 {
+        std::fs::read_to_string(&src)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("#define") && w.next() == Some(name))
+                    .then(|| w.next().unwrap().parse().unwrap())
+            })
+            .unwrap()
+    };
+    let (threads, per) = (define("THREADS"), define("PER_THREAD"));
+    let kept_bytes: u64 = (0..threads).map(|t| per / 2 * (t + 1) * 16).sum();
+    let site = |kind: &str, function: &str, marker: &str| {
+        site_at(&report, kind, function, marker_line(&src, marker)).clone()
+    };
+    let t = site("heap", "thread_alloc", "thread_alloc");
+    assert_eq!(t["allocs"], threads * per, "{t}");
+    assert_eq!(t["frees"], threads * per / 2, "cross-thread frees: {t}");
+    assert_eq!(t["outstanding_count"], threads * per / 2, "{t}");
+    assert_eq!(t["outstanding_bytes"], kept_bytes, "{t}");
+    let check = |s: Value, bytes: u64, count: u64, allocs: u64, frees: u64| {
+        assert_eq!(
+            (
+                s["outstanding_bytes"].as_u64().unwrap(),
+                s["outstanding_count"].as_u64().unwrap(),
+                s["allocs"].as_u64().unwrap(),
+                s["frees"].as_u64().unwrap()
+            ),
+            (bytes, count, allocs, frees),
+            "{s}"
+        );
+    };
+    // A shrinking realloc moves the block to its own site, at its new size.
+    check(site("heap", "shrink", "shrink_seed"), 0, 0, 1, 1);
+    check(site("heap", "shrink", "shrink"), 1000, 1, 1, 0);
+    // realloc(p, 0) frees p and allocates nothing.
+    check(site("heap", "realloc_to_zero", "zero_seed"), 0, 0, 1, 1);
+    assert!(
+        sites_at(
+            &report,
+            "heap",
+            "realloc_to_zero",
+            marker_line(&src, "zero")
+        )
+        .is_empty(),
+        "realloc(p, 0) is no allocation: {}",
+        describe_sites(&report)
+    );
+    // mremap moves the mapping to its own site, at its new length.
+    check(site("mmap", "remap", "remap_seed"), 0, 0, 1, 1);
+    check(site("mmap", "remap", "remap"), 196_608, 1, 1, 0);
+    assert!(
+        report["activity"]["untracked_frees"].as_u64().unwrap() >= 1,
+        "the block from before attach is an untracked free: {}",
+        report["activity"]
+    );
+    for key in [
+        "addr_map_full",
+        "pending_map_full",
+        "unmatched_returns",
+        "stacks_lost",
+    ] {
+        assert_eq!(report["lost"][key], 0, "lost.{key}");
+    }
+}

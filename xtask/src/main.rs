@@ -143,6 +143,11 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
             &["-fno-omit-frame-pointer", "-static"],
         ),
         ("demo.c", "demo", &["-fno-omit-frame-pointer"]),
+        (
+            "threads.c",
+            "threads",
+            &["-fno-omit-frame-pointer", "-pthread"],
+        ),
         ("oomleak.c", "oomleak", &["-fno-omit-frame-pointer"]),
         ("bench.c", "bench", &["-fno-omit-frame-pointer"]),
         (
