@@ -410,3 +410,139 @@ pub fn webhook_payload(alert: &Alert, extra: &[(String, String)]) -> serde_json:
         }],
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{MemoryState, Scope};
+    use std::io::{Read, Write};
+
+    fn alert(severity: Level) -> Alert {
+        Alert {
+            pid: 42,
+            severity,
+            reason: "limit reached in ~30 s".into(),
+            eta_s: Some(30.0),
+            usage_bytes: 900,
+            limit_bytes: Some(1000),
+            memory: MemoryState {
+                scope: Scope::CgroupV2,
+                cgroup: Some("/sys/fs/cgroup/app".into()),
+                usage_bytes: 900,
+                limit_bytes: Some(1000),
+                high_bytes: None,
+                oom_kills: Some(0),
+                pressure_some_avg10: None,
+            },
+            top_sites: Vec::new(),
+            target_growth_bytes_per_s: None,
+            growing_processes: Vec::new(),
+            ts: SystemTime::now(),
+        }
+    }
+
+    /// A receiver answering each request with the next status of
+    /// `statuses` (the last one from then on); the bodies it got.
+    fn receiver(statuses: Vec<u16>) -> (String, std::sync::mpsc::Receiver<(u16, String)>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for (i, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { continue };
+                let status = statuses[i.min(statuses.len() - 1)];
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let _ =
+                                write!(conn, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                            let _ = tx.send((status, body.to_string()));
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        (url, rx)
+    }
+
+    /// An Alertmanager answering 500 twice: the alert is retried until it
+    /// lands, the failures counted; then resolved with the same labels.
+    #[tokio::test(flavor = "current_thread")]
+    async fn failed_deliveries_are_retried_until_they_land_and_counted() {
+        let (url, got) = receiver(vec![500, 500, 200]);
+        let before = delivery_failures();
+        let mut n = Notifier::new(NotifyConfig {
+            alertmanagers: vec![url],
+            labels: vec![("cluster".into(), "eu1".into())],
+            ..NotifyConfig::default()
+        });
+        n.send(&alert(Level::Warning), String::new());
+        n.resolve();
+        n.flush(Duration::from_secs(20)).await;
+        let all: Vec<(u16, String)> = got.try_iter().collect();
+        assert_eq!(
+            all.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [500, 500, 200, 200],
+            "two failures, the firing alert, then its resolution"
+        );
+        assert!(delivery_failures() >= before + 2);
+        let firing: serde_json::Value = serde_json::from_str(&all[2].1).unwrap();
+        let resolved: serde_json::Value = serde_json::from_str(&all[3].1).unwrap();
+        let labels = &firing[0]["labels"];
+        assert_eq!(labels["alertname"], "TracerOOMRisk");
+        assert_eq!(labels["severity"], "warning");
+        assert_eq!(labels["pid"], "42");
+        assert_eq!(labels["cgroup"], "/sys/fs/cgroup/app");
+        assert_eq!(labels["cluster"], "eu1");
+        assert_eq!(resolved[0]["labels"], *labels, "resolved as the same alert");
+        let ends = |v: &serde_json::Value| {
+            humantime::parse_rfc3339(v[0]["endsAt"].as_str().unwrap()).unwrap()
+        };
+        assert!(ends(&firing) > SystemTime::now() + Duration::from_secs(120));
+        assert!(ends(&resolved) <= SystemTime::now());
+    }
+
+    /// A webhook that never answers within the timeout, and an
+    /// --alert-exec that fails: neither blocks nor panics; the exit gives
+    /// up after its grace period.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_dead_receiver_and_a_failing_command_do_not_block() {
+        // Bound, never accepted: connects, then no answer.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", silent.local_addr().unwrap());
+        let mut n = Notifier::new(NotifyConfig {
+            exec: Some("exit 3".into()),
+            webhook: Some(url),
+            ..NotifyConfig::default()
+        });
+        let started = std::time::Instant::now();
+        n.send(&alert(Level::Critical), "{}".into());
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "send never waits"
+        );
+        n.flush(Duration::from_secs(1)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "exit gives up in time"
+        );
+        drop(silent);
+    }
+}
