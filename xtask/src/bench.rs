@@ -1227,3 +1227,209 @@ pub fn bench_cgroup(rounds: usize, pairs: u64) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// GET `path` on loopback `port`; the body of a 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// Resident memory of `pid`, KiB.
+fn rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `cargo xtask soak --minutes N`: a churning multithreaded target
+/// (tests/fixtures/c/soak.c, `rate` allocations/s over 4 threads freeing
+/// each other's blocks, a slow known leak) traced for `minutes` with the
+/// Prometheus endpoint scraped every 5 s. Fails unless, after a warm-up
+/// (a fifth of the run, at least 30 s), the tracer's RSS stays within 10%,
+/// its CPU under 2% of a core, nothing is lost and the final totals equal
+/// what the target says it holds.
+pub fn soak(minutes: f64, rate: u64) -> Result<()> {
+    let out_dir = root().join("target/soak");
+    std::fs::create_dir_all(&out_dir)?;
+    let total = Duration::from_secs_f64(minutes * 60.0);
+    let warmup = (total / 5).max(Duration::from_secs(30)).min(total / 2);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut target =
+        Target::start(Command::new(fixtures_dir().join("soak")).arg(rate.to_string()))?;
+    let pid = target.child.id();
+    let out = out_dir.join("soak.jsonl");
+    let _ = std::fs::remove_file(&out);
+    println!(
+        "soak: {minutes} min, {rate} allocations/s over 4 threads; warm-up {} s; metrics on :{port}",
+        warmup.as_secs()
+    );
+    let mut tracer = Command::new(tracer_bin())
+        .args([
+            "attach",
+            &pid.to_string(),
+            "--format",
+            "json",
+            "--no-alerts",
+        ])
+        .args(["--prometheus", &format!("127.0.0.1:{port}"), "-o"])
+        .arg(&out)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let tpid = tracer.id();
+    wait_for_line(&out, "\"attached\"", Duration::from_secs(60))?;
+    // Allocating from now on: everything it holds was allocated traced.
+    target.go()?;
+    let started = Instant::now();
+    let mut rss = Vec::new();
+    let mut scrapes = (0u32, 0u32);
+    let mut cpu_at_warmup = None;
+    while started.elapsed() < total {
+        std::thread::sleep(Duration::from_secs(5));
+        let at = started.elapsed();
+        scrapes.0 += 1;
+        match http_get(port, "/metrics") {
+            Some(text) if text.contains("tracer_site_outstanding_bytes") => {}
+            _ => scrapes.1 += 1,
+        }
+        let kb = rss_kb(tpid).context("the tracer exited during the soak")?;
+        if at >= warmup {
+            cpu_at_warmup.get_or_insert((at, cpu_secs(tpid).unwrap_or(0.0)));
+            rss.push(kb);
+        }
+        println!(
+            "soak: {:>4} s  tracer RSS {:>6} KiB  CPU {:.2} s",
+            at.as_secs(),
+            kb,
+            cpu_secs(tpid).unwrap_or(0.0)
+        );
+    }
+    let (t0, c0) = cpu_at_warmup.context("the run is shorter than its warm-up")?;
+    let cpu_pct =
+        (cpu_secs(tpid).unwrap_or(0.0) - c0) / (started.elapsed() - t0).as_secs_f64() * 100.0;
+    let target_pct = cpu_secs(pid).unwrap_or(0.0) / started.elapsed().as_secs_f64() * 100.0;
+    target.go()?;
+    let leaked = (
+        target.value("leaked_bytes")? as u64,
+        target.value("leaked_blocks")? as u64,
+    );
+    let queued = (
+        target.value("queued_bytes")? as u64,
+        target.value("queued_blocks")? as u64,
+    );
+    // Two intervals, so the last snapshot has the stopped state.
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tpid as i32, libc::SIGINT) };
+    let _ = tracer.wait();
+    target.finish();
+    let text = std::fs::read_to_string(&out)?;
+    let report: Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "report")
+        .context("the tracer wrote no report")?;
+    let site = |f: &str| -> (u64, u64) {
+        report["sites"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["frames"][0]["function"] == f)
+            .fold((0, 0), |(b, n), s| {
+                (
+                    b + s["outstanding_bytes"].as_u64().unwrap_or(0),
+                    n + s["outstanding_count"].as_u64().unwrap_or(0),
+                )
+            })
+    };
+    let (leak_site, churn_site) = (site("soak_leak"), site("soak_churn"));
+    let lost: u64 = report["lost"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| *k != "truncated_stacks")
+        .filter_map(|(_, v)| v.as_u64())
+        .sum();
+    let (rmin, rmax) = (
+        rss.iter().copied().min().unwrap_or(0),
+        rss.iter().copied().max().unwrap_or(0),
+    );
+    let rss_growth = rmax as f64 / rmin.max(1) as f64 - 1.0;
+    println!();
+    println!(
+        "soak results ({minutes} min at {rate} allocations/s; the target used {target_pct:.0}% of a core):"
+    );
+    println!(
+        "  tracer RSS after warm-up: {rmin}..{rmax} KiB ({:+.1}%; bound 10%)",
+        rss_growth * 100.0
+    );
+    println!("  tracer CPU after warm-up: {cpu_pct:.2}% of a core (bound 2%)");
+    println!("  scrapes: {} ({} failed)", scrapes.0, scrapes.1);
+    println!("  lost: {lost}");
+    println!(
+        "  leak site: {} B in {} blocks (the target: {} B in {}); churn site: {} B in {} (the target: {} B in {})",
+        leak_site.0,
+        leak_site.1,
+        leaked.0,
+        leaked.1,
+        churn_site.0,
+        churn_site.1,
+        queued.0,
+        queued.1
+    );
+    std::fs::write(
+        out_dir.join("soak.json"),
+        serde_json::to_string_pretty(&json!({
+            "minutes": minutes,
+            "rate": rate,
+            "rss_kb_after_warmup": rss,
+            "tracer_cpu_pct": cpu_pct,
+            "target_cpu_pct": target_pct,
+            "scrapes": scrapes.0,
+            "failed_scrapes": scrapes.1,
+            "lost": lost,
+            "leak": {"reported": leak_site, "truth": leaked},
+            "churn": {"reported": churn_site, "truth": queued},
+        }))?,
+    )?;
+    let mut failed = Vec::new();
+    if rss_growth > 0.10 {
+        failed.push(format!(
+            "tracer RSS grew {:.1}% after warm-up",
+            rss_growth * 100.0
+        ));
+    }
+    if cpu_pct >= 2.0 {
+        failed.push(format!("tracer CPU {cpu_pct:.2}% of a core"));
+    }
+    if scrapes.1 > 0 {
+        failed.push(format!("{} scrapes failed", scrapes.1));
+    }
+    if lost > 0 {
+        failed.push(format!("{lost} events lost"));
+    }
+    if leak_site != leaked || churn_site != queued {
+        failed.push("the final totals differ from the target's".into());
+    }
+    if !failed.is_empty() {
+        bail!("soak failed: {}", failed.join("; "));
+    }
+    println!("soak: passed");
+    Ok(())
+}

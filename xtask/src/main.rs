@@ -61,6 +61,16 @@ enum Task {
         #[arg(long)]
         cgroup_only: bool,
     },
+    /// Trace a churning multithreaded target for a while: tracer RSS flat,
+    /// CPU under 2% of a core, nothing lost, totals exact (results in
+    /// target/soak/).
+    Soak {
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Allocations per second, over four threads.
+        #[arg(long, default_value_t = 100_000)]
+        rate: u64,
+    },
     /// Set up, build, and trace the bundled leaky demo service live.
     Demo {
         /// Seconds to trace before the final report.
@@ -148,6 +158,7 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
             "threads",
             &["-fno-omit-frame-pointer", "-pthread"],
         ),
+        ("soak.c", "soak", &["-fno-omit-frame-pointer", "-pthread"]),
         ("oomleak.c", "oomleak", &["-fno-omit-frame-pointer"]),
         ("bench.c", "bench", &["-fno-omit-frame-pointer"]),
         (
@@ -402,6 +413,12 @@ fn test(args: &[String]) -> Result<()> {
         .env("TRACER_SOURCES", root().join("tests/fixtures"))
         .env("TRACER_GO", go)
         .env("TRACER_PYTOOLS", pytools));
+    // A whole run ends with a 5-minute soak (`cargo xtask soak` for longer).
+    let soaked = if args.is_empty() && result.is_ok() {
+        bench::soak(5.0, 100_000)
+    } else {
+        Ok(())
+    };
     // Skips are visible: counted at the end (under CI they fail instead).
     let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
     let n = skipped.lines().count();
@@ -410,7 +427,7 @@ fn test(args: &[String]) -> Result<()> {
     } else {
         println!("\ntest: no test skipped");
     }
-    result
+    result.and(soaked)
 }
 
 /// PyPI's kubernetes-validate (the Kubernetes API's schemas, offline),
@@ -485,6 +502,12 @@ fn main() -> Result<()> {
         Task::Fixtures => fixtures(),
         Task::Test { args } => test(&args),
         Task::Demo { seconds } => demo(seconds),
+        Task::Soak { minutes, rate } => {
+            let route = toolchain::setup()?;
+            build(&route)?;
+            c_fixtures_build()?;
+            bench::soak(minutes, rate)
+        }
         Task::Bench {
             rounds,
             pairs,
