@@ -408,6 +408,8 @@ fn test(args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--release", "--no-fail-fast"])
         .args(args)
         .env("TRACER_SKIP_LOG", &skip_log)
+        // The parsers' fuzzing, time-boxed per target.
+        .env("TRACER_FUZZ_SECS", "20")
         .env("TRACER_BIN", tracer_bin())
         .env("TRACER_FIXTURES", fixtures_dir())
         .env("TRACER_SOURCES", root().join("tests/fixtures"))

@@ -7,7 +7,7 @@
 //! mapping only code without tables, such as static Go binaries) its stacks
 //! come from the kernel's frame-pointer walker.
 
-mod table;
+pub mod table;
 
 use std::{
     collections::HashMap,
