@@ -1571,3 +1571,107 @@ fn threads_freeing_each_others_blocks_and_realloc_corners_are_exact() {
         assert_eq!(report["lost"][key], 0, "lost.{key}");
     }
 }
+
+/// Allocator libraries that bring their own C++ `new`/`delete` (and
+/// jemalloc its `mallocx` family), preloaded into a C++ program: those
+/// entry points are probed in them, and every figure is the program's
+/// arithmetic (tests/fixtures/c/cxxalloc.cc).
+#[test]
+fn allocator_libraries_own_entry_points_are_exact() {
+    if !privileged("allocator_libraries_own_entry_points_are_exact") {
+        return;
+    }
+    let src = source("c/cxxalloc.cc");
+    let libs = [
+        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+        "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2",
+    ];
+    for lib in libs {
+        assert!(
+            Path::new(lib).exists(),
+            "{lib} is missing: `cargo xtask test` installs it (libjemalloc2, libtcmalloc-minimal4, libmimalloc2.0)"
+        );
+        let mut target = Proc::spawn(Command::new(fixture("cxxalloc")).env("LD_PRELOAD", lib));
+        target.expect_line("ready", T);
+        let (mut tracer, mut stream, attached) = Tracing::attach(target.pid())
+            .on_attached(|_| target.send("go"))
+            .start();
+        let probed: Vec<String> = attached["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| {
+                p["path"].as_str().unwrap().contains(
+                    Path::new(lib)
+                        .file_name()
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .split(".so")
+                        .next()
+                        .unwrap(),
+                )
+            })
+            .map(|p| {
+                p["function"]
+                    .as_str()
+                    .unwrap()
+                    .split('+')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        // Aliases at one address are probed once, under one of their names.
+        for (what, names) in [
+            ("malloc", &["malloc"][..]),
+            ("operator new", &["_Znwm", "_Znam"][..]),
+            ("operator delete", &["_ZdlPv", "_ZdaPv"][..]),
+        ] {
+            assert!(
+                probed.iter().any(|p| names.contains(&p.as_str())),
+                "{lib}: no probe on {what}: {probed:?}"
+            );
+        }
+        target.expect_line("done", T);
+        let jemalloc_api = target.expect_line("jemalloc_api", T).ends_with('1');
+        let report = end_normally(&mut target, &mut tracer, &mut stream);
+        let site = |function: &str, marker: &str| {
+            site_at(&report, "heap", function, marker_line(&src, marker)).clone()
+        };
+        let check = |s: Value, bytes: u64, count: u64, allocs: u64, frees: u64| {
+            assert_eq!(
+                (
+                    s["outstanding_bytes"].as_u64().unwrap(),
+                    s["outstanding_count"].as_u64().unwrap(),
+                    s["allocs"].as_u64().unwrap(),
+                    s["frees"].as_u64().unwrap()
+                ),
+                (bytes, count, allocs, frees),
+                "{lib}: {s}"
+            );
+        };
+        check(site("leak_new()", "cxx_new"), 20 * 240, 20, 20, 0);
+        check(
+            site("leak_new_array()", "cxx_new_array"),
+            10 * 1000,
+            10,
+            10,
+            0,
+        );
+        check(site("churn_new()", "cxx_churn"), 0, 0, 1000, 1000);
+        assert_eq!(
+            jemalloc_api,
+            lib.contains("jemalloc"),
+            "{lib}: mallocx found?"
+        );
+        if jemalloc_api {
+            check(site("jemalloc_api()", "mallocx"), 5 * 2048, 5, 5, 0);
+            check(site("jemalloc_api()", "rallocx_seed"), 0, 0, 3, 3);
+            check(site("jemalloc_api()", "rallocx"), 3 * 3000, 3, 3, 0);
+            check(site("jemalloc_api()", "sdallocx_churn"), 0, 0, 4, 4);
+            check(site("jemalloc_api()", "dallocx_churn"), 0, 0, 4, 4);
+        }
+    }
+}

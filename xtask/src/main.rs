@@ -159,6 +159,12 @@ fn c_fixtures() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
             &["-fno-omit-frame-pointer", "-pthread"],
         ),
         ("soak.c", "soak", &["-fno-omit-frame-pointer", "-pthread"]),
+        // C++ new/delete and jemalloc's API (run under allocator libraries).
+        (
+            "cxxalloc.cc",
+            "cxxalloc",
+            &["-fno-omit-frame-pointer", "-ldl"],
+        ),
         ("oomleak.c", "oomleak", &["-fno-omit-frame-pointer"]),
         ("bench.c", "bench", &["-fno-omit-frame-pointer"]),
         (
@@ -331,7 +337,12 @@ fn c_fixtures_build() -> Result<()> {
             continue;
         }
         println!("fixtures: compiling {}", bin.display());
-        run(Command::new("gcc")
+        let compiler = if src.extension().is_some_and(|e| e == "cc") {
+            "g++"
+        } else {
+            "gcc"
+        };
+        run(Command::new(compiler)
             .args(["-O2", "-g", "-pthread", "-Wall"])
             .args(flags)
             .arg("-o")
@@ -389,6 +400,19 @@ fn test(args: &[String]) -> Result<()> {
         (
             "redis-tools",
             "redis-benchmark, the load for the overhead test",
+        ),
+        (
+            "libjemalloc2",
+            "jemalloc: the allocator-library tests trace C++ new/delete and \
+             mallocx/rallocx/sdallocx/dallocx under it",
+        ),
+        (
+            "libtcmalloc-minimal4",
+            "tcmalloc: the allocator-library tests trace its own C++ new/delete",
+        ),
+        (
+            "libmimalloc2.0",
+            "mimalloc: the allocator-library tests trace its own C++ new/delete",
         ),
         (
             "prometheus-alertmanager",

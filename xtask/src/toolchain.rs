@@ -171,6 +171,10 @@ pub fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
 pub fn setup() -> Result<Route> {
     apt_install(&[
         ("gcc", "compiles the C test targets and demo"),
+        (
+            "g++",
+            "compiles the C++ test target (new/delete under allocator libraries)",
+        ),
         ("libc6-dev", "C headers for the test targets"),
         (
             "libc6-dbg",

@@ -32,6 +32,18 @@ pub enum Hook {
     Mmap,
     Munmap,
     Mremap,
+    /// jemalloc's `mallocx(size, flags)`.
+    Mallocx,
+    /// jemalloc's `rallocx(ptr, size, flags)`.
+    Rallocx,
+    /// jemalloc's `dallocx(ptr, flags)`, `sdallocx(ptr, size, flags)`.
+    Dallocx,
+    /// C++ `operator new` and `new[]` (plain, nothrow, aligned), where an
+    /// allocator library defines them itself (tcmalloc): libstdc++'s call
+    /// malloc, and are not probed (its object defines no malloc).
+    CxxNew,
+    /// C++ `operator delete` and `delete[]` (plain, sized, aligned).
+    CxxDelete,
 }
 
 /// How a hook is wired to the eBPF programs.
@@ -50,14 +62,25 @@ impl Hook {
     pub const fn args(self) -> usize {
         match self {
             Hook::Malloc | Hook::Valloc | Hook::Pvalloc | Hook::Free => 1,
-            Hook::Calloc | Hook::Realloc | Hook::AlignedAlloc | Hook::Memalign | Hook::Munmap => 2,
-            Hook::ReallocArray | Hook::PosixMemalign => 3,
+            Hook::Calloc
+            | Hook::Realloc
+            | Hook::AlignedAlloc
+            | Hook::Memalign
+            | Hook::Munmap
+            | Hook::Mallocx => 2,
+            // The widest of their signatures.
+            Hook::ReallocArray
+            | Hook::PosixMemalign
+            | Hook::Rallocx
+            | Hook::Dallocx
+            | Hook::CxxNew
+            | Hook::CxxDelete => 3,
             Hook::Mremap => 5,
             Hook::Mmap => 6,
         }
     }
 
-    pub const ALL: [Hook; 13] = [
+    pub const ALL: [Hook; 18] = [
         Hook::Malloc,
         Hook::Calloc,
         Hook::Realloc,
@@ -71,24 +94,54 @@ impl Hook {
         Hook::Mmap,
         Hook::Munmap,
         Hook::Mremap,
+        Hook::Mallocx,
+        Hook::Rallocx,
+        Hook::Dallocx,
+        Hook::CxxNew,
+        Hook::CxxDelete,
     ];
 
-    /// The exported symbol name.
-    pub fn symbol(self) -> &'static str {
+    /// The exported symbol names.
+    pub fn symbols(self) -> &'static [&'static str] {
         match self {
-            Hook::Malloc => "malloc",
-            Hook::Calloc => "calloc",
-            Hook::Realloc => "realloc",
-            Hook::ReallocArray => "reallocarray",
-            Hook::PosixMemalign => "posix_memalign",
-            Hook::AlignedAlloc => "aligned_alloc",
-            Hook::Memalign => "memalign",
-            Hook::Valloc => "valloc",
-            Hook::Pvalloc => "pvalloc",
-            Hook::Free => "free",
-            Hook::Mmap => "mmap",
-            Hook::Munmap => "munmap",
-            Hook::Mremap => "mremap",
+            Hook::Malloc => &["malloc"],
+            Hook::Calloc => &["calloc"],
+            Hook::Realloc => &["realloc"],
+            Hook::ReallocArray => &["reallocarray"],
+            Hook::PosixMemalign => &["posix_memalign"],
+            Hook::AlignedAlloc => &["aligned_alloc"],
+            Hook::Memalign => &["memalign"],
+            Hook::Valloc => &["valloc"],
+            Hook::Pvalloc => &["pvalloc"],
+            Hook::Free => &["free"],
+            Hook::Mmap => &["mmap"],
+            Hook::Munmap => &["munmap"],
+            Hook::Mremap => &["mremap"],
+            Hook::Mallocx => &["mallocx"],
+            Hook::Rallocx => &["rallocx"],
+            Hook::Dallocx => &["dallocx", "sdallocx"],
+            Hook::CxxNew => &[
+                "_Znwm",
+                "_Znam",
+                "_ZnwmRKSt9nothrow_t",
+                "_ZnamRKSt9nothrow_t",
+                "_ZnwmSt11align_val_t",
+                "_ZnamSt11align_val_t",
+                "_ZnwmSt11align_val_tRKSt9nothrow_t",
+                "_ZnamSt11align_val_tRKSt9nothrow_t",
+            ],
+            Hook::CxxDelete => &[
+                "_ZdlPv",
+                "_ZdaPv",
+                "_ZdlPvm",
+                "_ZdaPvm",
+                "_ZdlPvRKSt9nothrow_t",
+                "_ZdaPvRKSt9nothrow_t",
+                "_ZdlPvSt11align_val_t",
+                "_ZdaPvSt11align_val_t",
+                "_ZdlPvmSt11align_val_t",
+                "_ZdaPvmSt11align_val_t",
+            ],
         }
     }
 
@@ -107,6 +160,9 @@ impl Hook {
             Hook::Mremap => (Program::MremapEnter, None, true),
             Hook::Free => (Program::FreeEnter, None, false),
             Hook::Munmap => (Program::MunmapEnter, None, false),
+            Hook::Mallocx | Hook::CxxNew => (Program::SizeArg0, Some(Op::Malloc), true),
+            Hook::Rallocx => (Program::ReallocEnter, None, true),
+            Hook::Dallocx | Hook::CxxDelete => (Program::FreeEnter, None, false),
         };
         Wiring {
             entry,
@@ -129,12 +185,17 @@ impl Hook {
             Hook::Pvalloc => Op::Pvalloc,
             Hook::Mmap => Op::Mmap,
             Hook::Mremap => Op::Mremap,
-            Hook::Free | Hook::Munmap => return None,
+            Hook::Mallocx | Hook::CxxNew => Op::Malloc,
+            Hook::Rallocx => Op::Realloc,
+            Hook::Free | Hook::Munmap | Hook::Dallocx | Hook::CxxDelete => return None,
         })
     }
 
-    fn from_symbol(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|h| h.symbol() == name)
+    /// The hook of symbol `name`, and the name as this tracer spells it.
+    fn from_symbol(name: &str) -> Option<(Self, &'static str)> {
+        Self::ALL
+            .into_iter()
+            .find_map(|h| Some((h, *h.symbols().iter().find(|s| **s == name)?)))
     }
 }
 
@@ -177,14 +238,14 @@ impl PlannedProbe {
     /// where the stack top is the return address; then the entry probe at
     /// `entry + shift`, the cheapest equivalent instruction (see
     /// [`placement`]).
-    fn for_hook(hook: Hook, object: &ObjectRef, offset: u64, shift: u64) -> Vec<Self> {
+    fn for_hook(hook: Hook, name: &str, object: &ObjectRef, offset: u64, shift: u64) -> Vec<Self> {
         let w = hook.wiring();
         let mut out = Vec::with_capacity(2);
         let probe = |program: Program, cookie, at: u64| Self {
             function: if at == offset {
-                hook.symbol().to_string()
+                name.to_string()
             } else {
-                format!("{}+{:#x}", hook.symbol(), at - offset)
+                format!("{name}+{:#x}", at - offset)
             },
             object: object.clone(),
             offset: at,
@@ -209,9 +270,9 @@ impl PlannedProbe {
 
 /// Defined function symbols of interest in one ELF file: file offset of the
 /// function and the shift to its cheapest entry-probe point.
-pub fn allocator_symbols(elf: &ElfObject) -> Vec<(Hook, u64, u64)> {
+pub fn allocator_symbols(elf: &ElfObject) -> Vec<(Hook, &'static str, u64, u64)> {
     let file = elf.file();
-    let mut found: Vec<(Hook, u64, u64)> = Vec::new();
+    let mut found: Vec<(Hook, &'static str, u64, u64)> = Vec::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if !sym.is_definition() || sym.kind() != SymbolKind::Text {
             continue;
@@ -219,10 +280,10 @@ pub fn allocator_symbols(elf: &ElfObject) -> Vec<(Hook, u64, u64)> {
         let Ok(name) = sym.name() else { continue };
         // Versioned names from .symtab look like "malloc@@GLIBC_2.2.5".
         let name = name.split('@').next().unwrap_or(name);
-        let Some(hook) = Hook::from_symbol(name) else {
+        let Some((hook, name)) = Hook::from_symbol(name) else {
             continue;
         };
-        if found.iter().any(|(h, _, _)| *h == hook) {
+        if found.iter().any(|(_, n, _, _)| *n == name) {
             continue;
         }
         let Some(offset) = elf.segments().vaddr_to_offset(sym.address()) else {
@@ -232,7 +293,7 @@ pub fn allocator_symbols(elf: &ElfObject) -> Vec<(Hook, u64, u64)> {
         let shift = elf
             .read_at_offset(offset, len)
             .map_or(0, |code| placement::entry_offset(code, hook.args()));
-        found.push((hook, offset, shift));
+        found.push((hook, name, offset, shift));
     }
     found
 }
@@ -270,9 +331,9 @@ pub fn plan_libc(
                 continue;
             }
         };
-        let defines_malloc = symbols.iter().any(|(h, _, _)| *h == Hook::Malloc);
+        let defines_malloc = symbols.iter().any(|(h, _, _, _)| *h == Hook::Malloc);
         let mut offsets = std::collections::HashSet::new();
-        for (hook, offset, shift) in symbols {
+        for (hook, name, offset, shift) in symbols {
             let is_mmap_family = matches!(hook, Hook::Mmap | Hook::Munmap | Hook::Mremap);
             if !defines_malloc && !is_mmap_family {
                 continue;
@@ -280,7 +341,7 @@ pub fn plan_libc(
             if !offsets.insert(offset) {
                 continue;
             }
-            probes.extend(PlannedProbe::for_hook(hook, obj, offset, shift));
+            probes.extend(PlannedProbe::for_hook(hook, name, obj, offset, shift));
         }
     }
     // "malloc+0x4": placed past the entry, on a cheaper instruction.
@@ -391,10 +452,27 @@ mod tests {
             Hook::Mmap,
         ] {
             assert!(
-                syms.iter().any(|(h, off, _)| *h == hook && *off > 0),
+                syms.iter().any(|(h, _, off, _)| *h == hook && *off > 0),
                 "{hook:?} not found"
             );
         }
+    }
+
+    #[test]
+    fn every_symbol_names_one_hook() {
+        let mut seen = std::collections::HashSet::new();
+        for h in Hook::ALL {
+            for s in h.symbols() {
+                assert!(seen.insert(*s), "{s} listed twice");
+                assert_eq!(Hook::from_symbol(s), Some((h, *s)));
+            }
+        }
+        assert_eq!(Hook::from_symbol("_Znwm"), Some((Hook::CxxNew, "_Znwm")));
+        assert_eq!(
+            Hook::from_symbol("sdallocx"),
+            Some((Hook::Dallocx, "sdallocx"))
+        );
+        assert_eq!(Hook::from_symbol("operator new"), None);
     }
 
     #[test]
