@@ -37,9 +37,13 @@ fn kernel_thread() {
 
 #[test]
 fn zombie() {
-    // `sleep 0` exits at once; its parent execs into a long sleep that never
-    // reaps it, so it stays a zombie.
-    let parent = Proc::spawn(Command::new("sh").args(["-c", "sleep 0 & echo $!; exec sleep 30"]));
+    // The child exits at once; its parent never waits for it, so it stays
+    // a zombie (a shell may reap its background job before it execs a
+    // sleep: seen under load).
+    let parent = Proc::spawn(Command::new("python3").args([
+        "-c",
+        "import os, sys, time\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nprint(pid, flush=True)\ntime.sleep(30)",
+    ]));
     let pid: u32 = parent.line(Duration::from_secs(10)).trim().parse().unwrap();
     wait_until(
         &format!("pid {pid} to become a zombie"),
