@@ -506,25 +506,23 @@ fn duration_stops_and_growth_matches_the_series() {
     let count = leak["outstanding_count"].as_u64().unwrap();
     assert!(count > 10, "the demo leaks ~25 sessions/s");
     assert_eq!(leak["outstanding_bytes"].as_u64().unwrap(), count * 4016);
-    // Growth: the tracer's slope against one computed here from its snapshots.
-    let series: Vec<(f64, f64)> = stream
-        .seen
-        .iter()
-        .filter(|v| v["type"] == "snapshot")
-        .filter_map(|v| {
-            let s = sites_at(v, "heap", "session_cache_put", line).pop()?;
-            let ts = ts_secs(v["ts"].as_str()?);
-            Some((ts, s["outstanding_bytes"].as_f64()?))
-        })
-        .collect();
-    assert!(series.len() >= 5, "snapshots every 0.25 s for 3 s");
-    let (t0, b0) = series[0];
-    let (t1, b1) = *series.last().unwrap();
-    let expected = (b1 - b0) / (t1 - t0);
+    // Growth against the demo's own rate: one request every PERIOD_MS on an
+    // absolute clock, a session every LEAK_EVERY requests.
+    let text = std::fs::read_to_string(source("c/demo.c")).unwrap();
+    let define = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("#define") && w.next() == Some(name))
+                    .then(|| w.next().unwrap().parse().unwrap())
+            })
+            .unwrap()
+    };
+    let expected = 1000.0 / define("PERIOD_MS") / define("LEAK_EVERY") * 4016.0;
     let got = leak["growth_bytes_per_s"].as_f64().unwrap();
     assert!(
-        (got - expected).abs() <= 0.2 * expected,
-        "growth {got} B/s vs {expected} B/s from the snapshots"
+        (got - expected).abs() <= 0.1 * expected,
+        "growth {got:.0} B/s; the demo leaks {expected:.0} B/s"
     );
     for churn in ["parse_request", "render_response"] {
         let s = report["sites"]
