@@ -121,6 +121,12 @@ struct Output {
     /// Write an in-use memory flame graph (SVG), at the end and on SIGUSR1.
     #[arg(long, value_name = "FILE.svg")]
     flamegraph: Option<PathBuf>,
+    /// Write a self-contained HTML report (memory against the limit over
+    /// time with the alerts and the kill, the top sites over time,
+    /// goroutines and timers, the flame graph, the final table with whole
+    /// stacks), at the end and on SIGUSR1.
+    #[arg(long, value_name = "FILE.html")]
+    html: Option<PathBuf>,
 }
 
 impl Output {
@@ -132,6 +138,7 @@ impl Output {
             ("--pprof", &self.pprof),
             ("--folded", &self.folded),
             ("--flamegraph", &self.flamegraph),
+            ("--html", &self.html),
         ] {
             let Some(path) = path else { continue };
             let dir = match path.parent() {
@@ -172,9 +179,16 @@ impl Output {
             ),
             None => (Box::new(io::stdout()), io::stdout().is_terminal()),
         };
-        Ok(match self.format {
+        let main: Box<dyn Sink> = match self.format {
             Format::Json => Box::new(JsonSink::new(out).with_labels(labels)),
             Format::Table => Box::new(TableSink::new(out, interactive, self.top as usize)),
+        };
+        Ok(match &self.html {
+            Some(path) => Box::new(Tee(vec![
+                main,
+                Box::new(tracer::sink::html::HtmlSink::new(path.clone())),
+            ])),
+            None => main,
         })
     }
 }

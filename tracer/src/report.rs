@@ -130,6 +130,7 @@ pub fn replay(path: &Path, sink: &mut dyn Sink) -> Result<Replayed, TracerError>
                 let s = sites
                     .snapshot(delta, ts)
                     .map_err(|e| bad(format!("line {n}: {e}; is the recording complete?")))?;
+                sink.replayed_snapshot(&s)?;
                 pid = s.pid;
                 latest = Some((s, since(start, Some(ts))));
             }

@@ -1745,6 +1745,10 @@ impl Session {
                     self.tell_missed_children(sink)?;
                 }
                 _ = sigusr1.recv() => {
+                    // The HTML report (--html) and the like, from the sinks.
+                    if let Err(e) = sink.export_now() {
+                        log::warn!("SIGUSR1: {e}");
+                    }
                     let Self { kernel, traced, .. } = &mut self;
                     for t in traced.iter_mut().filter(|t| !t.exited) {
                         let message = if opts.exports.is_empty() {

@@ -415,6 +415,10 @@ fn test(args: &[String]) -> Result<()> {
             "mimalloc: the allocator-library tests trace its own C++ new/delete",
         ),
         (
+            "chromium",
+            "headless Chromium: the HTML report test renders the page offline",
+        ),
+        (
             "prometheus-alertmanager",
             "a real Alertmanager: the alerting tests post to its API and read \
              what it routes to a receiver",

@@ -35,6 +35,21 @@ pub fn write_folded(snap: &Snapshot, path: &Path) -> std::io::Result<()> {
     f.flush()
 }
 
+/// An in-use memory flame graph (SVG) of `snap`; None when no site holds
+/// memory.
+pub fn flamegraph_svg(snap: &Snapshot) -> Option<Vec<u8>> {
+    let lines = folded(snap);
+    if lines.is_empty() {
+        return None;
+    }
+    let mut opts = inferno::flamegraph::Options::default();
+    opts.title = format!("in-use memory, pid {}", snap.pid);
+    opts.count_name = "bytes".into();
+    let mut out = Vec::new();
+    inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut out).ok()?;
+    Some(out)
+}
+
 /// Writes an in-use memory flame graph (SVG) to `path`; false when no site
 /// holds memory (inferno refuses an empty graph; nothing held is no failure).
 pub fn write_flamegraph(snap: &Snapshot, path: &Path) -> std::io::Result<bool> {

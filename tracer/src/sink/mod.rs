@@ -7,6 +7,7 @@ pub use crate::schema::{Attached, EndReason, Exit, ser_ts};
 
 pub mod export;
 pub mod flame;
+pub mod html;
 pub mod json;
 pub mod pprof;
 pub mod prometheus;
@@ -27,6 +28,15 @@ pub trait Sink {
     fn finish(&mut self, snap: &Snapshot, reason: EndReason, elapsed_s: f64) -> io::Result<()>;
     /// A cgroup's totals (`--cgroup`), each interval and at the end.
     fn cgroup(&mut self, _totals: &crate::schema::CgroupTotals) -> io::Result<()> {
+        Ok(())
+    }
+    /// A snapshot `tracer report` rebuilt from a recording (the history
+    /// sinks chart; the others show only the final report).
+    fn replayed_snapshot(&mut self, _snap: &Snapshot) -> io::Result<()> {
+        Ok(())
+    }
+    /// SIGUSR1: write what the sink writes at the end, now.
+    fn export_now(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
@@ -71,6 +81,12 @@ impl Sink for Tee {
     }
     fn cgroup(&mut self, totals: &crate::schema::CgroupTotals) -> io::Result<()> {
         self.each(|s| s.cgroup(totals))
+    }
+    fn replayed_snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
+        self.each(|s| s.replayed_snapshot(snap))
+    }
+    fn export_now(&mut self) -> io::Result<()> {
+        self.each(|s| s.export_now())
     }
 }
 
