@@ -1297,9 +1297,14 @@ fn session_notice(kernel: &Kernel, sink: &mut dyn Sink, pid: u32) -> std::io::Re
 }
 
 /// How often the kernel's list of targets is read for children born and
-/// execs done, besides the wakeups of its ring buffer: a new image runs
-/// unprobed until it is read.
+/// execs done when its ring buffer cannot wake the session: a new image
+/// runs unprobed until it is read.
 const PROCESS_POLL: Duration = Duration::from_millis(20);
+
+/// The same as a safety net behind the ring buffer (a wakeup lost to a full
+/// buffer): each look costs a few syscalls per target, which at 50 a
+/// second were most of the tracer's own CPU.
+const PROCESS_POLL_BEHIND_EVENTS: Duration = Duration::from_secs(1);
 
 /// One set of kernel objects and the processes it traces.
 struct Session {
@@ -1700,7 +1705,11 @@ impl Session {
             // SAFETY: the ring buffer owns its map's descriptor, which
             // stays open and the same for as long as it lives.
             .and_then(|r| unsafe { tokio::io::unix::AsyncFd::register(r) }.ok());
-        let mut poll = tokio::time::interval(PROCESS_POLL);
+        let mut poll = tokio::time::interval(if events.is_some() {
+            PROCESS_POLL_BEHIND_EVENTS
+        } else {
+            PROCESS_POLL
+        });
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let Signals {
             mut sigint,
