@@ -145,6 +145,19 @@ pub fn wait_until<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Optio
 /// fixtures`), plain and stripped.
 pub const GO_RELEASES: &[&str] = &["1.21", "1.22", "1.23", "1.24", "1.25", "1.26", "1.27"];
 
+/// A `#define NAME value` of a fixture source (`rel` under the fixtures):
+/// the figures a test expects come from the program, not from the tracer.
+pub fn constant_define(rel: &str, name: &str) -> u64 {
+    let text = std::fs::read_to_string(source(rel)).unwrap();
+    text.lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("#define") && w.next() == Some(name))
+                .then(|| w.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no #define {name} in {rel}"))
+}
+
 /// A fixture's source file.
 pub fn source(rel: &str) -> PathBuf {
     workspace().join("tests/fixtures").join(rel)

@@ -508,16 +508,7 @@ fn duration_stops_and_growth_matches_the_series() {
     assert_eq!(leak["outstanding_bytes"].as_u64().unwrap(), count * 4016);
     // Growth against the demo's own rate: one request every PERIOD_MS on an
     // absolute clock, a session every LEAK_EVERY requests.
-    let text = std::fs::read_to_string(source("c/demo.c")).unwrap();
-    let define = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| {
-                let mut w = l.split_whitespace();
-                (w.next() == Some("#define") && w.next() == Some(name))
-                    .then(|| w.next().unwrap().parse().unwrap())
-            })
-            .unwrap()
-    };
+    let define = |name: &str| constant_define("c/demo.c", name) as f64;
     let expected = 1000.0 / define("PERIOD_MS") / define("LEAK_EVERY") * 4016.0;
     let got = leak["growth_bytes_per_s"].as_f64().unwrap();
     assert!(
@@ -1293,16 +1284,7 @@ fn an_allocator_loaded_after_attach_is_hooked() {
     target.send("go");
     target.expect_line("done", T);
     let report = end_normally(&mut target, &mut tracer, &mut stream);
-    let text = std::fs::read_to_string(source("c/dlchain.c")).unwrap();
-    let define = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| {
-                let mut w = l.split_whitespace();
-                (w.next() == Some("#define") && w.next() == Some(name))
-                    .then(|| w.next().unwrap().parse().unwrap())
-            })
-            .unwrap()
-    };
+    let define = |name: &str| constant_define("c/dlchain.c", name);
     let (n, size) = (define("N"), define("SIZE"));
     let line = marker_line(&source("c/ownalloc.c"), "own_malloc");
     let site = site_at(&report, "heap", "lib_f1", line);
@@ -1503,17 +1485,7 @@ fn threads_freeing_each_others_blocks_and_realloc_corners_are_exact() {
     target.expect_line("done", T);
     let report = end_normally(&mut target, &mut tracer, &mut stream);
     let src = source("c/threads.c");
-    let define = |name: &str| -> u64 {
-        std::fs::read_to_string(&src)
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                let mut w = l.split_whitespace();
-                (w.next() == Some("#define") && w.next() == Some(name))
-                    .then(|| w.next().unwrap().parse().unwrap())
-            })
-            .unwrap()
-    };
+    let define = |name: &str| constant_define("c/threads.c", name);
     let (threads, per) = (define("THREADS"), define("PER_THREAD"));
     let kept_bytes: u64 = (0..threads).map(|t| per / 2 * (t + 1) * 16).sum();
     let site = |kind: &str, function: &str, marker: &str| {

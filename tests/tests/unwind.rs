@@ -386,18 +386,6 @@ fn libraries_loaded_after_attach_are_unwound() {
     assert_eq!(site["outstanding_count"], n);
 }
 
-/// A `#define NAME value` of a fixture source.
-fn constant_define(rel: &str, name: &str) -> u64 {
-    let text = std::fs::read_to_string(source(rel)).unwrap();
-    text.lines()
-        .find_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next() == Some("#define") && w.next() == Some(name))
-                .then(|| w.next().unwrap().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no #define {name} in {rel}"))
-}
-
 /// `tracer run` stops the command at its entry point until its mappings are
 /// listed for the kernel: even the allocations of its first instructions
 /// (stdio's buffers, before it reads its input) have whole stacks, with the
