@@ -123,17 +123,7 @@ impl Alertmanager {
     }
 
     fn get(&self, path: &str) -> Option<String> {
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        conn.read_to_string(&mut text).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+        http_get(self.port, path)
     }
 }
 

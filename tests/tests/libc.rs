@@ -45,6 +45,22 @@ const EXPECTED: &[(&str, &str, &str, u64, u64, u64, u64)] = &[
     ("heap", "thread_main", "thread_malloc", 12_000, 4, 4, 0),
 ];
 
+/// A site's (outstanding bytes, outstanding blocks, allocs, frees) are
+/// exactly `want`; `what` names the case in the failure.
+fn assert_figures(site: &Value, want: (u64, u64, u64, u64), what: &str) {
+    let n = |k: &str| site[k].as_u64().unwrap();
+    assert_eq!(
+        (
+            n("outstanding_bytes"),
+            n("outstanding_count"),
+            n("allocs"),
+            n("frees")
+        ),
+        want,
+        "{what} {site}"
+    );
+}
+
 fn allocs_src() -> std::path::PathBuf {
     source("c/allocs.c")
 }
@@ -1497,16 +1513,7 @@ fn threads_freeing_each_others_blocks_and_realloc_corners_are_exact() {
     assert_eq!(t["outstanding_count"], threads * per / 2, "{t}");
     assert_eq!(t["outstanding_bytes"], kept_bytes, "{t}");
     let check = |s: Value, bytes: u64, count: u64, allocs: u64, frees: u64| {
-        assert_eq!(
-            (
-                s["outstanding_bytes"].as_u64().unwrap(),
-                s["outstanding_count"].as_u64().unwrap(),
-                s["allocs"].as_u64().unwrap(),
-                s["frees"].as_u64().unwrap()
-            ),
-            (bytes, count, allocs, frees),
-            "{s}"
-        );
+        assert_figures(&s, (bytes, count, allocs, frees), "")
     };
     // A shrinking realloc moves the block to its own site, at its new size.
     check(site("heap", "shrink", "shrink_seed"), 0, 0, 1, 1);
@@ -1611,16 +1618,7 @@ fn allocator_libraries_own_entry_points_are_exact() {
             site_at(&report, "heap", function, marker_line(&src, marker)).clone()
         };
         let check = |s: Value, bytes: u64, count: u64, allocs: u64, frees: u64| {
-            assert_eq!(
-                (
-                    s["outstanding_bytes"].as_u64().unwrap(),
-                    s["outstanding_count"].as_u64().unwrap(),
-                    s["allocs"].as_u64().unwrap(),
-                    s["frees"].as_u64().unwrap()
-                ),
-                (bytes, count, allocs, frees),
-                "{lib}: {s}"
-            );
+            assert_figures(&s, (bytes, count, allocs, frees), lib)
         };
         check(site("leak_new()", "cxx_new"), 20 * 240, 20, 20, 0);
         check(
