@@ -116,6 +116,16 @@ fn store_walked(buf: *mut StackBuf, n: u32, hash: u64) -> Option<u32> {
         if i as u32 >= n {
             break;
         }
+        // Read back through the stack and bounded again: with the early
+        // exit on `n`, LLVM turns the index into a moving pointer and a
+        // count, and verifiers before ~6.8 lose their bond (Linux 6.1
+        // rejected the load at the buffer's end). An index checked right
+        // before the access verifies on every kernel.
+        // SAFETY: `i` is a live local.
+        let i = unsafe { core::ptr::read_volatile(&i) };
+        if i >= MAX_STACK_DEPTH {
+            break;
+        }
         // SAFETY: both point at live buffers of MAX_STACK_DEPTH addresses.
         let (a, b) = unsafe { (*(*stored).ips.as_ptr().add(i), *(*buf).ips.as_ptr().add(i)) };
         if a != b {
