@@ -90,6 +90,10 @@ pub enum KernelError {
     TurnedOff,
     #[error("turned off by TRACER_UPROBE_MULTI=0")]
     MultiTurnedOff,
+    #[error(
+        "this kernel cannot create {0} links (uprobe_multi needs Linux 6.6+, uprobe sessions 6.13+)"
+    )]
+    LinkUnsupported(&'static str, #[source] std::io::Error),
     #[error("tracefs is not mounted and mounting it failed")]
     Tracefs(#[source] std::io::Error),
     #[error("program {0} is missing from the eBPF object")]
@@ -381,6 +385,23 @@ impl Kernel {
             probe_hits,
             detached: false,
         })
+    }
+
+    /// The running kernel and the optional features found in it.
+    pub fn info(&self) -> crate::schema::KernelInfo {
+        crate::schema::KernelInfo {
+            release: crate::target::kernel_release(),
+            batched_uprobes: self.multi.is_ok(),
+            uprobe_sessions: match &self.session {
+                Err(KernelError::NotSampling) => None,
+                s => Some(s.is_ok()),
+            },
+        }
+    }
+
+    /// Why probes attach one by one, when they do.
+    pub fn batching_unavailable(&self) -> Option<String> {
+        self.multi.as_ref().err().map(|e| crate::error::chain(e))
     }
 
     /// Why sampled calls still pay for a return probe, when they do.

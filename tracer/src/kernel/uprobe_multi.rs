@@ -280,7 +280,7 @@ impl MultiProgram {
             }
         }
         match bpf(BPF_PROG_LOAD, &mut attr) {
-            Ok(fd) => Ok(Self { fd, kind }),
+            Ok(fd) => Self { fd, kind }.probed(),
             Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
                 // The verifier refused: load again for its log.
                 let mut log = vec![0u8; 1 << 20];
@@ -300,6 +300,26 @@ impl MultiProgram {
                 program: name,
                 source,
             }),
+        }
+    }
+
+    /// Whether the kernel can link the program: kernels that predate the
+    /// link type may still load a program that names it as its expected
+    /// attach type (Linux 6.1 does, then refuses every link with EINVAL).
+    /// As libbpf probes it: a link on "/", not a regular file, fails with
+    /// EBADF where the link type exists.
+    fn probed(self) -> Result<Self, KernelError> {
+        match self.attach(Path::new("/"), &[0], &[0], 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(self),
+            // Created after all: nothing to doubt (closed at once).
+            Ok(_) => Ok(self),
+            Err(e) => Err(KernelError::LinkUnsupported(
+                match self.kind {
+                    MultiKind::Session => "uprobe session",
+                    MultiKind::Entry | MultiKind::Return => "uprobe_multi",
+                },
+                e,
+            )),
         }
     }
 
