@@ -251,3 +251,19 @@ fn a_thread_id_traces_its_process() {
         stream.seen
     );
 }
+
+/// A kernel older than the minimum is refused before anything loads:
+/// `setarch --uname-2.6` makes uname(2) report a 2.6 release to the tracer.
+#[test]
+fn a_kernel_older_than_the_minimum_is_refused() {
+    let me = std::process::id().to_string();
+    let out = Command::new("setarch")
+        .args(["x86_64", "--uname-2.6"])
+        .arg(tracer_bin())
+        .args(["attach", &me])
+        .output()
+        .unwrap();
+    assert_fails(&out, 4, "is older than 6.1, the oldest kernel tracer supports");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Linux 2.6."), "{stderr}");
+}

@@ -45,6 +45,16 @@ pub enum TracerError {
     NoUprobes(PathBuf),
 
     #[error(
+        "Linux {release} is older than {minimum}, the oldest kernel tracer supports (its eBPF \
+         programs need bpf_loop, ring buffers and uprobe attach cookies, and {minimum} is the \
+         oldest kernel its test suite boots); upgrade the kernel (Debian 12's stock 6.1 works)"
+    )]
+    KernelTooOld {
+        release: String,
+        minimum: &'static str,
+    },
+
+    #[error(
         "cannot read the binary {path}: {reason}; check that the file exists and is a valid ELF object"
     )]
     UnreadableBinary { path: PathBuf, reason: String },
@@ -136,7 +146,8 @@ impl TracerError {
             Self::NotPermitted { .. }
             | Self::MissingCapabilities { .. }
             | Self::NoBtf(_)
-            | Self::NoUprobes(_) => 4,
+            | Self::NoUprobes(_)
+            | Self::KernelTooOld { .. } => 4,
             Self::Load(_)
             | Self::NoEbpfObject
             | Self::Attach { .. }

@@ -368,6 +368,13 @@ fn uprobe_pmu_path() -> PathBuf {
 /// Checks privileges and kernel features before anything is loaded, so the
 /// user gets one sentence instead of a verifier or perf_event_open errno.
 pub fn check_environment() -> Result<(), TracerError> {
+    let release = kernel_release();
+    if kernel_version(&release).is_some_and(|v| v < MIN_KERNEL) {
+        return Err(TracerError::KernelTooOld {
+            release,
+            minimum: MIN_KERNEL_TEXT,
+        });
+    }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let cap_eff = status
         .lines()
@@ -389,6 +396,34 @@ pub fn check_environment() -> Result<(), TracerError> {
         return Err(TracerError::NoBtf(btf));
     }
     Ok(())
+}
+
+/// The oldest kernel supported: the eBPF side needs 5.17 (bpf_loop) at
+/// least, and 6.1 (Debian 12's) is the oldest `cargo xtask vmtest` boots.
+pub const MIN_KERNEL: (u32, u32) = (6, 1);
+const MIN_KERNEL_TEXT: &str = "6.1";
+
+/// The running kernel's release, as uname(2) reports it (`setarch
+/// --uname-2.6` shows what an old kernel gets).
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills the struct it is given.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return String::new();
+    }
+    // SAFETY: the kernel NUL-terminates every field.
+    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// (major, minor) of a release such as `6.1.0-57-cloud-amd64`; None when it
+/// does not start with numbers (then nothing is refused on its account).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// Names of the capabilities missing from the effective set `cap_eff` for
@@ -426,6 +461,19 @@ mod tests {
 7fff5e7c0000-7fff5e7e1000 rw-p 00000000 00:00 0 [stack]
 7fff5e7f0000-7fff5e7f2000 r-xp 00000000 00:00 0 [vdso]
 ";
+
+    #[test]
+    fn kernel_releases_parse_and_compare() {
+        assert_eq!(kernel_version("6.1.0-57-cloud-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("6.12.113+deb12-cloud-amd64"), Some((6, 12)));
+        assert_eq!(kernel_version("5.15.0"), Some((5, 15)));
+        assert_eq!(kernel_version("2.6.60-57-cloud-amd64"), Some((2, 6)));
+        assert_eq!(kernel_version("weird"), None);
+        assert!(kernel_version("5.19.1").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("6.0.9").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("6.1.0").unwrap() >= MIN_KERNEL);
+        assert!(kernel_version("10.0.1").unwrap() >= MIN_KERNEL);
+    }
 
     #[test]
     fn a_thread_id_resolves_to_its_process() {
