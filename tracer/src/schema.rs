@@ -642,6 +642,11 @@ pub struct MemoryState {
     /// v2 memory.high (throttling starts there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_bytes: Option<u64>,
+    /// v2: times the cgroup went over memory.high and its allocations were
+    /// throttled into direct reclaim (memory.events `high`), since the
+    /// cgroup was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_events: Option<u64>,
     /// OOM kills counted by the cgroup (memory.events / memory.oom_control).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oom_kills: Option<u64>,
@@ -757,6 +762,24 @@ pub struct Attached {
     /// them with DWARF unwind tables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unwind: Option<UnwindInfo>,
+    /// The kernel traced on, and the features of it the tracer uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelInfo>,
+}
+
+/// The running kernel and the optional features the tracer found in it
+/// (each missing one has a fallback, told in a notice).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    /// `uname -r`.
+    pub release: String,
+    /// `uprobe_multi` links (Linux 6.6+): a file's probes attach and detach
+    /// as one; else one perf event each, ~0.1 s apiece to detach.
+    pub batched_uprobes: bool,
+    /// Uprobe sessions (Linux 6.13+): sampled-out calls skip their return
+    /// probe. Absent when not sampling (not needed, not tried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uprobe_sessions: Option<bool>,
 }
 
 /// The DWARF unwind tables loaded into the kernel for one process.
@@ -1348,6 +1371,7 @@ pub(crate) mod tests {
             usage_bytes: 5,
             limit_bytes: Some(10),
             high_bytes: None,
+            high_events: None,
             oom_kills: Some(0),
             pressure_some_avg10: None,
         };
@@ -1378,6 +1402,11 @@ pub(crate) mod tests {
                     bytes: 491_840,
                     files: 3,
                     frame_pointer_files: vec!["/jit".into()],
+                }),
+                kernel: Some(KernelInfo {
+                    release: "6.1.0-57-cloud-amd64".into(),
+                    batched_uprobes: false,
+                    uprobe_sessions: Some(false),
                 }),
             }),
             Event::Notice(Notice {

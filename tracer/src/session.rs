@@ -1066,6 +1066,7 @@ fn hook_process(
         go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
         probes,
         unwind,
+        kernel: Some(kernel.info()),
     })
 }
 
@@ -1089,6 +1090,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
         go_version: None,
         probes: Vec::new(),
         unwind: None,
+        kernel: Some(kernel.info()),
     };
     let mut traced = Traced::new(pid, target.maps.clone(), None, opts);
     traced.root = true;
@@ -1145,6 +1147,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
             probes,
             unwind: None,
+            kernel: Some(kernel.info()),
         };
         child.release()?;
         // The unwinder needs the addresses the loader chose: the child stops
@@ -1282,9 +1285,20 @@ fn census_notice(go: Option<&GoPlan>, sink: &mut dyn Sink, pid: u32) -> std::io:
     )
 }
 
-/// Tells the user when sampling cannot skip the return trap of left-out
-/// calls (uprobe sessions need Linux 6.13+).
+/// Tells the user which kernel features are missing and what the tracer
+/// does instead: probes attached one by one (batched uprobe_multi links
+/// need Linux 6.6+), and sampling that cannot skip the return trap of
+/// left-out calls (uprobe sessions need Linux 6.13+).
 fn session_notice(kernel: &Kernel, sink: &mut dyn Sink, pid: u32) -> std::io::Result<()> {
+    if let Some(why) = kernel.batching_unavailable() {
+        sink.notice(
+            pid,
+            &format!(
+                "probes attach one perf event each, and each takes ~0.1 s to detach at exit: \
+                 batched uprobe_multi links are unavailable ({why})"
+            ),
+        )?;
+    }
     match kernel.session_unavailable() {
         Some(why) => sink.notice(
             pid,

@@ -173,6 +173,7 @@ fn read_v2(dir: &Path, mount: &Path) -> std::io::Result<MemoryState> {
         usage_bytes: current.saturating_sub(inactive_file),
         limit_bytes: limit,
         high_bytes: high,
+        high_events: keyed(&events).get("high").copied(),
         oom_kills: keyed(&events).get("oom_kill").copied(),
         pressure_some_avg10: psi_some_avg10(&pressure),
     })
@@ -202,6 +203,7 @@ fn read_v1(dir: &Path) -> std::io::Result<MemoryState> {
         usage_bytes: usage.saturating_sub(inactive_file),
         limit_bytes: limit,
         high_bytes: None,
+        high_events: None,
         oom_kills: keyed(&oom).get("oom_kill").copied(),
         pressure_some_avg10: psi_some_avg10(&pressure),
     })
@@ -214,6 +216,7 @@ fn unlimited_cgroup(cgroup: MemoryState, system: MemoryState) -> MemoryState {
     MemoryState {
         oom_kills: cgroup.oom_kills,
         high_bytes: cgroup.high_bytes,
+        high_events: cgroup.high_events,
         pressure_some_avg10: cgroup.pressure_some_avg10.or(system.pressure_some_avg10),
         cgroup: cgroup.cgroup,
         ..system
@@ -240,6 +243,7 @@ pub fn read_system(meminfo: &Path) -> std::io::Result<MemoryState> {
         usage_bytes: total.saturating_sub(available) + swap_total.saturating_sub(swap_free),
         limit_bytes: Some(total + swap_total),
         high_bytes: None,
+        high_events: None,
         oom_kills: None,
         pressure_some_avg10: psi_some_avg10(&pressure),
     })
@@ -309,6 +313,7 @@ mod tests {
             "the parent's limit is tighter"
         );
         assert_eq!(st.high_bytes, Some(100663296));
+        assert_eq!(st.high_events, Some(12));
         assert_eq!(st.oom_kills, Some(1));
         assert_eq!(st.pressure_some_avg10, Some(2.5));
         std::fs::remove_dir_all(root).unwrap();

@@ -37,6 +37,11 @@ impl Trend {
         }
     }
 
+    /// The history the trend is computed over.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
     pub fn push(&mut self, t: Instant, usage: u64) {
         self.samples.push_back((t, usage as f64));
         while self

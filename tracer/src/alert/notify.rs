@@ -431,6 +431,7 @@ mod tests {
                 usage_bytes: 900,
                 limit_bytes: Some(1000),
                 high_bytes: None,
+                high_events: None,
                 oom_kills: Some(0),
                 pressure_some_avg10: None,
             },

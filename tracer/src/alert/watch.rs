@@ -35,6 +35,10 @@ pub struct MemoryWatch {
     /// The last memory status read.
     pub last: Option<MemoryStatus>,
     oom_kills_at_start: Option<u64>,
+    /// memory.events `high` as last read, and when it last rose while the
+    /// user had been told (None: not throttled now).
+    high_events: Option<u64>,
+    throttled_since: Option<Instant>,
     /// At system scope: every process's resident memory over the window,
     /// to tell whether the target is the one growing.
     processes: ProcessGrowth,
@@ -152,6 +156,8 @@ impl MemoryWatch {
             trend: Trend::new(opts.window),
             alerter: Alerter::new(opts.thresholds),
             notifier: Notifier::new(opts.notify.clone()),
+            high_events: start.as_ref().and_then(|s| s.high_events),
+            throttled_since: None,
             oom_kills_at_start: start.and_then(|s| s.oom_kills),
             last,
             processes: ProcessGrowth {
@@ -173,6 +179,7 @@ impl MemoryWatch {
         };
         let now = Instant::now();
         self.notifier.tick();
+        self.tell_throttling(now, &state, sink)?;
         self.trend.push(now, state.usage_bytes);
         let system = state.scope == Scope::System;
         if system {
@@ -249,6 +256,51 @@ impl MemoryWatch {
                 .send(&alert, crate::sink::json::alert_line(&alert));
         }
         Ok(())
+    }
+
+    /// Over memory.high the kernel makes the cgroup's allocations reclaim
+    /// and sleep: latency suffers long before any OOM kill, and usage
+    /// stalls just under the limit the trend would otherwise have crossed.
+    /// Told once when it starts, and again after a quiet window.
+    fn tell_throttling(
+        &mut self,
+        now: Instant,
+        state: &crate::schema::MemoryState,
+        sink: &mut dyn Sink,
+    ) -> std::io::Result<()> {
+        let (Some(events), Some(high)) = (state.high_events, state.high_bytes) else {
+            return Ok(());
+        };
+        let rose = self.high_events.is_some_and(|before| events > before);
+        self.high_events = Some(events);
+        if !rose {
+            if self
+                .throttled_since
+                .is_some_and(|t| now.duration_since(t) > self.trend.window())
+            {
+                self.throttled_since = None;
+            }
+            return Ok(());
+        }
+        let told = self.throttled_since.is_some();
+        self.throttled_since = Some(now);
+        if told {
+            return Ok(());
+        }
+        sink.notice(
+            self.pid,
+            &format!(
+                "the cgroup {} is over its memory.high ({}, usage {}): the kernel is \
+                 throttling its allocations into direct reclaim (memory.events high={events})",
+                state
+                    .cgroup
+                    .as_deref()
+                    .map(|c| c.display().to_string())
+                    .unwrap_or_default(),
+                crate::sink::human_bytes(high as f64),
+                crate::sink::human_bytes(state.usage_bytes as f64),
+            ),
+        )
     }
 
     /// Whether the kernel OOM-killed process `pid` (the target, or one of
