@@ -970,27 +970,70 @@ pub fn is_rfc3339(s: &str) -> bool {
 /// are killed and it is removed.
 pub struct MemCgroup {
     pub dir: PathBuf,
+    /// The hierarchy it was made in: `cgroup_v1` or `cgroup_v2` (the scope
+    /// the tracer must report for it).
+    pub scope: &'static str,
+}
+
+/// Where a test's memory cgroups go: the v1 memory controller where there
+/// is one (this machine's hybrid layout), else the unified hierarchy when
+/// its memory controller is on (the VMs of `cargo xtask vmtest`).
+fn memory_hierarchy() -> Option<(&'static Path, &'static str)> {
+    let v1 = Path::new("/sys/fs/cgroup/memory");
+    if v1.join("memory.limit_in_bytes").exists() {
+        return Some((v1, "cgroup_v1"));
+    }
+    let v2 = Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(v2.join("cgroup.subtree_control")).ok()?;
+    controllers
+        .split_whitespace()
+        .any(|c| c == "memory")
+        .then_some((v2, "cgroup_v2"))
 }
 
 impl MemCgroup {
-    /// A v1 memory cgroup (the machine's hybrid layout); None, with the
-    /// reason printed, where there is no v1 memory controller.
+    /// A memory cgroup limited to `limit` bytes, swap off; None, with the
+    /// reason given through [`skip`], where no memory controller is
+    /// reachable.
     pub fn create(name: &str, limit: u64) -> Option<Self> {
-        let base = Path::new("/sys/fs/cgroup/memory");
-        if !base.join("memory.limit_in_bytes").exists() {
+        let Some((base, scope)) = memory_hierarchy() else {
             skip(
                 &format!("memory cgroup {name}"),
-                &format!("no cgroup v1 memory controller at {}", base.display()),
+                "no memory controller: neither a v1 hierarchy at /sys/fs/cgroup/memory \
+                 nor `memory` in /sys/fs/cgroup/cgroup.subtree_control",
             );
             return None;
+        };
+        let cg = Self::under(base, scope, &format!("tracer-test-{}-{name}", std::process::id()));
+        cg.limit(limit);
+        Some(cg)
+    }
+
+    /// A child group of this one, without a limit of its own (a container
+    /// under a pod's limit).
+    pub fn child(&self, name: &str) -> Self {
+        if self.scope == "cgroup_v2" {
+            std::fs::write(self.dir.join("cgroup.subtree_control"), "+memory").unwrap();
         }
-        let dir = base.join(format!("tracer-test-{}-{name}", std::process::id()));
+        Self::under(&self.dir, self.scope, name)
+    }
+
+    fn under(base: &Path, scope: &'static str, name: &str) -> Self {
+        let dir = base.join(name);
         let _ = std::fs::create_dir(&dir);
-        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
-        // No swap: the limit must end in the OOM killer, not in swapping.
-        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
-        let _ = std::fs::write(dir.join("memory.swappiness"), "0");
-        Some(Self { dir })
+        Self { dir, scope }
+    }
+
+    /// Sets the hard limit; swap is off, so it ends in the OOM killer.
+    pub fn limit(&self, limit: u64) {
+        if self.scope == "cgroup_v2" {
+            std::fs::write(self.dir.join("memory.max"), limit.to_string()).unwrap();
+            let _ = std::fs::write(self.dir.join("memory.swap.max"), "0");
+        } else {
+            std::fs::write(self.dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+            let _ = std::fs::write(self.dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
+            let _ = std::fs::write(self.dir.join("memory.swappiness"), "0");
+        }
     }
 
     pub fn add(&self, pid: u32) {
