@@ -854,6 +854,7 @@ pub async fn attach(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(),
     // Before `attached`, which tells scripts that everything is in place.
     traced.settle_go(opts, sink)?;
     sink.attached(&info)?;
+    session_notice(&kernel, sink, pid)?;
     Session::new(kernel, unwinder)
         .trace(vec![(traced, exit_fd)], signals, opts, sink)
         .await
@@ -929,6 +930,9 @@ pub async fn attach_cgroup(
         traced.watch = None;
         traced.settle_go(opts, sink)?;
         sink.attached(&info)?;
+        if targets.is_empty() {
+            session_notice(&kernel, sink, pid)?;
+        }
         targets.push((traced, fd));
     }
     let mut session = Session::new(kernel, unwinder);
@@ -1055,7 +1059,6 @@ fn hook_process(
             .as_ref()
             .map_or(String::new(), |g| format!(" (Go {})", g.version.raw))
     );
-    session_notice(kernel, sink, pid)?;
     census_notice(plan.go.as_ref(), sink, pid)?;
     Ok(Attached {
         schema_version: SCHEMA_VERSION,
@@ -1133,7 +1136,6 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
         watch_processes(&mut kernel, opts);
         kernel.add_target(pid, target_bits(opts.follow_forks), offsets)?;
         let probes = kernel.attach(&plan.probes, pid)?;
-        session_notice(&kernel, sink, pid)?;
         census_notice(plan.go.as_ref(), sink, pid)?;
         let mut info = Attached {
             schema_version: SCHEMA_VERSION,
@@ -1171,6 +1173,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             info.unwind = inst.info();
         }
         sink.attached(&info)?;
+        session_notice(&kernel, sink, pid)?;
         // The symbolizer reads the maps at the first interval. The Go runtime
         // resets MemProfileRate during start-up, so the sampling policy is
         // applied from the first interval on.
