@@ -668,10 +668,13 @@ fn timers_leaked_before_attach_are_counted_then_named() {
     for binary in ["leaky-go1.21", "leaky-go1.24-stripped", "leaky-go1.27"] {
         let mut target = Proc::spawn(Command::new(fixture(binary)).args(["timerlate", "3000"]));
         target.expect_line("ready", T);
-        let attach_time = std::time::Instant::now();
         let (mut tracer, mut stream, _) = Tracing::attach(target.pid()).start();
         // Before any creation is seen: one site per callback, exact.
         let first = stream.next_of("snapshot", T);
+        // The creation probe's first window opens at the first interval
+        // and stays 3 s (timed from here, not from the attach: that takes
+        // seconds under emulation).
+        let window_opened = std::time::Instant::now();
         let unnamed = callback_only_timers(&first);
         assert_eq!(unnamed.len(), 1, "{binary}:\n{}", describe_sites(&first));
         assert_eq!(unnamed[0]["outstanding_count"], 3000, "{binary}");
@@ -701,7 +704,7 @@ fn timers_leaked_before_attach_are_counted_then_named() {
         );
         // Past the first window (3 s after the first interval), before the
         // next (20 s later): creations are not trapped, yet counted.
-        std::thread::sleep(Duration::from_secs(6).saturating_sub(attach_time.elapsed()));
+        std::thread::sleep(Duration::from_secs(6).saturating_sub(window_opened.elapsed()));
         let before = stream.next_of("snapshot", T)["activity"]["timers_created"]
             .as_u64()
             .unwrap();
