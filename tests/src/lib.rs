@@ -16,11 +16,18 @@ use std::{
 
 use serde_json::Value;
 
+/// The repository: where the fixtures' sources and the JSON Schema are.
+/// `TRACER_WORKSPACE` moves it (the VMs of `cargo xtask vmtest` carry a
+/// copy of those files, not the build tree).
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    std::env::var_os("TRACER_WORKSPACE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap()
+                .to_path_buf()
+        })
 }
 
 /// The tracer binary under test (set by `cargo xtask test`).

@@ -2,6 +2,7 @@
 
 mod bench;
 mod toolchain;
+mod vm;
 
 use std::{
     io::{BufRead, BufReader},
@@ -70,6 +71,17 @@ enum Task {
         /// Allocations per second, over four threads.
         #[arg(long, default_value_t = 100_000)]
         rate: u64,
+    },
+    /// Boot Debian's 6.1 and 6.12 kernels under qemu (TCG, cgroup v2) and
+    /// run the privileged suite inside each (console logs in target/vm/).
+    Vmtest {
+        /// 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Only this test binary of the VM suite (libc, go, oom, vm), or
+        /// one test of it (`libc:TEST`, ignored tests included).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Set up, build, and trace the bundled leaky demo service live.
     Demo {
@@ -443,7 +455,14 @@ fn test(args: &[String]) -> Result<()> {
         .env("TRACER_SOURCES", root().join("tests/fixtures"))
         .env("TRACER_GO", go)
         .env("TRACER_PYTOOLS", pytools));
-    // A whole run ends with a 5-minute soak (`cargo xtask soak` for longer).
+    // A whole run boots the kernels users run and runs the privileged
+    // suite there (`cargo xtask vmtest` alone), then soaks for 5 minutes
+    // (`cargo xtask soak` for longer).
+    let vm = if args.is_empty() {
+        vm::vmtest("all", None)
+    } else {
+        Ok(())
+    };
     let soaked = if args.is_empty() && result.is_ok() {
         bench::soak(5.0, 100_000, false)
     } else {
@@ -457,7 +476,7 @@ fn test(args: &[String]) -> Result<()> {
     } else {
         println!("\ntest: no test skipped");
     }
-    result.and(soaked)
+    result.and(vm).and(soaked)
 }
 
 /// PyPI's kubernetes-validate (the Kubernetes API's schemas, offline),
@@ -532,6 +551,12 @@ fn main() -> Result<()> {
         Task::Fixtures => fixtures(),
         Task::Test { args } => test(&args),
         Task::Demo { seconds } => demo(seconds),
+        Task::Vmtest { kernel, only } => {
+            let route = toolchain::setup()?;
+            build(&route)?;
+            fixtures()?;
+            vm::vmtest(&kernel, only.as_deref())
+        }
         Task::Soak { minutes, rate } => {
             let route = toolchain::setup()?;
             build(&route)?;
