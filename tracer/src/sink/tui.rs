@@ -1052,8 +1052,9 @@ fn site_line(s: &SiteReport, width: usize) -> Line<'static> {
     let text = fit(&site_text(s), width);
     let culprit_len = s
         .culprit()
-        .map_or(0, |c| c.short().chars().count())
-        .min(text.chars().count());
+        .map(|c| c.short())
+        .filter(|c| text.starts_with(c.as_str()))
+        .map_or(0, |c| c.chars().count());
     let head: String = text.chars().take(culprit_len).collect();
     let tail: String = text.chars().skip(culprit_len).collect();
     Line::from(vec![
