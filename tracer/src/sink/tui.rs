@@ -883,14 +883,20 @@ fn via(s: &SiteReport) -> String {
         "runtime.rawruneslice",
     ];
     let frames = s.past_allocator();
-    let first = frames
+    let Some(c) = s.culprit() else {
+        return String::new();
+    };
+    // Only frames inside the culprit: a site whose culprit is a runtime
+    // frame (no frame of the program's own) has nothing to add.
+    let inside = frames
+        .iter()
+        .position(|f| std::ptr::eq(f, c))
+        .map_or(&frames[..0], |i| &frames[..i]);
+    inside
         .iter()
         .find(|f| !GO_ALLOCATION.contains(&f.function.as_str()))
-        .or(frames.first());
-    match (first, s.culprit()) {
-        (Some(f), Some(c)) if !std::ptr::eq(f, c) => f.function.clone(),
-        _ => String::new(),
-    }
+        .or(inside.first())
+        .map_or(String::new(), |f| f.function.clone())
 }
 
 /// A site's figure for the history: bytes, or count where it holds none.
@@ -1724,6 +1730,23 @@ mod tests {
         assert_eq!(fit("abcdef", 4), "abc…");
         assert_eq!(fit("abc", 4), "abc");
         assert_eq!(fit("abc", 0), "");
+    }
+
+    #[test]
+    fn what_allocates_is_a_frame_inside_the_culprit() {
+        let mut s = site("x", SiteKind::Heap, 1, 1, 0.0);
+        s.frames = Arc::from(vec![
+            frame("runtime.growslice", 1),
+            frame("runtime.(*timers).addHeap", 2),
+            frame("main.timerFlood", 3),
+        ]);
+        assert_eq!(via(&s), "runtime.(*timers).addHeap");
+        // No frame of the program's: the culprit is the runtime's own.
+        s.frames = Arc::from(vec![
+            frame("runtime.makeslice", 1),
+            frame("runtime.makeProfStackFP", 2),
+        ]);
+        assert_eq!(via(&s), "");
     }
 
     #[test]
