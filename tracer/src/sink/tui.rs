@@ -1227,6 +1227,10 @@ struct Shared {
 
 impl Shared {
     fn draw(&mut self) -> io::Result<()> {
+        if !ACTIVE.load(Ordering::SeqCst) {
+            // Given back (a second q, a panic): the normal screen is not ours.
+            return Ok(());
+        }
         let log = LOG.lock().unwrap_or_else(|e| e.into_inner());
         for line in &log[self.log_seen.min(log.len())..] {
             self.view.notice(line);
