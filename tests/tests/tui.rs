@@ -18,15 +18,16 @@ const LIMIT: u64 = 256 << 20;
 const TEST: &str = "the_tui_shows_the_limit_the_alert_and_the_leaking_timers_and_quits_cleanly";
 
 /// A tmux server of the test's own (its own socket), with one 150x24
-/// session running `command`; killed on drop, with what it runs.
+/// session running `command`; killed on drop, with what it runs, and its
+/// socket removed.
 struct Tmux {
-    socket: String,
+    socket: PathBuf,
 }
 
 impl Tmux {
     fn start(command: &str) -> Self {
         let tmux = Self {
-            socket: format!("tracer-test-{}", std::process::id()),
+            socket: std::env::temp_dir().join(format!("tracer-test-tmux-{}", std::process::id())),
         };
         let out = tmux
             .cmd()
@@ -49,7 +50,7 @@ impl Tmux {
 
     fn cmd(&self) -> Command {
         let mut c = Command::new("tmux");
-        c.args(["-L", &self.socket]).env("TERM", "xterm-256color");
+        c.arg("-S").arg(&self.socket).env("TERM", "xterm-256color");
         c
     }
 
@@ -116,6 +117,7 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.cmd().arg("kill-server").output();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
