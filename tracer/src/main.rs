@@ -21,6 +21,7 @@ use tracer::{
     session,
     sink::{
         Sink, Tee, export::Exports, json::JsonSink, prometheus::PrometheusSink, table::TableSink,
+        tui::TuiSink,
     },
 };
 
@@ -127,6 +128,10 @@ struct Output {
     /// stacks), at the end and on SIGUSR1.
     #[arg(long, value_name = "FILE.html")]
     html: Option<PathBuf>,
+    /// Print the plain live table instead of the full-screen view that
+    /// `attach` and `watch` show when stdout and stdin are a terminal.
+    #[arg(long)]
+    no_tui: bool,
 }
 
 impl Output {
@@ -168,8 +173,19 @@ impl Output {
         }
     }
 
-    /// The terminal or JSON sink.
-    fn sink(&self, labels: &[(String, String)]) -> anyhow::Result<Box<dyn Sink>> {
+    /// Whether the live view is the full-screen UI: the table format, on a
+    /// terminal that can also send keys, not written to a file.
+    fn tui(&self) -> bool {
+        matches!(self.format, Format::Table)
+            && self.output.is_none()
+            && !self.no_tui
+            && io::stdout().is_terminal()
+            && io::stdin().is_terminal()
+    }
+
+    /// The terminal or JSON sink: the full-screen UI when `tui` (see
+    /// [`Output::tui`]), else the plain table.
+    fn sink(&self, labels: &[(String, String)], tui: bool) -> anyhow::Result<Box<dyn Sink>> {
         let (out, interactive): (Box<dyn Write>, bool) = match &self.output {
             Some(path) => (
                 Box::new(io::BufWriter::new(File::create(path).with_context(
@@ -181,6 +197,9 @@ impl Output {
         };
         let main: Box<dyn Sink> = match self.format {
             Format::Json => Box::new(JsonSink::new(out).with_labels(labels)),
+            Format::Table if tui => {
+                Box::new(TuiSink::new(self.top as usize).context("cannot take over the terminal")?)
+            }
             Format::Table => Box::new(TableSink::new(out, interactive, self.top as usize)),
         };
         Ok(match &self.html {
@@ -427,8 +446,8 @@ impl Common {
 
     /// The output sink, with the metrics endpoint next to it when asked.
     /// Must run inside the tokio runtime (the endpoint is a task of it).
-    fn sink(&self, labels: &[(String, String)]) -> anyhow::Result<Box<dyn Sink>> {
-        let out = self.output.sink(labels)?;
+    fn sink(&self, labels: &[(String, String)], tui: bool) -> anyhow::Result<Box<dyn Sink>> {
+        let out = self.output.sink(labels, tui)?;
         let Some(addr) = self.prometheus else {
             return Ok(out);
         };
@@ -486,11 +505,26 @@ fn main() -> ExitCode {
         2 => (log::LevelFilter::Debug, log::LevelFilter::Info),
         _ => (log::LevelFilter::Trace, log::LevelFilter::Debug),
     };
-    env_logger::Builder::new()
+    // `run`'s command shares the terminal (its output would land in the
+    // view, and raw mode would take its keys and line endings): the plain
+    // table. A replayed report has nothing live to show.
+    let tui = match &cli.command {
+        Command::Attach { common, .. } | Command::Watch { common, .. } => common.output.tui(),
+        Command::Run { .. } | Command::Report { .. } => false,
+    };
+    let mut logger = env_logger::Builder::new();
+    logger
         .filter_level(libraries)
         .filter_module("tracer", level)
-        .parse_env("TRACER_LOG")
-        .init();
+        .parse_env("TRACER_LOG");
+    if tui {
+        // Lines written to stderr would land in the middle of the screen:
+        // the UI shows them, and prints them once it gives the terminal back.
+        logger.target(env_logger::Target::Pipe(Box::new(
+            tracer::sink::tui::LogPipe,
+        )));
+    }
+    logger.init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -520,7 +554,7 @@ fn main() -> ExitCode {
                     (None, Some(id)) => Some(tracer::cgroup::Cgroup::of_container(id)?),
                     (None, None) => None,
                 };
-                let mut sink = common.sink(&opts.labels)?;
+                let mut sink = common.sink(&opts.labels, tui)?;
                 match (group, pid) {
                     (Some(cg), _) => Ok(session::attach_cgroup(cg, &opts, sink.as_mut()).await?),
                     (None, Some(pid)) => Ok(session::attach(*pid, &opts, sink.as_mut()).await?),
@@ -532,7 +566,7 @@ fn main() -> ExitCode {
                     anyhow::bail!("`watch` with --no-alerts has nothing to do");
                 }
                 let opts = common.options();
-                let mut sink = common.sink(&opts.labels)?;
+                let mut sink = common.sink(&opts.labels, tui)?;
                 Ok(session::watch(*pid, &opts, sink.as_mut()).await?)
             }
             Command::Run {
@@ -542,11 +576,11 @@ fn main() -> ExitCode {
             } => {
                 let mut opts = common.options();
                 opts.follow_forks = !*no_follow_forks;
-                let mut sink = common.sink(&opts.labels)?;
+                let mut sink = common.sink(&opts.labels, tui)?;
                 Ok(session::run(argv, &opts, sink.as_mut()).await?)
             }
             Command::Report { file, output } => {
-                let mut sink = output.sink(&[])?;
+                let mut sink = output.sink(&[], false)?;
                 let replayed = tracer::report::replay(file, sink.as_mut())?;
                 for path in output.exports().write(&replayed.snapshot)? {
                     log::info!("wrote {}", path.display());

@@ -428,7 +428,13 @@ fn test(args: &[String]) -> Result<()> {
         ),
         (
             "chromium",
-            "headless Chromium: the HTML report test renders the page offline",
+            "headless Chromium: the HTML report test renders the page offline, \
+             the terminal UI test screenshots its screen",
+        ),
+        (
+            "tmux",
+            "a real terminal: the terminal UI test drives the tracer in it \
+             (send-keys) and reads its screen (capture-pane)",
         ),
         (
             "prometheus-alertmanager",

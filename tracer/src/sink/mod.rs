@@ -1,4 +1,5 @@
-//! Stage 6: sinks — where snapshots go (the terminal table, the JSON stream).
+//! Stage 6: sinks — where snapshots go (the terminal UI or table, the JSON
+//! stream).
 
 use std::io;
 
@@ -12,6 +13,7 @@ pub mod json;
 pub mod pprof;
 pub mod prometheus;
 pub mod table;
+pub mod tui;
 
 /// A destination for the tracer's output.
 pub trait Sink {

@@ -23,6 +23,11 @@ impl<W: Write> TableSink<W> {
             comms: Default::default(),
         }
     }
+
+    /// What was written so far (the terminal UI prints its buffered report).
+    pub fn get_ref(&self) -> &W {
+        &self.out
+    }
 }
 
 /// A goroutine site's states, ` [50 chan receive, 2 running]`; empty for
