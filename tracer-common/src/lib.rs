@@ -320,21 +320,35 @@ mod user {
 pub const PROBE_SLOTS: u32 = 1024;
 
 /// An attach cookie: the program's own `value` (an [`Op`], a flag) in the
-/// low half, and in the high half the probe's slot in [`maps::PROBE_HITS`]
-/// (0: not counted), so the user side learns each probe's hits and prices
-/// each by the instruction it sits on.
-pub const fn cookie(value: u32, slot: u32) -> u64 {
-    ((slot as u64) << 32) | value as u64
+/// low 16 bits; the probe's slot in [`maps::PROBE_HITS`] (0: not counted)
+/// in the next 16, so the user side learns each probe's hits and prices
+/// each by the instruction it sits on; and in the high half the process the
+/// probe was attached for (0: any).
+///
+/// The process is there because kernels before ~6.10 run the programs of
+/// every per-process perf-event uprobe on a file whenever any of those
+/// processes hits it (the pid filter only decides where breakpoints go):
+/// with two traced processes sharing libc, each return was accounted once
+/// per process. The programs ignore a hit for another process
+/// ([`cookie_is_for`]).
+pub const fn cookie(value: u32, slot: u32, tgid: u32) -> u64 {
+    ((tgid as u64) << 32) | (((slot & 0xffff) as u64) << 16) | (value & 0xffff) as u64
 }
 
 /// The program's own value of a cookie (see [`cookie`]).
 pub const fn cookie_value(cookie: u64) -> u64 {
-    cookie & 0xffff_ffff
+    cookie & 0xffff
 }
 
 /// The probe slot of a cookie (see [`cookie`]).
 pub const fn cookie_slot(cookie: u64) -> u32 {
-    (cookie >> 32) as u32
+    ((cookie >> 16) & 0xffff) as u32
+}
+
+/// Whether a hit of the probe with `cookie` in process `tgid` is its own.
+pub const fn cookie_is_for(cookie: u64, tgid: u32) -> bool {
+    let owner = (cookie >> 32) as u32;
+    owner == 0 || owner == tgid
 }
 
 #[cfg(test)]
@@ -344,6 +358,17 @@ mod tests {
 
     // Padding would reach the kernel as uninitialised bytes; sizes equal to the
     // sum of the fields prove there is none.
+    #[test]
+    fn cookies_carry_value_slot_and_process() {
+        let c = cookie(7, 1023, 4_194_304);
+        assert_eq!(cookie_value(c), 7);
+        assert_eq!(cookie_slot(c), 1023);
+        assert!(cookie_is_for(c, 4_194_304));
+        assert!(!cookie_is_for(c, 42));
+        assert!(cookie_is_for(cookie(1, 0, 0), 42));
+        assert!(PROBE_SLOTS <= 0xffff);
+    }
+
     #[test]
     fn no_hidden_padding() {
         assert_eq!(size_of::<Pending>(), 8 * 3 + 4 + 4 + 8);

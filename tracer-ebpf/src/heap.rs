@@ -155,7 +155,11 @@ pub(crate) fn try_alloc_session(ctx: &ProbeContext) -> Result<u32, u32> {
         let _ = on_return(ctx, regs);
         return Ok(0);
     }
-    crate::counters::probe_hit(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) });
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.regs.cast()) };
+    if !crate::own(cookie) {
+        return Err(NO_RETURN);
+    }
+    crate::counters::probe_hit(cookie);
     let Some(op) = cookie_op(ctx) else {
         return Err(NO_RETURN);
     };

@@ -30,7 +30,7 @@ mod stacks;
 mod unwind;
 
 use aya_ebpf::{
-    helpers::bpf_get_attach_cookie,
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
     macros::{tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
@@ -40,10 +40,24 @@ use aya_ebpf::{
 /// module), so the log lines and `TRACER_LOG` filters stay as they were.
 pub(crate) const LOG_TARGET: &str = "tracer";
 
-/// Counts the hit of the probe running `ctx` (the overhead estimate).
+/// Whether the probe running `ctx` fired in the process it was attached
+/// for (see [`tracer_common::cookie`]: older kernels run every process's
+/// perf-event probe on a shared file); if so its hit is counted (the
+/// overhead estimate).
 #[inline(always)]
-fn hit(ctx: &ProbeContext) {
-    counters::probe_hit(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) });
+fn hit(ctx: &ProbeContext) -> bool {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.regs.cast()) };
+    if !own(cookie) {
+        return false;
+    }
+    counters::probe_hit(cookie);
+    true
+}
+
+/// Whether a probe with `cookie` fired in its own process.
+#[inline(always)]
+pub(crate) fn own(cookie: u64) -> bool {
+    tracer_common::cookie_is_for(cookie, (bpf_get_current_pid_tgid() >> 32) as u32)
 }
 
 // ---------------------------------------------------------------- entries
@@ -64,7 +78,9 @@ pub fn alloc_session(ctx: *mut core::ffi::c_void) -> u32 {
 /// malloc(size), valloc(size), pvalloc(size): the op comes from the cookie.
 #[uprobe]
 pub fn size_arg0(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match heap::try_size_arg(&ctx, 0) {
         Ok(v) | Err(v) => v,
     }
@@ -73,7 +89,9 @@ pub fn size_arg0(ctx: ProbeContext) -> u32 {
 /// aligned_alloc(align, size), memalign(align, size).
 #[uprobe]
 pub fn size_arg1(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match heap::try_size_arg(&ctx, 1) {
         Ok(v) | Err(v) => v,
     }
@@ -82,7 +100,9 @@ pub fn size_arg1(ctx: ProbeContext) -> u32 {
 /// calloc(n, size).
 #[uprobe]
 pub fn calloc_enter(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match heap::try_calloc(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -91,7 +111,9 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
 /// realloc(ptr, size).
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match heap::try_realloc(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -100,7 +122,9 @@ pub fn realloc_enter(ctx: ProbeContext) -> u32 {
 /// reallocarray(ptr, n, size).
 #[uprobe]
 pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match heap::try_reallocarray(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -109,7 +133,9 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
 /// posix_memalign(memptr, align, size).
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match heap::try_posix_memalign(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -118,7 +144,9 @@ pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
 /// mmap(addr, len, prot, flags, fd, off).
 #[uprobe]
 pub fn mmap_enter(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match mmap::try_mmap(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -127,7 +155,9 @@ pub fn mmap_enter(ctx: ProbeContext) -> u32 {
 /// mremap(old, old_len, new_len, flags, ...).
 #[uprobe]
 pub fn mremap_enter(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match mmap::try_mremap(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -139,6 +169,9 @@ pub fn mremap_enter(ctx: ProbeContext) -> u32 {
 /// entry and accounts the result.
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    if !own(unsafe { bpf_get_attach_cookie(ctx.regs.cast()) }) {
+        return 0;
+    }
     match heap::try_alloc_return(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -164,7 +197,9 @@ pub fn calibrate_return(_ctx: RetProbeContext) -> u32 {
 /// free(ptr).
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match heap::try_free(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -173,7 +208,9 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 /// munmap(addr, len).
 #[uprobe]
 pub fn munmap_enter(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match mmap::try_munmap(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -187,7 +224,9 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
 /// On every RET of runtime.newproc1: the new g is in RAX.
 #[uprobe]
 pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match go::try_go_newproc1_ret(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -197,7 +236,9 @@ pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
 /// prologue: gp in RAX.
 #[uprobe]
 pub fn go_goexit(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match go::try_go_goexit(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -207,7 +248,9 @@ pub fn go_goexit(ctx: ProbeContext) -> u32 {
 /// bucket b (in RBX).
 #[uprobe]
 pub fn go_profile_bucket(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match go::try_go_profile_bucket(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -216,7 +259,9 @@ pub fn go_profile_bucket(ctx: ProbeContext) -> u32 {
 /// runtime.mProf_Free(b, ...): a sampled object of bucket b (in RAX) was swept.
 #[uprobe]
 pub fn go_profile_free(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match go::try_go_profile_free(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -226,7 +271,9 @@ pub fn go_profile_free(ctx: ProbeContext) -> u32 {
 /// time.newTimer for every new timer, and by resets.
 #[uprobe]
 pub fn go_timer_modify(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match go::try_go_timer_modify(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -235,7 +282,9 @@ pub fn go_timer_modify(ctx: ProbeContext) -> u32 {
 /// Go ≤ 1.22: time.startTimer(t) after its prologue.
 #[uprobe]
 pub fn go_timer_start(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match go::try_go_timer_start(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -245,7 +294,9 @@ pub fn go_timer_start(ctx: ProbeContext) -> u32 {
 /// t in RAX.
 #[uprobe]
 pub fn go_timer_stop(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match go::try_go_timer_stop(&ctx) {
         Ok(v) | Err(v) => v,
     }
@@ -256,7 +307,9 @@ pub fn go_timer_stop(ctx: ProbeContext) -> u32 {
 /// for one-shot timers (period 0).
 #[uprobe]
 pub fn go_timer_fire(ctx: ProbeContext) -> u32 {
-    hit(&ctx);
+    if !hit(&ctx) {
+        return 0;
+    }
     match go::try_go_timer_fire(&ctx) {
         Ok(v) | Err(v) => v,
     }

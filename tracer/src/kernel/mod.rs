@@ -90,6 +90,8 @@ pub enum KernelError {
     TurnedOff,
     #[error("turned off by TRACER_UPROBE_MULTI=0")]
     MultiTurnedOff,
+    #[error("turned off by TRACER_OOM_TRACEPOINT=0")]
+    OomTracepointTurnedOff,
     #[error(
         "this kernel cannot create {0} links (uprobe_multi needs Linux 6.6+, uprobe sessions 6.13+)"
     )]
@@ -439,9 +441,7 @@ impl Kernel {
                 } else {
                     0
                 };
-                if slot > 0 || p.cookie.is_some() {
-                    p.cookie = Some(tracer_common::cookie(value as u32, slot));
-                }
+                p.cookie = Some(tracer_common::cookie(value as u32, slot, pid));
                 p
             })
             .collect();
@@ -891,6 +891,9 @@ impl Kernel {
     /// Watches the kernel's OOM killer (tracepoint oom:mark_victim). Needs
     /// tracefs, which is mounted at /sys/kernel/tracing when it is not.
     pub fn watch_oom_kills(&mut self) -> Result<(), KernelError> {
+        if std::env::var_os("TRACER_OOM_TRACEPOINT").is_some_and(|v| v == "0") {
+            return Err(KernelError::OomTracepointTurnedOff);
+        }
         self.attach_tracepoint(Program::OomMarkVictim)
     }
 
