@@ -335,6 +335,45 @@ fn watch_alerts_without_probes() {
     assert_eq!(kill["pid"], target.pid());
 }
 
+/// Without the oom:mark_victim tracepoint (turned off here, as where
+/// tracefs cannot be mounted), the kill is still recorded, from the
+/// cgroup's own kill counter, with the memory at the last interval.
+#[test]
+fn the_kill_is_recorded_from_the_cgroup_counter_without_the_tracepoint() {
+    if !privileged("the_kill_is_recorded_from_the_cgroup_counter_without_the_tracepoint") {
+        return;
+    }
+    let Some(cg) = MemCgroup::create("counter", LIMIT) else {
+        return;
+    };
+    let mut target = Proc::spawn(Command::new(fixture("oomleak")).args(["leak", "8192"]));
+    target.expect_line("ready", T);
+    cg.add(target.pid());
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .interval("0.5")
+        .env("TRACER_OOM_TRACEPOINT", "0")
+        .attach_within(T)
+        .on_attached(|_| target.send("go"))
+        .start();
+    let kill = stream.next_of("oom_kill", T);
+    stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    // The kernel's own count, read from the group the test made.
+    let counted = if cg.scope == "cgroup_v2" {
+        std::fs::read_to_string(cg.dir.join("memory.events")).unwrap()
+    } else {
+        std::fs::read_to_string(cg.dir.join("memory.oom_control")).unwrap()
+    };
+    assert!(counted.contains("oom_kill 1"), "{counted}");
+    assert_eq!(kill["pid"], target.pid());
+    assert_eq!(kill["detected_by"], "cgroup oom_kill counter", "{kill}");
+    assert_eq!(kill["memory"]["limit_bytes"], LIMIT);
+    assert!(kill["anon_rss_bytes"].is_null(), "the counter knows no RSS: {kill}");
+    let line = marker_line(&source("c/oomleak.c"), "oom_leak");
+    assert_eq!(kill["top_sites"][0]["frames"][0]["function"], "grow_session_cache");
+    assert_eq!(kill["top_sites"][0]["frames"][0]["line"], line);
+}
+
 /// At system scope the trend is every process's: the process that grows is
 /// blamed, not the target. One test, the two cases in turn: a second hog
 /// running meanwhile would halve each one's share.
