@@ -445,7 +445,7 @@ fn test(args: &[String]) -> Result<()> {
         .env("TRACER_PYTOOLS", pytools));
     // A whole run ends with a 5-minute soak (`cargo xtask soak` for longer).
     let soaked = if args.is_empty() && result.is_ok() {
-        bench::soak(5.0, 100_000, false)
+        bench::soak(5.0, 100_000)
     } else {
         Ok(())
     };
@@ -536,7 +536,7 @@ fn main() -> Result<()> {
             let route = toolchain::setup()?;
             build(&route)?;
             c_fixtures_build()?;
-            bench::soak(minutes, rate, true)
+            bench::soak(minutes, rate)
         }
         Task::Bench {
             rounds,
