@@ -757,6 +757,10 @@ pub struct Attached {
     /// them with DWARF unwind tables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unwind: Option<UnwindInfo>,
+    /// The URL of the metrics endpoint (`--prometheus`), with the port the
+    /// tracer bound: the one to scrape when the port asked for was 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// The DWARF unwind tables loaded into the kernel for one process.
@@ -1379,6 +1383,7 @@ pub(crate) mod tests {
                     files: 3,
                     frame_pointer_files: vec!["/jit".into()],
                 }),
+                metrics: Some("http://127.0.0.1:9464/metrics".into()),
             }),
             Event::Notice(Notice {
                 pid: 7,

@@ -1076,6 +1076,7 @@ fn hook_process(
         go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
         probes,
         unwind,
+        metrics: None,
     })
 }
 
@@ -1099,6 +1100,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
         go_version: None,
         probes: Vec::new(),
         unwind: None,
+        metrics: None,
     };
     let mut traced = Traced::new(pid, target.maps.clone(), None, opts);
     traced.root = true;
@@ -1155,6 +1157,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             go_version: plan.go.as_ref().map(|g| g.version.raw.clone()),
             probes,
             unwind: None,
+            metrics: None,
         };
         child.release()?;
         // The unwinder needs the addresses the loader chose: the child stops

@@ -1228,6 +1228,26 @@ pub fn bench_cgroup(rounds: usize, pairs: u64) -> Result<()> {
     Ok(())
 }
 
+/// The port of the metrics endpoint the tracer bound, from the `attached`
+/// record of its stream in `file`.
+fn metrics_port(file: &Path) -> Result<u16> {
+    let text = std::fs::read_to_string(file)?;
+    let attached: Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "attached")
+        .context("no attached record")?;
+    let url = attached["metrics"]
+        .as_str()
+        .context("the attached record has no metrics URL")?;
+    let addr: std::net::SocketAddr = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|addr| addr.parse().ok())
+        .with_context(|| format!("not a metrics URL: {url}"))?;
+    Ok(addr.port())
+}
+
 /// GET `path` on loopback `port`; the body of a 200.
 fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::Read;
@@ -1268,18 +1288,11 @@ pub fn soak(minutes: f64, rate: u64) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let total = Duration::from_secs_f64(minutes * 60.0);
     let warmup = (total / 5).max(Duration::from_secs(30)).min(total / 2);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
     let mut target =
         Target::start(Command::new(fixtures_dir().join("soak")).arg(rate.to_string()))?;
     let pid = target.child.id();
     let out = out_dir.join("soak.jsonl");
     let _ = std::fs::remove_file(&out);
-    println!(
-        "soak: {minutes} min, {rate} allocations/s over 4 threads; warm-up {} s; metrics on :{port}",
-        warmup.as_secs()
-    );
     let mut tracer = Command::new(tracer_bin())
         .args([
             "attach",
@@ -1288,12 +1301,18 @@ pub fn soak(minutes: f64, rate: u64) -> Result<()> {
             "json",
             "--no-alerts",
         ])
-        .args(["--prometheus", &format!("127.0.0.1:{port}"), "-o"])
+        // Port 0: the tracer binds a free port and tells it in `attached`.
+        .args(["--prometheus", "127.0.0.1:0", "-o"])
         .arg(&out)
         .stderr(Stdio::null())
         .spawn()?;
     let tpid = tracer.id();
     wait_for_line(&out, "\"attached\"", Duration::from_secs(60))?;
+    let port = metrics_port(&out)?;
+    println!(
+        "soak: {minutes} min, {rate} allocations/s over 4 threads; warm-up {} s; metrics on :{port}",
+        warmup.as_secs()
+    );
     // Allocating from now on: everything it holds was allocated traced.
     target.go()?;
     let started = Instant::now();

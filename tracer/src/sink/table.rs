@@ -531,6 +531,7 @@ mod tests {
                 probe("/lib/libc.so.6"),
             ],
             unwind: None,
+            metrics: None,
         };
         assert_eq!(probed_files(&info), ["/lib/libc.so.6", "/bin/a"]);
     }
