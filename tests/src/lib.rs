@@ -78,8 +78,8 @@ pub fn prometheus_bin() -> PathBuf {
 }
 
 /// A TCP port free on loopback right now. Only a guess: another process may
-/// take it before it is bound again; see [`with_free_port`].
-pub fn free_port() -> u16 {
+/// take it before it is bound again, so [`with_free_port`] alone uses it.
+fn candidate_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -89,37 +89,67 @@ pub fn free_port() -> u16 {
 /// Attempts [`with_free_port`] makes before giving up.
 pub const PORT_ATTEMPTS: usize = 5;
 
-/// Starts something that binds a loopback port the test must know (a
-/// program that cannot report a port it picked itself): `start` gets a free
-/// port, never one of `avoid`, and returns what it started or the failure's
-/// text. A failure saying "address already in use" (the port was taken
+/// How long [`with_free_port`] keeps trying, whatever the attempts left.
+pub const PORT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Starts an external server that binds a loopback port the test must know
+/// and cannot report a port it picked itself (Prometheus, Alertmanager,
+/// redis; the tracer binds port 0 and tells its own: see [`metrics_port`]).
+/// `start` gets a port free a moment ago, never one of `avoid`, and returns
+/// what it started or the failure's text (the server's output when it
+/// exited). A failure saying "address already in use" (the port was taken
 /// between the check and the bind) is retried with another port, up to
-/// [`PORT_ATTEMPTS`] times; any other failure panics at once. Returns what
-/// was started and its port.
+/// [`PORT_ATTEMPTS`] times and within [`PORT_DEADLINE`]; any other failure
+/// panics at once. Returns what was started and its port.
 pub fn with_free_port<T>(
     what: &str,
     avoid: &[u16],
     mut start: impl FnMut(u16) -> Result<T, String>,
 ) -> (T, u16) {
+    let deadline = Instant::now() + PORT_DEADLINE;
     let mut failures = Vec::new();
     for _ in 0..PORT_ATTEMPTS {
+        if Instant::now() >= deadline {
+            break;
+        }
         let port = wait_until(
             &format!("a free port for {what} other than {avoid:?}"),
             Duration::from_secs(10),
-            || Some(free_port()).filter(|p| !avoid.contains(p)),
+            || Some(candidate_port()).filter(|p| !avoid.contains(p)),
         );
         match start(port) {
             Ok(t) => return (t, port),
-            Err(e) if e.to_ascii_lowercase().contains("address already in use") => {
+            Err(e) if is_port_taken(&e) => {
                 failures.push(format!("port {port}: {e}"));
             }
             Err(e) => panic!("{what} failed on port {port}: {e}"),
         }
     }
     panic!(
-        "{what}: every port tried was taken before it could be bound:\n{}",
+        "{what}: every port tried was taken before it could be bound (within {PORT_DEADLINE:?}):\n{}",
         failures.join("\n")
     )
+}
+
+/// Whether a server's failure text says its port was taken.
+pub fn is_port_taken(failure: &str) -> bool {
+    failure
+        .to_ascii_lowercase()
+        .contains("address already in use")
+}
+
+/// The port of the tracer's metrics endpoint, from its `attached` record:
+/// tests pass `--prometheus 127.0.0.1:0` and read the port the tracer
+/// bound, instead of guessing one free.
+pub fn metrics_port(attached: &Value) -> u16 {
+    let url = attached["metrics"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no metrics URL in the attached record: {attached}"));
+    url.strip_prefix("http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("not a metrics URL: {url}"))
+        .port()
 }
 
 /// Polls `probe` every `every` until it returns a value or `timeout` has
@@ -1011,7 +1041,11 @@ impl MemCgroup {
             );
             return None;
         };
-        let cg = Self::under(base, scope, &format!("tracer-test-{}-{name}", std::process::id()));
+        let cg = Self::under(
+            base,
+            scope,
+            &format!("tracer-test-{}-{name}", std::process::id()),
+        );
         cg.limit(limit);
         Some(cg)
     }
@@ -1038,7 +1072,10 @@ impl MemCgroup {
             let _ = std::fs::write(self.dir.join("memory.swap.max"), "0");
         } else {
             std::fs::write(self.dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
-            let _ = std::fs::write(self.dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
+            let _ = std::fs::write(
+                self.dir.join("memory.memsw.limit_in_bytes"),
+                limit.to_string(),
+            );
             let _ = std::fs::write(self.dir.join("memory.swappiness"), "0");
         }
     }

@@ -70,7 +70,17 @@ struct Alertmanager {
 }
 
 impl Alertmanager {
-    fn start(dir: &Path, port: u16, hook: &str) -> Self {
+    /// Started on a free port: it cannot report one it picked itself, so
+    /// a port taken between the check and its bind is retried with another.
+    fn start(dir: &Path, hook: &str) -> Self {
+        with_free_port("Alertmanager", &[], |port| {
+            let mut am = Self::configure(dir, port, hook);
+            am.try_restart().map(|()| am)
+        })
+        .0
+    }
+
+    fn configure(dir: &Path, port: u16, hook: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(
             dir.join("alertmanager.yml"),
@@ -82,16 +92,33 @@ impl Alertmanager {
             ),
         )
         .unwrap();
-        let mut am = Self {
+        Self {
             proc: None,
             dir: dir.to_path_buf(),
             port,
-        };
-        am.restart();
-        am
+        }
     }
 
+    /// Started again on its port, which the tracer was given: a port taken
+    /// meanwhile (by another test's server) is waited for, up to a deadline.
     fn restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.try_restart() {
+                Ok(()) => return,
+                Err(e) if is_port_taken(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("Alertmanager did not start again on {}: {e}", self.port),
+            }
+        }
+    }
+
+    /// Starts it and waits until it is ready; its log when it exits first
+    /// (a port taken says "address already in use").
+    fn try_restart(&mut self) -> Result<(), String> {
+        let log_path = self.dir.join("alertmanager.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new("/usr/bin/prometheus-alertmanager");
         cmd.arg(format!(
             "--config.file={}",
@@ -104,11 +131,24 @@ impl Alertmanager {
         .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
         .arg("--cluster.listen-address=")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        self.proc = Some(Proc::spawn(&mut cmd));
-        wait_until("Alertmanager answers", Duration::from_secs(30), || {
-            self.get("/-/ready").map(|_| ())
-        });
+        .stderr(Stdio::from(log));
+        let mut proc = Proc::spawn(&mut cmd);
+        // Ready (its own page, not another program's on that port) or exited.
+        let ready = wait_until(
+            "Alertmanager to answer or exit",
+            Duration::from_secs(30),
+            || {
+                if let Some(st) = proc.child.try_wait().unwrap() {
+                    return Some(Err(format!(
+                        "Alertmanager exited ({st}); its log:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    )));
+                }
+                self.get("/-/ready").map(|_| Ok(()))
+            },
+        );
+        self.proc = Some(proc);
+        ready
     }
 
     fn stop(&mut self) {
@@ -151,7 +191,7 @@ fn alerts_reach_alertmanager_through_a_restart_and_resolve_after_the_kill() {
     }
     let (hook, routed) = receiver();
     let dir = std::env::temp_dir().join(format!("tracer-am-{}", std::process::id()));
-    let mut am = Alertmanager::start(&dir, free_port(), &hook);
+    let mut am = Alertmanager::start(&dir, &hook);
     let Some(cg) = MemCgroup::create("am", 64 << 20) else {
         panic!("this machine has a cgroup v1 memory controller; CI must run this test");
     };
@@ -159,20 +199,21 @@ fn alerts_reach_alertmanager_through_a_restart_and_resolve_after_the_kill() {
         Proc::spawn(Command::new(fixture("leaky-go1.27")).args(["timerflood", "4000"]));
     target.expect_line("ready", T);
     cg.add(target.pid());
-    let metrics_port = free_port();
-    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+    let (mut tracer, mut stream, attached) = Tracing::attach(target.pid())
         .interval("1")
         .args([
             "--alertmanager",
             &am.url(),
             "--label",
             "cluster=eu-test",
+            // The tracer binds a free port and tells it in `attached`.
             "--prometheus",
-            &format!("127.0.0.1:{metrics_port}"),
+            "127.0.0.1:0",
         ])
         .attach_within(T)
         .on_attached(|_| target.send("go"))
         .start();
+    let metrics_port = metrics_port(&attached);
     // Down when the alert fires: the tracer keeps it and retries.
     am.stop();
     let alert = stream.next_of_where("alert", "a warning", T, |v| v["severity"] != "ok");

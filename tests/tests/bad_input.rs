@@ -263,7 +263,11 @@ fn a_kernel_older_than_the_minimum_is_refused() {
         .args(["attach", &me])
         .output()
         .unwrap();
-    assert_fails(&out, 4, "is older than 6.1, the oldest kernel tracer supports");
+    assert_fails(
+        &out,
+        4,
+        "is older than 6.1, the oldest kernel tracer supports",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Linux 2.6."), "{stderr}");
 }

@@ -294,21 +294,16 @@ fn prometheus_scrapes_bounded_site_series() {
     let dir = TempDir::new("prometheus");
     let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
     target.expect_line("ready", T);
-    // Neither the tracer nor Prometheus says which port it bound when given
-    // port 0: each gets a free port, distinct, and another when that one is
-    // taken before it binds it.
-    let pid = target.pid();
-    let ((mut tracer, mut stream), metrics_port) =
-        with_free_port("the tracer's metrics endpoint", &[], |port| {
-            Tracing::attach(pid)
-                // allocs holds 13 heap sites; leak_malloc is the 4th largest.
-                .args(["--prometheus", &format!("127.0.0.1:{port}")])
-                .args(["--prometheus-sites", "4"])
-                .on_attached(|_| target.send("go"))
-                .try_start()
-                .map(|(tracer, stream, _)| (tracer, stream))
-                .map_err(|e| e.to_string())
-        });
+    // The tracer binds port 0 and tells the port it got. Prometheus cannot:
+    // it gets a port free a moment ago, and another when that one is taken
+    // before it binds it.
+    let (mut tracer, mut stream, attached) = Tracing::attach(target.pid())
+        // allocs holds 13 heap sites; leak_malloc is the 4th largest.
+        .args(["--prometheus", "127.0.0.1:0"])
+        .args(["--prometheus-sites", "4"])
+        .on_attached(|_| target.send("go"))
+        .start();
+    let metrics_port = metrics_port(&attached);
     target.expect_line("done", T);
 
     let config = dir.join("prometheus.yml");

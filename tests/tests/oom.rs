@@ -368,9 +368,15 @@ fn the_kill_is_recorded_from_the_cgroup_counter_without_the_tracepoint() {
     assert_eq!(kill["pid"], target.pid());
     assert_eq!(kill["detected_by"], "cgroup oom_kill counter", "{kill}");
     assert_eq!(kill["memory"]["limit_bytes"], LIMIT);
-    assert!(kill["anon_rss_bytes"].is_null(), "the counter knows no RSS: {kill}");
+    assert!(
+        kill["anon_rss_bytes"].is_null(),
+        "the counter knows no RSS: {kill}"
+    );
     let line = marker_line(&source("c/oomleak.c"), "oom_leak");
-    assert_eq!(kill["top_sites"][0]["frames"][0]["function"], "grow_session_cache");
+    assert_eq!(
+        kill["top_sites"][0]["frames"][0]["function"],
+        "grow_session_cache"
+    );
     assert_eq!(kill["top_sites"][0]["frames"][0]["line"], line);
 }
 

@@ -35,7 +35,10 @@ fn require_v2(test: &str) {
     let on = std::fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control")
         .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
     if !on {
-        skip(test, "no cgroup v2 memory controller (run by `cargo xtask vmtest`)");
+        skip(
+            test,
+            "no cgroup v2 memory controller (run by `cargo xtask vmtest`)",
+        );
     }
 }
 
@@ -89,8 +92,18 @@ fn missing_kernel_features_fall_back_with_a_notice() {
     // allocs.c's arithmetic (leak_malloc: 10 x 1000 B), whichever way the
     // probes went in.
     let src = source("c/allocs.c");
-    let leak = site_at(&report, "heap", "leak_malloc", marker_line(&src, "leak_malloc"));
-    assert_eq!(leak["outstanding_bytes"], 10_000, "{}", describe_sites(&report));
+    let leak = site_at(
+        &report,
+        "heap",
+        "leak_malloc",
+        marker_line(&src, "leak_malloc"),
+    );
+    assert_eq!(
+        leak["outstanding_bytes"],
+        10_000,
+        "{}",
+        describe_sites(&report)
+    );
     assert_eq!(leak["outstanding_count"], 10);
 }
 
@@ -149,7 +162,10 @@ fn a_nested_group_is_limited_by_its_parent() {
     assert_eq!(alert["limit_bytes"], limit);
     assert!(ts_secs(alert["ts"].as_str().unwrap()) < ts_secs(kill["ts"].as_str().unwrap()));
     let line = marker_line(&source("c/oomleak.c"), "oom_leak");
-    assert_eq!(alert["top_sites"][0]["frames"][0]["function"], "grow_session_cache");
+    assert_eq!(
+        alert["top_sites"][0]["frames"][0]["function"],
+        "grow_session_cache"
+    );
     assert_eq!(alert["top_sites"][0]["frames"][0]["line"], line);
     assert_eq!(kill["pid"], target.pid());
     // The kernel counted the kill in the group that held the process.
@@ -193,7 +209,10 @@ fn memory_high_throttling_is_reported_with_pressure() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(high_events > 0, "the fixture never went over memory.high: {events}");
+    assert!(
+        high_events > 0,
+        "the fixture never went over memory.high: {events}"
+    );
     let notice = stream
         .seen
         .iter()
@@ -224,7 +243,10 @@ fn memory_high_throttling_is_reported_with_pressure() {
         .unwrap_or_else(|| panic!("no PSI: {memory}"));
     let own = std::fs::read_to_string(cg.dir.join("memory.pressure")).unwrap();
     assert!(own.starts_with("some avg10="), "{own}");
-    assert!(psi > 0.0, "throttled, yet no memory pressure: {memory}; {own}");
+    assert!(
+        psi > 0.0,
+        "throttled, yet no memory pressure: {memory}; {own}"
+    );
     // The baseline the fixture holds, in 256 KiB blocks: past the high
     // mark, and short of its 40 MiB only by what throttling held back.
     let baseline = site_at(

@@ -318,6 +318,8 @@ mod user {
 /// Probes counted one by one ([`maps::PROBE_HITS`]): the slots a cookie
 /// can name.
 pub const PROBE_SLOTS: u32 = 1024;
+// A slot must fit the 16 bits a cookie gives it.
+const _: () = assert!(PROBE_SLOTS <= 0xffff);
 
 /// An attach cookie: the program's own `value` (an [`Op`], a flag) in the
 /// low 16 bits; the probe's slot in [`maps::PROBE_HITS`] (0: not counted)
@@ -366,7 +368,6 @@ mod tests {
         assert!(cookie_is_for(c, 4_194_304));
         assert!(!cookie_is_for(c, 42));
         assert!(cookie_is_for(cookie(1, 0, 0), 42));
-        assert!(PROBE_SLOTS <= 0xffff);
     }
 
     #[test]

@@ -184,8 +184,14 @@ impl Output {
     }
 
     /// The terminal or JSON sink: the full-screen UI when `tui` (see
-    /// [`Output::tui`]), else the plain table.
-    fn sink(&self, labels: &[(String, String)], tui: bool) -> anyhow::Result<Box<dyn Sink>> {
+    /// [`Output::tui`]), else the plain table; `metrics` is the metrics
+    /// endpoint's URL, which `attached` records tell.
+    fn sink(
+        &self,
+        labels: &[(String, String)],
+        tui: bool,
+        metrics: Option<String>,
+    ) -> anyhow::Result<Box<dyn Sink>> {
         let (out, interactive): (Box<dyn Write>, bool) = match &self.output {
             Some(path) => (
                 Box::new(io::BufWriter::new(File::create(path).with_context(
@@ -196,7 +202,7 @@ impl Output {
             None => (Box::new(io::stdout()), io::stdout().is_terminal()),
         };
         let main: Box<dyn Sink> = match self.format {
-            Format::Json => Box::new(JsonSink::new(out).with_labels(labels)),
+            Format::Json => Box::new(JsonSink::new(out).with_labels(labels).with_metrics(metrics)),
             Format::Table if tui => {
                 Box::new(TuiSink::new(self.top as usize).context("cannot take over the terminal")?)
             }
@@ -217,7 +223,8 @@ struct Common {
     #[command(flatten)]
     output: Output,
     /// Serve Prometheus metrics at http://ADDR/metrics while tracing (e.g.
-    /// 127.0.0.1:9464).
+    /// 127.0.0.1:9464). Port 0 picks a free port: the JSON `attached`
+    /// records give the URL (field `metrics`).
     #[arg(long, value_name = "ADDR")]
     prometheus: Option<SocketAddr>,
     /// Sites per kind with series of their own in the metrics; the rest are
@@ -446,17 +453,21 @@ impl Common {
 
     /// The output sink, with the metrics endpoint next to it when asked.
     /// Must run inside the tokio runtime (the endpoint is a task of it).
+    /// The endpoint is bound first: with port 0 the kernel picks a free
+    /// one, and the `attached` records tell the URL it got (no port has to
+    /// be guessed free and raced for).
     fn sink(&self, labels: &[(String, String)], tui: bool) -> anyhow::Result<Box<dyn Sink>> {
-        let out = self.output.sink(labels, tui)?;
         let Some(addr) = self.prometheus else {
-            return Ok(out);
+            return self.output.sink(labels, tui, None);
         };
         let metrics = PrometheusSink::bind(addr, self.prometheus_sites as usize, labels.to_vec())
             .map_err(|e| TracerError::Listen {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
-        log::info!("serving metrics at http://{}/metrics", metrics.local_addr());
+        let url = format!("http://{}/metrics", metrics.local_addr());
+        log::info!("serving metrics at {url}");
+        let out = self.output.sink(labels, tui, Some(url))?;
         Ok(Box::new(Tee(vec![out, Box::new(metrics)])))
     }
 }
@@ -580,7 +591,7 @@ fn main() -> ExitCode {
                 Ok(session::run(argv, &opts, sink.as_mut()).await?)
             }
             Command::Report { file, output } => {
-                let mut sink = output.sink(&[], false)?;
+                let mut sink = output.sink(&[], false, None)?;
                 let replayed = tracer::report::replay(file, sink.as_mut())?;
                 for path in output.exports().write(&replayed.snapshot)? {
                     log::info!("wrote {}", path.display());

@@ -765,6 +765,10 @@ pub struct Attached {
     /// The kernel traced on, and the features of it the tracer uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelInfo>,
+    /// The URL of the metrics endpoint (`--prometheus`), with the port the
+    /// tracer bound: the one to scrape when the port asked for was 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// The running kernel and the optional features the tracer found in it
@@ -1408,6 +1412,7 @@ pub(crate) mod tests {
                     batched_uprobes: false,
                     uprobe_sessions: Some(false),
                 }),
+                metrics: Some("http://127.0.0.1:9464/metrics".into()),
             }),
             Event::Notice(Notice {
                 pid: 7,

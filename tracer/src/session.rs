@@ -143,7 +143,8 @@ struct Traced {
     /// The target's memory against its limit; None with `--no-alerts`.
     watch: Option<MemoryWatch>,
     exited: bool,
-    /// /proc/PID/maps as last read.
+    /// The lines of /proc/PID/maps that matter (files, code) as last read:
+    /// see [`Maps::read_if_changed`].
     maps_text: Vec<u8>,
     /// (device, inode) of the executable, to notice an exec.
     exe_id: Option<(u64, u64)>,
@@ -429,12 +430,18 @@ impl Traced {
 
     /// Re-reads the maps (new libraries, the executable after exec). A
     /// failed read means the target is exiting: keep the last maps. True
-    /// when they changed.
+    /// when they changed (anonymous data does not count).
     fn refresh_maps(&mut self) -> bool {
         // Unchanged (the common case): nothing to parse, resolve or rebuild.
         if let Ok(Some(maps)) = Maps::read_if_changed(self.pid, &mut self.maps_text)
             && !maps.mappings.is_empty()
         {
+            log::debug!(
+                "pid {}: maps changed: {} file mappings, {} of anonymous code",
+                self.pid,
+                maps.mappings.len(),
+                maps.anon_code.len()
+            );
             if let Some(go) = self.collector.go_mut() {
                 go.resolve(&maps);
             }
@@ -566,12 +573,15 @@ impl Traced {
         if self.exec_happened() {
             return Ok(Step::Exec);
         }
-        if self.refresh_maps() && !kernel.probes_detached() {
+        let maps_changed = self.refresh_maps();
+        if maps_changed && !kernel.probes_detached() {
             self.hook_new_files(kernel, sink)?;
         }
-        // Libraries loaded since (dlopen), the image after exec.
-        if let Some(inst) =
-            unwinder.install(kernel, self.pid, self.collector.symbolizer_mut().maps())?
+        // Libraries loaded since (dlopen), the image after exec, JIT code.
+        // Unchanged maps install what is installed already.
+        if maps_changed
+            && let Some(inst) =
+                unwinder.install(kernel, self.pid, self.collector.symbolizer_mut().maps())?
         {
             unwind_notice(self.pid, &inst, sink)?;
         }
@@ -1070,6 +1080,7 @@ fn hook_process(
         probes,
         unwind,
         kernel: Some(kernel.info()),
+        metrics: None,
     })
 }
 
@@ -1094,6 +1105,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
         probes: Vec::new(),
         unwind: None,
         kernel: Some(kernel.info()),
+        metrics: None,
     };
     let mut traced = Traced::new(pid, target.maps.clone(), None, opts);
     traced.root = true;
@@ -1150,6 +1162,7 @@ pub async fn run(argv: &[String], opts: &Options, sink: &mut dyn Sink) -> Result
             probes,
             unwind: None,
             kernel: Some(kernel.info()),
+            metrics: None,
         };
         child.release()?;
         // The unwinder needs the addresses the loader chose: the child stops

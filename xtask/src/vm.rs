@@ -185,7 +185,7 @@ fn fetch_kernel(s: &Series) -> Result<(PathBuf, String)> {
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
-    packages.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    packages.sort_by_key(|p| version_key(p));
     let Some(package) = packages.pop() else {
         bail!(
             "no Debian package matches {} (run `apt-get update`; bookworm carries both series)",
@@ -195,13 +195,22 @@ fn fetch_kernel(s: &Series) -> Result<(PathBuf, String)> {
     println!("vmtest: downloading Debian's {package} (the kernel only, into target/vm)");
     std::fs::create_dir_all(&dir)?;
     let _ = std::fs::remove_dir_all(dir.join("deb"));
-    toolchain::run(Command::new("apt-get").current_dir(&dir).args(["download", &package]))?;
+    toolchain::run(
+        Command::new("apt-get")
+            .current_dir(&dir)
+            .args(["download", &package]),
+    )?;
     let deb = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download left no .deb")?;
-    toolchain::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("deb")))?;
+    toolchain::run(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.join("deb")),
+    )?;
     let boot = dir.join("deb/boot");
     let image = std::fs::read_dir(&boot)?
         .flatten()
@@ -298,8 +307,15 @@ impl Root {
     /// Without its debug sections (panic messages keep their file:line):
     /// the test binaries are ~50 MB each with them, all unpacked in RAM
     /// under emulation.
-    fn add_stripped(&mut self, inside: &str, host: &Path, libs: &mut BTreeSet<PathBuf>) -> Result<()> {
-        let stripped = vm_dir().join("stripped").join(inside.trim_start_matches('/'));
+    fn add_stripped(
+        &mut self,
+        inside: &str,
+        host: &Path,
+        libs: &mut BTreeSet<PathBuf>,
+    ) -> Result<()> {
+        let stripped = vm_dir()
+            .join("stripped")
+            .join(inside.trim_start_matches('/'));
         std::fs::create_dir_all(stripped.parent().unwrap())?;
         toolchain::run(
             Command::new("objcopy")
@@ -354,10 +370,7 @@ impl Root {
         let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);
         let mut ino = 1;
         for d in &self.dirs {
-            let b = cpio::newc::Builder::new(d)
-                .ino(ino)
-                .mode(0o040755)
-                .nlink(2);
+            let b = cpio::newc::Builder::new(d).ino(ino).mode(0o040755).nlink(2);
             ino += 1;
             w = b.write(w, 0).finish()?;
         }
@@ -406,7 +419,11 @@ echo "vmtest: up: Linux $(uname -r), cgroup2 controllers: $(cat /sys/fs/cgroup/c
             "echo 'vmtest: begin {binary}'\n\
              /tracer/tests/{binary} --test-threads 1 {} {}\n\
              echo \"vmtest: result {binary} $?\"\n",
-            if args.contains(&"--ignored") { "" } else { "--exact --include-ignored" },
+            if args.contains(&"--ignored") {
+                ""
+            } else {
+                "--exact --include-ignored"
+            },
             args.join(" ")
         ));
     }
@@ -502,8 +519,23 @@ fn boot(series: &str, kernel: &Path, initrd: &Path) -> Result<Vec<(String, bool)
     let log_path = vm_dir().join(format!("{series}.log"));
     let mut log = std::fs::File::create(&log_path)?;
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "4096"])
-        .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "4096",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")

@@ -406,7 +406,7 @@ pub fn webhook_payload(alert: &Alert, extra: &[(String, String)]) -> serde_json:
             "startsAt": ts,
             "endsAt": if status == "resolved" { ts.clone() } else { "0001-01-01T00:00:00Z".into() },
             "generatorURL": format!("http://{}/tracer", hostname()),
-            "fingerprint": format!("{:016x}", u64::from(alert.pid) * 0x9e37_79b9_7f4a_7c15),
+            "fingerprint": format!("{:016x}", u64::from(alert.pid).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         }],
     })
 }

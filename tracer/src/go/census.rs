@@ -24,6 +24,7 @@ use iced_x86::{Code, Decoder, DecoderOptions, Register};
 
 use super::{
     code::{function, slice_loaded_by},
+    memory::TargetMemory,
     pclntab::Pclntab,
 };
 use crate::object::ElfObject;
@@ -39,6 +40,13 @@ const G_SCAN: u32 = 0x1000;
 const MAX_GOROUTINES: u64 = 1 << 26;
 /// iovecs per process_vm_readv (the kernel's IOV_MAX).
 const IOV_MAX: usize = 1024;
+/// Entries of `allgs` read at a time by [`read`]: its memory stays bounded
+/// whatever length the list claims (a torn or forged length fails at the
+/// first chunk that is not there, not after allocating for all of it).
+const LIST_CHUNK: usize = 1 << 16;
+/// Bytes of a g struct read per goroutine at most: a layout spanning more
+/// is not one (a g struct is about 400 bytes).
+const MAX_G_SPAN: u64 = 4096;
 
 /// Where the goroutine list and its fields are, in the executable's
 /// virtual addresses and `runtime.g` offsets.
@@ -205,13 +213,18 @@ impl RollingCensus {
     /// spent (at least one slice, at most all of them).
     pub fn read(
         &mut self,
-        pid: u32,
+        mem: &impl TargetMemory,
         layout: &CensusLayout,
         budget: std::time::Duration,
     ) -> std::io::Result<Census> {
         let started = std::time::Instant::now();
-        let (ptr, len) = list_header(pid, layout.allgs)?;
+        let (ptr, len) = list_header(mem, layout.allgs)?;
         let len = len as usize;
+        // The list's last entry must be there before anything is sized by
+        // its length (a torn or forged length would cost memory at once).
+        if len > 0 {
+            read_words(mem, ptr.wrapping_add((len as u64 - 1) * 8), 1)?;
+        }
         let n = len.div_ceil(SLICE);
         self.slices.resize(n, None);
         let size = |i: usize| SLICE.min(len - i * SLICE);
@@ -230,9 +243,9 @@ impl RollingCensus {
                 continue;
             }
             let lo = i * SLICE;
-            let gs = read_words(pid, ptr + lo as u64 * 8, size(i))?;
+            let gs = read_words(mem, ptr.wrapping_add(lo as u64 * 8), size(i))?;
             let mut raw = RawCounts::new();
-            let unreadable = count_gs(pid, &gs, layout, &mut raw);
+            let unreadable = count_gs(mem, &gs, layout, &mut raw);
             self.slices[i] = Some((raw, unreadable, size(i)));
             done[i] = true;
             read_now += size(i) as u64;
@@ -266,22 +279,28 @@ impl Census {
     }
 }
 
-/// Reads the whole goroutine list of process `pid`, whose executable's
-/// virtual addresses are off by `bias`.
-pub fn read(pid: u32, bias: u64, layout: &CensusLayout) -> std::io::Result<Census> {
-    let (ptr, len) = list_header(pid, layout.allgs.wrapping_add(bias))?;
-    let gs = read_words(pid, ptr, len as usize)?;
+/// Reads the whole goroutine list of the process whose memory is `mem`,
+/// whose executable's virtual addresses are off by `bias`.
+pub fn read(mem: &impl TargetMemory, bias: u64, layout: &CensusLayout) -> std::io::Result<Census> {
+    let (ptr, len) = list_header(mem, layout.allgs.wrapping_add(bias))?;
     let mut raw = RawCounts::new();
-    let unreadable = count_gs(pid, &gs, layout, &mut raw);
+    let mut unreadable = 0;
+    let mut at = 0;
+    while at < len as usize {
+        let n = LIST_CHUNK.min(len as usize - at);
+        let gs = read_words(mem, ptr.wrapping_add(at as u64 * 8), n)?;
+        unreadable += count_gs(mem, &gs, layout, &mut raw);
+        at += n;
+    }
     let mut census = group(raw, layout, len, unreadable);
     census.read_now = len;
     Ok(census)
 }
 
 /// `allgs`'s pointer and length.
-fn list_header(pid: u32, allgs: u64) -> std::io::Result<(u64, u64)> {
+fn list_header(mem: &impl TargetMemory, allgs: u64) -> std::io::Result<(u64, u64)> {
     let mut hdr = [0u8; 16];
-    read_exact(pid, &mut [(allgs, &mut hdr[..])])?;
+    mem.read_exact(&mut [(allgs, &mut hdr[..])])?;
     let ptr = u64::from_le_bytes(hdr[..8].try_into().unwrap_or_default());
     let len = u64::from_le_bytes(hdr[8..].try_into().unwrap_or_default());
     if len > MAX_GOROUTINES {
@@ -292,9 +311,9 @@ fn list_header(pid: u32, allgs: u64) -> std::io::Result<(u64, u64)> {
     Ok((ptr, len))
 }
 
-fn read_words(pid: u32, addr: u64, n: usize) -> std::io::Result<Vec<u64>> {
+fn read_words(mem: &impl TargetMemory, addr: u64, n: usize) -> std::io::Result<Vec<u64>> {
     let mut b = vec![0u8; n * 8];
-    read_exact(pid, &mut [(addr, &mut b[..])])?;
+    mem.read_exact(&mut [(addr, &mut b[..])])?;
     Ok(b.chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
         .collect())
@@ -306,9 +325,20 @@ fn read_words(pid: u32, addr: u64, n: usize) -> std::io::Result<Vec<u64>> {
 /// more than the bytes between them. (Reading runs of neighbouring g
 /// structs whole, fewer iovecs but three times the bytes, measured 3x
 /// slower at 1M goroutines.)
-fn count_gs(pid: u32, gs: &[u64], layout: &CensusLayout, raw: &mut RawCounts) -> u64 {
-    let lo = layout.status.min(layout.gopc);
-    let hi = (layout.waitreason + 1).max(layout.startpc + 8);
+fn count_gs(
+    mem: &impl TargetMemory,
+    gs: &[u64],
+    layout: &CensusLayout,
+    raw: &mut RawCounts,
+) -> u64 {
+    let lo = layout.status.min(layout.gopc).min(layout.startpc);
+    let hi = (layout.waitreason.saturating_add(1))
+        .max(layout.startpc.saturating_add(8))
+        .max(layout.gopc.saturating_add(8))
+        .max(layout.status.saturating_add(4));
+    if hi - lo > MAX_G_SPAN {
+        return gs.len() as u64;
+    }
     let span = (hi - lo) as usize;
     let at = |off: u64| (off - lo) as usize;
     let mut unreadable = 0;
@@ -317,12 +347,12 @@ fn count_gs(pid: u32, gs: &[u64], layout: &CensusLayout, raw: &mut RawCounts) ->
         let mut parts: Vec<(u64, &mut [u8])> = chunk
             .iter()
             .zip(buf.chunks_exact_mut(span))
-            .map(|(g, b)| (g + lo, b))
+            .map(|(g, b)| (g.wrapping_add(lo), b))
             .collect();
-        if read_exact(pid, &mut parts).is_err() {
+        if mem.read_exact(&mut parts).is_err() {
             // One bad g fails the batch: read them one by one.
             for (g, b) in parts.iter_mut() {
-                if read_exact(pid, &mut [(*g, &mut **b)]).is_err() {
+                if mem.read_exact(&mut [(*g, &mut **b)]).is_err() {
                     b.fill(0);
                     unreadable += 1;
                 }
@@ -372,48 +402,10 @@ fn group(raw: RawCounts, layout: &CensusLayout, allglen: u64, unreadable: u64) -
     }
 }
 
-/// Reads every (address, buffer) pair of process `pid` in one
-/// process_vm_readv; an error unless all bytes came.
-pub(super) fn read_exact(pid: u32, parts: &mut [(u64, &mut [u8])]) -> std::io::Result<()> {
-    let want: usize = parts.iter().map(|(_, b)| b.len()).sum();
-    let local: Vec<libc::iovec> = parts
-        .iter_mut()
-        .map(|(_, b)| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let remote: Vec<libc::iovec> = parts
-        .iter()
-        .map(|(a, b)| libc::iovec {
-            iov_base: *a as *mut libc::c_void,
-            iov_len: b.len(),
-        })
-        .collect();
-    // SAFETY: the local iovecs point into live buffers of their lengths;
-    // the remote ones are only read by the kernel, in the other process.
-    let n = unsafe {
-        libc::process_vm_readv(
-            pid as libc::pid_t,
-            local.as_ptr(),
-            local.len() as libc::c_ulong,
-            remote.as_ptr(),
-            remote.len() as libc::c_ulong,
-            0,
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if n as usize != want {
-        return Err(std::io::Error::other("short read"));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::go::memory::ProcessMemory;
 
     fn layout() -> CensusLayout {
         CensusLayout {
@@ -462,7 +454,7 @@ mod tests {
             allgs: hdr.as_ptr() as u64,
             ..l
         };
-        let c = read(std::process::id(), 0, &l).unwrap();
+        let c = read(&ProcessMemory(std::process::id()), 0, &l).unwrap();
         assert_eq!(c.allglen, 3);
         assert_eq!(c.groups.len(), 1);
         assert_eq!(c.groups[0].count, 2);
@@ -490,27 +482,27 @@ mod tests {
             allgs: hdr.as_ptr() as u64,
             ..l
         };
-        let pid = std::process::id();
+        let pid = ProcessMemory(std::process::id());
         let mut rolling = RollingCensus::default();
         let zero = std::time::Duration::ZERO;
         let total = |c: &Census| c.groups.iter().map(|g| g.count).sum::<u64>();
         // The first read takes every slice, whatever the budget.
-        let c = rolling.read(pid, &l, zero).unwrap();
+        let c = rolling.read(&pid, &l, zero).unwrap();
         assert_eq!((c.read_now, c.unread), (n as u64, 0));
         assert_eq!(total(&c), n as u64);
         // Then one older slice per read, round the list.
-        let c = rolling.read(pid, &l, zero).unwrap();
+        let c = rolling.read(&pid, &l, zero).unwrap();
         assert_eq!((c.read_now, c.unread), (SLICE as u64, 0));
         assert_eq!(total(&c), n as u64);
         // The list grows: the grown slice is read before any older one.
         hdr[1] = (n + 100) as u64;
         std::hint::black_box(&hdr);
-        let c = rolling.read(pid, &l, zero).unwrap();
+        let c = rolling.read(&pid, &l, zero).unwrap();
         assert_eq!(c.read_now, 110);
         assert_eq!(total(&c), (n + 100) as u64);
         // A generous budget reads everything.
         let c = rolling
-            .read(pid, &l, std::time::Duration::from_secs(60))
+            .read(&pid, &l, std::time::Duration::from_secs(60))
             .unwrap();
         assert_eq!(c.read_now, (n + 100) as u64);
         assert_eq!(c.states_total(), (n + 100) as u64);

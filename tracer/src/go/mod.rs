@@ -9,10 +9,13 @@
 //! - [`pclntab`]: our own `.gopclntab` reader (names, lines, inlining) for
 //!   stripped binaries.
 //! - [`runtime`]: the target's runtime read through `/proc/PID/mem`.
+//! - [`memory`]: the target's memory as those readers see it (a buffer in
+//!   tests and fuzzing).
 //! - `sites`: goroutine and sampled-heap sites.
 
 pub mod census;
 pub mod code;
+pub mod memory;
 pub mod pclntab;
 pub mod plan;
 pub mod runtime;
@@ -24,6 +27,7 @@ use std::collections::HashMap;
 
 pub use census::{Census, CensusLayout, GoroutineGroup};
 pub use code::{Function, after_prologue, call_targets, code, function, is_go_wrapper, ret_sites};
+pub use memory::{BufferMemory, ProcessMemory, TargetMemory};
 pub use runtime::{
     Bucket, BucketCounts, MemProfileLayout, RuntimeMem, find_mem_profile_rate, scale_sample,
 };
@@ -240,8 +244,12 @@ impl GoTarget {
             // tracked timers, so a timer absent from them has really left.
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        let pending = match timers::pending(self.pid, allp, self.gofunc_addr.unwrap_or(0), &layout)
-        {
+        let pending = match timers::pending(
+            &ProcessMemory(self.pid),
+            allp,
+            self.gofunc_addr.unwrap_or(0),
+            &layout,
+        ) {
             Ok(p) => p,
             // Gone, or a torn read: the last census stands.
             Err(e) => {
@@ -336,7 +344,7 @@ impl GoTarget {
                 allgs: addr,
                 ..layout
             };
-            if let Ok(c) = census::read(pid, 0, &layout)
+            if let Ok(c) = census::read(&ProcessMemory(pid), 0, &layout)
                 && let Ok(mut slot) = out.lock()
             {
                 *slot = Some(c);

@@ -2,7 +2,7 @@
 //! heap sampling rate and the memory profile's buckets, as
 //! `runtime.MemProfile` reads them.
 
-use super::code::function;
+use super::{code::function, memory::TargetMemory};
 use crate::object::ElfObject;
 use iced_x86::{Code, Decoder, DecoderOptions};
 
@@ -69,6 +69,9 @@ pub struct Bucket {
 
 /// Reads the target's Go runtime state through `/proc/PID/mem`.
 pub struct RuntimeMem {
+    /// Where reads come from: `/proc/PID/mem`, or a buffer in tests.
+    reader: Option<Box<dyn TargetMemory + Send + Sync>>,
+    /// `/proc/PID/mem` opened for writing, for `runtime.MemProfileRate`.
     mem: Option<std::fs::File>,
     /// Address of `runtime.MemProfileRate` in the target.
     rate_addr: Option<u64>,
@@ -123,9 +126,27 @@ impl RuntimeMem {
             .open(format!("/proc/{pid}/mem"))
             .or_else(|_| std::fs::File::open(format!("/proc/{pid}/mem")))
             .ok();
+        let reader = mem
+            .as_ref()
+            .and_then(|f| f.try_clone().ok())
+            .map(|f| Box::new(f) as Box<dyn TargetMemory + Send + Sync>);
         Self {
+            reader,
             mem,
             rate_addr,
+            buckets: std::collections::HashMap::new(),
+            profile: None,
+            last_profile: Vec::new(),
+        }
+    }
+
+    /// Reads the runtime's state from `memory` instead of a process (tests,
+    /// fuzzing); nothing is written.
+    pub fn over(memory: impl TargetMemory + Send + Sync + 'static) -> Self {
+        Self {
+            reader: Some(Box::new(memory)),
+            mem: None,
+            rate_addr: None,
             buckets: std::collections::HashMap::new(),
             profile: None,
             last_profile: Vec::new(),
@@ -160,13 +181,16 @@ impl RuntimeMem {
             u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default())
         };
         let mut out = Vec::new();
+        // The runtime's list never loops back: one that does is a torn (or
+        // forged) read, and ends where it would.
+        let mut seen = std::collections::HashSet::new();
         let mut b = self.read_u64(head)?;
-        while b != 0 && out.len() < MAX_BUCKETS {
+        while b != 0 && out.len() < MAX_BUCKETS && seen.insert(b) {
             let hdr = self.read_bytes(b, BUCKET_STK_OFF as usize)?;
             let (allnext, typ, nstk) = (word(&hdr, 1), word(&hdr, 2), word(&hdr, 5));
             if typ == MEM_PROFILE && nstk <= MAX_PROFILE_DEPTH {
                 let rec = self.read_bytes(
-                    b + BUCKET_STK_OFF + 8 * nstk,
+                    b.wrapping_add(BUCKET_STK_OFF + 8 * nstk),
                     4 * layout.cycle_size as usize,
                 )?;
                 let cycle = layout.cycle_size as usize / 8;
@@ -195,10 +219,7 @@ impl RuntimeMem {
     }
 
     fn read_u64(&self, addr: u64) -> Option<u64> {
-        use std::os::unix::fs::FileExt;
-        let mut b = [0u8; 8];
-        self.mem.as_ref()?.read_exact_at(&mut b, addr).ok()?;
-        Some(u64::from_le_bytes(b))
+        self.reader.as_ref()?.read_u64(addr).ok()
     }
 
     /// The current `runtime.MemProfileRate`, if its address is known.
@@ -217,20 +238,21 @@ impl RuntimeMem {
 
     /// `len` bytes of the target's memory at `addr`.
     pub fn read_bytes(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let mut b = vec![0u8; len];
-        self.mem.as_ref()?.read_exact_at(&mut b, addr).ok()?;
-        Some(b)
+        self.reader.as_ref()?.read_vec(addr, len).ok()
     }
 
     /// A bucket, read once: the runtime never frees or changes buckets.
     pub fn bucket(&mut self, addr: u64) -> Option<&Bucket> {
         if !self.buckets.contains_key(&addr) {
-            let size = self.read_u64(addr + BUCKET_SIZE_OFF)?;
-            let nstk = self.read_u64(addr + BUCKET_NSTK_OFF)?.min(MAX_BUCKET_STACK);
-            let stack = (0..nstk)
-                .map(|i| self.read_u64(addr + BUCKET_STK_OFF + 8 * i))
-                .collect::<Option<Vec<u64>>>()?;
+            let size = self.read_u64(addr.wrapping_add(BUCKET_SIZE_OFF))?;
+            let nstk = self
+                .read_u64(addr.wrapping_add(BUCKET_NSTK_OFF))?
+                .min(MAX_BUCKET_STACK);
+            let stack = self
+                .read_bytes(addr.wrapping_add(BUCKET_STK_OFF), 8 * nstk as usize)?
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+                .collect();
             self.buckets.insert(addr, Bucket { size, stack });
         }
         self.buckets.get(&addr)

@@ -143,7 +143,11 @@ impl GoTarget {
                     ..layout.clone()
                 };
                 let started = std::time::Instant::now();
-                match self.rolling.read(self.pid, &layout, self.census_budget) {
+                match self.rolling.read(
+                    &super::ProcessMemory(self.pid),
+                    &layout,
+                    self.census_budget,
+                ) {
                     // g structs are never freed: in a live process every
                     // one reads. Most failing means the address space is
                     // being torn down (the target is exiting, its heap

@@ -16,12 +16,13 @@
 //!   when}`, pending when `state` (u8 at 9) has `timerHeaped` and not
 //!   `timerZombie`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use iced_x86::{Code, Decoder, DecoderOptions, Register};
 
 use super::{
     code::{function, slice_loaded_by},
+    memory::TargetMemory,
     pclntab::Pclntab,
 };
 use crate::object::ElfObject;
@@ -29,6 +30,9 @@ use crate::object::ElfObject;
 /// A larger P count or heap is a torn read.
 const MAX_PS: u64 = 1 << 12;
 const MAX_HEAP: u64 = 1 << 24;
+/// Heap entries read at a time: memory stays bounded whatever length a heap
+/// claims (a torn or forged length fails at the first chunk not there).
+const HEAP_CHUNK: u64 = 4096;
 /// iovecs per process_vm_readv.
 const IOV_MAX: usize = 1024;
 
@@ -117,30 +121,39 @@ pub struct PendingTimer {
     pub chan: bool,
 }
 
-/// The pending timers of process `pid`, whose `allp` is at `allp` (runtime
-/// address), with their callbacks. `gofunc` is the runtime address of
-/// `time.goFunc` (0 if unknown).
+/// The pending timers of the process whose memory is `mem`, whose `allp` is
+/// at `allp` (runtime address), with their callbacks. `gofunc` is the
+/// runtime address of `time.goFunc` (0 if unknown).
 pub fn pending(
-    pid: u32,
+    mem: &impl TargetMemory,
     allp: u64,
     gofunc: u64,
     layout: &TimerHeapLayout,
 ) -> std::io::Result<HashMap<u64, PendingTimer>> {
-    let hdr = read(pid, allp, 16)?;
+    if layout.entry < 8 || layout.entry > 64 {
+        return Err(std::io::Error::other(format!(
+            "timer heap entries of {} bytes: not a timer heap",
+            layout.entry
+        )));
+    }
+    let hdr = mem.read_vec(allp, 16)?;
     let (ptr, len) = (word(&hdr, 0), word(&hdr, 8));
     if len > MAX_PS {
         return Err(std::io::Error::other(format!(
             "allp length {len}: a torn read"
         )));
     }
-    let ps = read(pid, ptr, len as usize * 8)?;
-    let mut timers = Vec::new();
+    let ps = mem.read_vec(ptr, len as usize * 8)?;
+    // A timer is in one heap: a set, so that heaps aliasing one another (a
+    // torn or forged allp) cannot multiply the entries beyond the memory
+    // actually read.
+    let mut timers = HashSet::new();
     for i in 0..len as usize {
         let p = word(&ps, i * 8);
         if p == 0 {
             continue;
         }
-        let heap = read(pid, p + layout.heap, 16)?;
+        let heap = mem.read_vec(p.wrapping_add(layout.heap), 16)?;
         let (hptr, hlen) = (word(&heap, 0), word(&heap, 8));
         if hlen == 0 {
             continue;
@@ -150,20 +163,35 @@ pub fn pending(
                 "timer heap length {hlen}: a torn read"
             )));
         }
-        let entries = read(pid, hptr, (hlen * layout.entry) as usize)?;
-        timers.extend(
-            entries
-                .chunks_exact(layout.entry as usize)
-                .map(|e| word(e, 0))
-                .filter(|&t| t != 0),
-        );
+        let mut at = 0;
+        while at < hlen {
+            let n = HEAP_CHUNK.min(hlen - at);
+            let entries = mem.read_vec(
+                hptr.wrapping_add(at * layout.entry),
+                (n * layout.entry) as usize,
+            )?;
+            timers.extend(
+                entries
+                    .chunks_exact(layout.entry as usize)
+                    .map(|e| word(e, 0))
+                    .filter(|&t| t != 0),
+            );
+            at += n;
+        }
+        if timers.len() as u64 > MAX_HEAP {
+            return Err(std::io::Error::other(format!(
+                "over {MAX_HEAP} timers: a torn read"
+            )));
+        }
     }
+    let mut timers: Vec<u64> = timers.into_iter().collect();
+    timers.sort_unstable();
     // One read per timer, from its start to the end of `arg` and of the
     // status word.
     let (f, arg) = (layout.period + 8, layout.period + 16);
     let span = match layout.pending {
         Pending::Status { offset } => (offset + 4).max(arg + 16),
-        Pending::State { .. } => arg + 16,
+        Pending::State { offset } => (offset + 2).max(arg + 16),
     } as usize;
     // (timer, f, arg's data word, chan)
     let mut live: Vec<(u64, u64, u64, bool)> = Vec::new();
@@ -174,7 +202,7 @@ pub fn pending(
             .zip(buf.chunks_exact_mut(span))
             .map(|(t, b)| (*t, b))
             .collect();
-        super::census::read_exact(pid, &mut parts)?;
+        mem.read_exact(&mut parts)?;
         drop(parts);
         for (t, b) in chunk.iter().zip(buf.chunks_exact(span)) {
             let (pending, chan) = match layout.pending {
@@ -199,9 +227,9 @@ pub fn pending(
     // `f` is a *funcval: its code first. AfterFunc's goFunc runs the func
     // value in `arg` (pointer-shaped, so the interface's data word is the
     // *funcval itself).
-    let fcode = deref_all(pid, live.iter().map(|l| l.1));
+    let fcode = deref_all(mem, live.iter().map(|l| l.1));
     let inner = deref_all(
-        pid,
+        mem,
         live.iter()
             .filter(|l| gofunc != 0 && fcode.get(&l.1) == Some(&gofunc))
             .map(|l| l.2),
@@ -221,7 +249,7 @@ pub fn pending(
 }
 
 /// The word at each distinct address in `addrs` (unreadable ones left out).
-fn deref_all(pid: u32, addrs: impl Iterator<Item = u64>) -> HashMap<u64, u64> {
+fn deref_all(mem: &impl TargetMemory, addrs: impl Iterator<Item = u64>) -> HashMap<u64, u64> {
     let mut distinct: Vec<u64> = addrs.filter(|&a| a != 0).collect();
     distinct.sort_unstable();
     distinct.dedup();
@@ -233,10 +261,10 @@ fn deref_all(pid: u32, addrs: impl Iterator<Item = u64>) -> HashMap<u64, u64> {
             .zip(buf.chunks_exact_mut(8))
             .map(|(a, b)| (*a, b))
             .collect();
-        if super::census::read_exact(pid, &mut parts).is_err() {
+        if mem.read_exact(&mut parts).is_err() {
             // One bad pointer fails the batch: read them one by one.
             for (a, b) in parts.iter_mut() {
-                if super::census::read_exact(pid, &mut [(*a, &mut **b)]).is_err() {
+                if mem.read_exact(&mut [(*a, &mut **b)]).is_err() {
                     b.fill(0);
                 }
             }
@@ -255,10 +283,4 @@ fn deref_all(pid: u32, addrs: impl Iterator<Item = u64>) -> HashMap<u64, u64> {
 
 fn word(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
-}
-
-fn read(pid: u32, addr: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut b = vec![0u8; len];
-    super::census::read_exact(pid, &mut [(addr, &mut b[..])])?;
-    Ok(b)
 }

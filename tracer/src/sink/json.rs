@@ -14,6 +14,8 @@ pub struct JsonSink<W: Write> {
     encoder: Encoder,
     /// `--label` pairs, on every line.
     labels: std::collections::BTreeMap<String, String>,
+    /// The metrics endpoint's URL, told in every `attached` record.
+    metrics: Option<String>,
 }
 
 /// The JSON line of an event at `ts`.
@@ -44,7 +46,14 @@ impl<W: Write> JsonSink<W> {
             out,
             encoder: Encoder::new(),
             labels: Default::default(),
+            metrics: None,
         }
+    }
+
+    /// Tells the metrics endpoint's URL (as bound) in `attached` records.
+    pub fn with_metrics(mut self, url: Option<String>) -> Self {
+        self.metrics = url;
+        self
     }
 
     /// Adds `--label` pairs to every line.
@@ -63,7 +72,11 @@ impl<W: Write> JsonSink<W> {
 
 impl<W: Write> Sink for JsonSink<W> {
     fn attached(&mut self, info: &Attached) -> io::Result<()> {
-        self.emit(Event::Attached(info.clone()), SystemTime::now())
+        let mut info = info.clone();
+        if info.metrics.is_none() {
+            info.metrics.clone_from(&self.metrics);
+        }
+        self.emit(Event::Attached(info), SystemTime::now())
     }
 
     fn snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {

@@ -537,6 +537,7 @@ mod tests {
             ],
             unwind: None,
             kernel: None,
+            metrics: None,
         };
         assert_eq!(probed_files(&info), ["/lib/libc.so.6", "/bin/a"]);
     }

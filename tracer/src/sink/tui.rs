@@ -1490,6 +1490,7 @@ mod tests {
                 usage_bytes: usage,
                 limit_bytes: Some(LIMIT),
                 high_bytes: None,
+                high_events: None,
                 oom_kills: Some(0),
                 pressure_some_avg10: Some(2.5),
             },
