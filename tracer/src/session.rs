@@ -143,8 +143,7 @@ struct Traced {
     /// The target's memory against its limit; None with `--no-alerts`.
     watch: Option<MemoryWatch>,
     exited: bool,
-    /// The lines of /proc/PID/maps that matter (files, code) as last read:
-    /// see [`Maps::read_if_changed`].
+    /// /proc/PID/maps as last read.
     maps_text: Vec<u8>,
     /// (device, inode) of the executable, to notice an exec.
     exe_id: Option<(u64, u64)>,
@@ -430,18 +429,12 @@ impl Traced {
 
     /// Re-reads the maps (new libraries, the executable after exec). A
     /// failed read means the target is exiting: keep the last maps. True
-    /// when they changed (anonymous data does not count).
+    /// when they changed.
     fn refresh_maps(&mut self) -> bool {
         // Unchanged (the common case): nothing to parse, resolve or rebuild.
         if let Ok(Some(maps)) = Maps::read_if_changed(self.pid, &mut self.maps_text)
             && !maps.mappings.is_empty()
         {
-            log::debug!(
-                "pid {}: maps changed: {} file mappings, {} of anonymous code",
-                self.pid,
-                maps.mappings.len(),
-                maps.anon_code.len()
-            );
             if let Some(go) = self.collector.go_mut() {
                 go.resolve(&maps);
             }
@@ -573,15 +566,12 @@ impl Traced {
         if self.exec_happened() {
             return Ok(Step::Exec);
         }
-        let maps_changed = self.refresh_maps();
-        if maps_changed && !kernel.probes_detached() {
+        if self.refresh_maps() && !kernel.probes_detached() {
             self.hook_new_files(kernel, sink)?;
         }
-        // Libraries loaded since (dlopen), the image after exec, JIT code.
-        // Unchanged maps install what is installed already.
-        if maps_changed
-            && let Some(inst) =
-                unwinder.install(kernel, self.pid, self.collector.symbolizer_mut().maps())?
+        // Libraries loaded since (dlopen), the image after exec.
+        if let Some(inst) =
+            unwinder.install(kernel, self.pid, self.collector.symbolizer_mut().maps())?
         {
             unwind_notice(self.pid, &inst, sink)?;
         }

@@ -169,22 +169,15 @@ impl Maps {
         Self::from_text(pid, &text)
     }
 
-    /// [`Self::read`], or None when the lines [`Self::parse`] keeps are
-    /// what `last` holds (then nothing is parsed or resolved again); `last`
-    /// gets the new lines.
-    ///
-    /// Only those lines are compared: a heap growing or shrinking (brk, an
-    /// arena's mprotect, a large block's mmap) changes the text at nearly
-    /// every interval of a busy target, and must not cost a re-parse, path
-    /// resolution and unwinder update each time.
+    /// [`Self::read`], or None when the text is what `last` holds (then
+    /// nothing is parsed or resolved again); `last` gets the new text.
     pub fn read_if_changed(pid: u32, last: &mut Vec<u8>) -> Result<Option<Self>, TracerError> {
         let text = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| proc_error(pid, &e))?;
-        let kept = kept_lines(&text);
-        if kept == *last {
+        if text == *last {
             return Ok(None);
         }
-        let maps = Self::from_text(pid, &kept)?;
-        *last = kept;
+        let maps = Self::from_text(pid, &text)?;
+        *last = text;
         Ok(Some(maps))
     }
 
@@ -234,53 +227,6 @@ impl Maps {
             .filter(|m| m.executable && seen.insert((m.inode, m.path.clone())))
             .collect()
     }
-}
-
-/// The lines of a maps text that [`Maps::parse`] keeps: file-backed
-/// mappings (code, and the data a Go runtime's variables are found in) and
-/// executable anonymous ones (JIT code, the vDSO: the unwinder lists them).
-/// Anonymous data (`[heap]`, `[stack]`, arenas, `[anon:…]`, SysV shared
-/// memory) is left out, with its line's end.
-fn kept_lines(text: &[u8]) -> Vec<u8> {
-    let mut kept = Vec::with_capacity(text.len() / 2);
-    for line in text.split_inclusive(|&b| b == b'\n') {
-        if is_kept(line) {
-            kept.extend_from_slice(line);
-        }
-    }
-    kept
-}
-
-/// Whether one line of /proc/PID/maps ("start-end perms offset dev inode
-/// path") is a mapping [`Maps::parse`] keeps. Mirrors procfs's reading of
-/// the path: empty is anonymous, `[...]` special, `/SYSV…` shared memory;
-/// anything else a file.
-fn is_kept(line: &[u8]) -> bool {
-    let mut rest = line;
-    let _range = next_field(&mut rest);
-    let perms = next_field(&mut rest);
-    // The offset, device and inode.
-    for _ in 0..3 {
-        next_field(&mut rest);
-    }
-    if perms.get(2) == Some(&b'x') {
-        return true;
-    }
-    let path = rest.trim_ascii();
-    !(path.is_empty()
-        || (path.starts_with(b"[") && path.ends_with(b"]"))
-        || path.starts_with(b"/SYSV"))
-}
-
-/// The next whitespace-separated field of `rest`, which moves past it.
-fn next_field<'a>(rest: &mut &'a [u8]) -> &'a [u8] {
-    let tail = rest.trim_ascii_start();
-    let end = tail
-        .iter()
-        .position(u8::is_ascii_whitespace)
-        .unwrap_or(tail.len());
-    *rest = &tail[end..];
-    &tail[..end]
 }
 
 /// Whether `path` is the file `(dev, inode)`.
@@ -546,68 +492,6 @@ mod tests {
             process_of(u32::MAX - 1),
             Err(TracerError::NoSuchProcess(_))
         ));
-    }
-
-    #[test]
-    fn anonymous_data_is_not_a_change_of_the_maps() {
-        let kept = kept_lines(MAPS.as_bytes());
-        let full = Maps::parse(MAPS.as_bytes()).unwrap();
-        let from_kept = Maps::parse(&kept).unwrap();
-        assert_eq!(from_kept.mappings, full.mappings, "every file mapping kept");
-        assert_eq!(
-            from_kept.anon_code, full.anon_code,
-            "JIT code and the vDSO kept"
-        );
-        let kept_text = String::from_utf8(kept.clone()).unwrap();
-        assert!(!kept_text.contains("[heap]") && !kept_text.contains("[stack]"));
-
-        // What a busy allocator does between two intervals: the heap grows,
-        // an arena is carved out of its reservation, a large block is mapped
-        // and another is named.
-        let busy = MAPS
-            .replace(
-                "55d0c1c4e000-55d0c1c6f000 rw-p 00000000 00:00 0 [heap]",
-                "55d0c1c4e000-55d0c1d90000 rw-p 00000000 00:00 0 [heap]",
-            )
-            .replace(
-                "7fff5e7c0000-7fff5e7e1000",
-                "7f1e28000000-7f1e28021000 rw-p 00000000 00:00 0 \n\
-                 7f1e28021000-7f1e2c000000 ---p 00000000 00:00 0 \n\
-                 7f1e2c100000-7f1e2c200000 rw-p 00000000 00:00 0                          [anon:block]\n\
-                 7f1e2d000000-7f1e2d001000 rw-s 00000000 00:01 32769                      /SYSV0000abcd (deleted)\n\
-                 7fff5e7c0000-7fff5e7e1000",
-            );
-        assert_ne!(busy, MAPS);
-        assert_eq!(kept_lines(busy.as_bytes()), kept, "anonymous data changed");
-
-        // Changes that matter: code (JIT) appearing, a file mapped at
-        // another offset, a library loaded.
-        for (what, changed) in [
-            (
-                "anonymous code",
-                MAPS.replace(
-                    "7f1e2b000000-7f1e2b001000 r-xp",
-                    "7f1e2b000000-7f1e2b002000 r-xp",
-                ),
-            ),
-            (
-                "a file's offset",
-                MAPS.replace("r-xp 00026000 fe:01 42", "r-xp 00027000 fe:01 42"),
-            ),
-            (
-                "a data mapping of a file",
-                format!("{MAPS}7f1e2e000000-7f1e2e001000 rw-p 00000000 fe:01 99 /usr/lib/x.so\n"),
-            ),
-            (
-                "execute permission",
-                MAPS.replace(
-                    "55d0c0a00000-55d0c0a01000 r--p",
-                    "55d0c0a00000-55d0c0a01000 r-xp",
-                ),
-            ),
-        ] {
-            assert_ne!(kept_lines(changed.as_bytes()), kept, "{what}");
-        }
     }
 
     #[test]
