@@ -188,7 +188,7 @@ pub fn dwarf_facts(elf: &ElfObject) -> Option<DwarfFacts> {
         gimli::DwarfSections::load(|id| -> Result<std::borrow::Cow<[u8]>, gimli::Error> {
             Ok(file
                 .section_by_name(id.name())
-                .and_then(|s| s.uncompressed_data().ok())
+                .and_then(|s| crate::object::section_bytes(&s))
                 .unwrap_or_default())
         })
         .ok()?;
