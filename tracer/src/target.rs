@@ -331,6 +331,19 @@ impl Target {
     }
 
     /// Whether the process is still running (not gone, not a zombie).
+    /// Whether process `pid` is gone or on its way out (PF_EXITING: the
+    /// kernel has begun tearing it down, and has moved it out of its
+    /// cgroups to the root, e.g. after an OOM kill).
+    pub fn is_exiting(pid: u32) -> bool {
+        const PF_EXITING: u32 = 0x4;
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => procfs::process::Stat::from_read(s.as_bytes())
+                .map(|st| st.state == 'Z' || st.state == 'X' || st.flags & PF_EXITING != 0)
+                .unwrap_or(true),
+            Err(_) => true,
+        }
+    }
+
     pub fn is_alive(pid: u32) -> bool {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Ok(s) => procfs::process::Stat::from_read(s.as_bytes())

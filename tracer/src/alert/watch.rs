@@ -169,6 +169,13 @@ impl MemoryWatch {
 
     /// Reads the memory state, attaches it to `snap`, and alerts when due.
     pub fn update(&mut self, snap: &mut Snapshot, sink: &mut dyn Sink) -> std::io::Result<()> {
+        // A process on its way out (an OOM kill's victim) has been moved to
+        // the root cgroup: reading "its" cgroup now would report the whole
+        // machine. Its memory is the last read.
+        if self.source.is_none() && crate::target::Target::is_exiting(self.pid) {
+            snap.memory = self.last.clone();
+            return Ok(());
+        }
         // The target may have been moved to another cgroup: resolve each time.
         let source = self
             .source
