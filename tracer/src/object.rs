@@ -360,6 +360,35 @@ impl ElfObjects {
     }
 }
 
+/// A section's bytes, decompressed if need be, with memory bounded by what
+/// the compressed data really inflates to. `object`'s own decompression
+/// reserves the size the compression header claims up front: a target's
+/// file claiming 1.4 GB made the tracer allocate that much (found by the
+/// fuzzer). The claimed size is still checked against the result.
+pub fn section_bytes<'d>(section: &impl object::ObjectSection<'d>) -> Option<Cow<'d, [u8]>> {
+    use object::CompressionFormat;
+    use std::io::Read;
+    let compressed = section.compressed_data().ok()?;
+    let claimed = compressed.uncompressed_size;
+    let mut out = Vec::new();
+    match compressed.format {
+        CompressionFormat::None => return Some(Cow::Borrowed(compressed.data)),
+        CompressionFormat::Zlib => {
+            flate2::read::ZlibDecoder::new(compressed.data)
+                .take(claimed)
+                .read_to_end(&mut out)
+                .ok()?;
+        }
+        CompressionFormat::Zstandard => {
+            let mut input = compressed.data;
+            let decoder = ruzstd::decoding::StreamingDecoder::new(&mut input).ok()?;
+            decoder.take(claimed).read_to_end(&mut out).ok()?;
+        }
+        _ => return None,
+    }
+    (out.len() as u64 == claimed).then_some(Cow::Owned(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,33 +595,4 @@ mod tests {
         assert_eq!(file.segments().count(), 0);
         assert_eq!(file.symbols().count(), 0);
     }
-}
-
-/// A section's bytes, decompressed if need be, with memory bounded by what
-/// the compressed data really inflates to. `object`'s own decompression
-/// reserves the size the compression header claims up front: a target's
-/// file claiming 1.4 GB made the tracer allocate that much (found by the
-/// fuzzer). The claimed size is still checked against the result.
-pub fn section_bytes<'d>(section: &impl object::ObjectSection<'d>) -> Option<Cow<'d, [u8]>> {
-    use object::CompressionFormat;
-    use std::io::Read;
-    let compressed = section.compressed_data().ok()?;
-    let claimed = compressed.uncompressed_size;
-    let mut out = Vec::new();
-    match compressed.format {
-        CompressionFormat::None => return Some(Cow::Borrowed(compressed.data)),
-        CompressionFormat::Zlib => {
-            flate2::read::ZlibDecoder::new(compressed.data)
-                .take(claimed)
-                .read_to_end(&mut out)
-                .ok()?;
-        }
-        CompressionFormat::Zstandard => {
-            let mut input = compressed.data;
-            let decoder = ruzstd::decoding::StreamingDecoder::new(&mut input).ok()?;
-            decoder.take(claimed).read_to_end(&mut out).ok()?;
-        }
-        _ => return None,
-    }
-    (out.len() as u64 == claimed).then_some(Cow::Owned(out))
 }
