@@ -1003,6 +1003,37 @@ pub fn is_rfc3339(s: &str) -> bool {
         && s[..4].chars().all(|c| c.is_ascii_digit())
 }
 
+/// Debian's Chromium, headless, offline (a network namespace of its own,
+/// so a page that reached out would fail), on `page` in a window of
+/// `window` ("W,H") with `extra` flags (`--dump-dom`, `--screenshot=…`);
+/// fails the test unless it succeeds.
+pub fn headless_chromium(page: &Path, window: &str, extra: &[&str]) -> std::process::Output {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("chromium: `cargo xtask test` installs Debian's package");
+    let out = Command::new("unshare")
+        .args([
+            "-n",
+            chromium,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+        ])
+        .arg("--hide-scrollbars")
+        .arg(format!("--window-size={window}"))
+        .args(extra)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("unshare and chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A memory cgroup with a hard limit, owned by a test: on drop its processes
 /// are killed and it is removed.
 pub struct MemCgroup {

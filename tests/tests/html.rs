@@ -12,33 +12,9 @@ const T: Duration = Duration::from_secs(120);
 /// Chromium's DOM of `page`, rendered in a network namespace of its own
 /// (no network at all), and a screenshot of it into `png`.
 fn render_offline(page: &Path, png: &Path) -> String {
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("chromium: `cargo xtask test` installs Debian's package");
-    let run = |extra: &[&str]| {
-        let out = Command::new("unshare")
-            .args([
-                "-n",
-                chromium,
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-            ])
-            .args(["--hide-scrollbars", "--window-size=1100,2400"])
-            .args(extra)
-            .arg(format!("file://{}", page.display()))
-            .output()
-            .expect("unshare and chromium");
-        assert!(
-            out.status.success(),
-            "chromium failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    };
-    let dom = String::from_utf8(run(&["--dump-dom"]).stdout).unwrap();
-    run(&[&format!("--screenshot={}", png.display())]);
+    let window = "1100,2400";
+    let dom = String::from_utf8(headless_chromium(page, window, &["--dump-dom"]).stdout).unwrap();
+    headless_chromium(page, window, &[&format!("--screenshot={}", png.display())]);
     dom
 }
 

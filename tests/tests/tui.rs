@@ -273,27 +273,10 @@ fn screenshot(ansi: &str) {
     let page = artifacts.join("tui-screen.html");
     std::fs::write(&page, ansi_to_html(ansi)).unwrap();
     let png = artifacts.join("tui.png");
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("chromium: `cargo xtask test` installs Debian's package");
-    let out = Command::new("unshare")
-        .args([
-            "-n",
-            chromium,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-        ])
-        .args(["--hide-scrollbars", "--window-size=1300,430"])
-        .arg(format!("--screenshot={}", png.display()))
-        .arg(format!("file://{}", page.display()))
-        .output()
-        .expect("unshare and chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    headless_chromium(
+        &page,
+        "1300,430",
+        &[&format!("--screenshot={}", png.display())],
     );
     let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
     assert!(
