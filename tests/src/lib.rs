@@ -16,6 +16,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod allocs;
+
 /// The repository: where the fixtures' sources and the JSON Schema are.
 /// `TRACER_WORKSPACE` moves it (the VMs of `cargo xtask vmtest` carry a
 /// copy of those files, not the build tree).
@@ -1151,6 +1153,84 @@ pub fn ts_secs(ts: &str) -> f64 {
     let mi: f64 = hms.next().unwrap().parse().unwrap();
     let s: f64 = hms.next().unwrap().parse().unwrap();
     days as f64 * 86400.0 + h * 3600.0 + mi * 60.0 + s
+}
+
+/// How long the helpers below wait for a target's line or exit.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Attaches (with `extra` flags) to a target following allocs.c's protocol,
+/// lets it allocate and exit, and returns the whole stream and its pid. The
+/// target must exit 0, the tracer report its exit and then exit 0 itself.
+pub fn attach_until_exit(cmd: &mut Command, extra: &[&str]) -> (Vec<Value>, u32) {
+    attach_until_exit_env(cmd, extra, &[])
+}
+
+/// [`attach_until_exit`] with environment variables for the tracer.
+pub fn attach_until_exit_env(
+    cmd: &mut Command,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<Value>, u32) {
+    let mut target = Proc::spawn(cmd);
+    target.expect_line("ready", WAIT);
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .args(extra)
+        .envs(env)
+        .on_attached(|_| target.send("go"))
+        .start();
+    target.expect_line("done", WAIT);
+    // The target's code, read while it still runs: every frame reported
+    // must lie in it (a walk that left the stack is cut, not reported).
+    let code = code_ranges(target.pid());
+    target.close_stdin();
+    assert_eq!(
+        target.wait(WAIT),
+        Some(0),
+        "the target must run normally while traced"
+    );
+    let exited = stream.next_of("target_exited", WAIT);
+    assert_eq!(exited["pid"], target.pid());
+    let report = stream.next_of("report", WAIT);
+    assert_eq!(report["reason"], "target_exited");
+    for site in report["sites"].as_array().unwrap() {
+        for f in site["frames"].as_array().unwrap() {
+            if f["function"] == "[unknown stack]" {
+                continue;
+            }
+            let pc = f["addr"].as_u64().unwrap().saturating_sub(1);
+            assert!(
+                code.iter().any(|&(lo, hi)| lo <= pc && pc < hi),
+                "frame {f} is outside the target's executable mappings {code:x?}"
+            );
+        }
+    }
+    assert_eq!(
+        tracer.wait(WAIT),
+        Some(0),
+        "the tracer exits 0 when the target exits"
+    );
+    (stream.seen, target.pid())
+}
+
+/// The executable mappings of a running process, from /proc/PID/maps.
+pub fn code_ranges(pid: u32) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
+        .map(|l| {
+            let (lo, hi) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            (
+                u64::from_str_radix(lo, 16).unwrap(),
+                u64::from_str_radix(hi, 16).unwrap(),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

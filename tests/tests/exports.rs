@@ -175,12 +175,25 @@ fn pprof_profile_and_report_replay() {
         raw.text
     );
     // Exact figures, as the JSON reports them (libc.rs checks those).
+    // leak_malloc frees nothing: what it allocated is what it holds.
+    let &(.., bytes, count, allocs, _) = allocs::expected("leak_malloc");
     let leak = raw.at("leak_malloc");
-    assert_eq!(leak.values, [10, 10000, 10, 10000], "{}", raw.text);
+    assert_eq!(
+        leak.values,
+        [allocs, bytes, count, bytes].map(|v| v as i64),
+        "{}",
+        raw.text
+    );
     assert_eq!(leak.functions[1..3], ["run_all", "main"]);
     assert!(leak.labels.contains("kind:[heap]"), "{leak:?}");
     let mapped = raw.at("leak_mmap");
-    assert_eq!(mapped.values[2..], [2, 131072], "{}", raw.text);
+    let &(.., bytes, count, _, _) = allocs::expected("mmap");
+    assert_eq!(
+        mapped.values[2..],
+        [count, bytes].map(|v| v as i64),
+        "{}",
+        raw.text
+    );
     assert!(mapped.labels.contains("kind:[mmap]"), "{mapped:?}");
     // inline_alloc was inlined into leak_inlined: both are lines of one
     // location, innermost first.
@@ -260,10 +273,11 @@ fn report_of_a_cut_recording_uses_its_last_snapshot() {
         .start();
     target.expect_line("done", T);
     let line = marker_line(&source("c/allocs.c"), "leak_malloc");
-    stream.next_of_where("snapshot", "leak_malloc holding 10000 B", T, |v| {
+    let leak_bytes = allocs::bytes_at("leak_malloc");
+    stream.next_of_where("snapshot", "leak_malloc holding its blocks", T, |v| {
         sites_at(v, "heap", "leak_malloc", line)
             .first()
-            .is_some_and(|s| s["outstanding_bytes"] == 10000)
+            .is_some_and(|s| s["outstanding_bytes"] == leak_bytes)
     });
     // As the OOM killer or `kill -9` would: no final report.
     tracer.signal(libc::SIGKILL);
@@ -282,7 +296,7 @@ fn report_of_a_cut_recording_uses_its_last_snapshot() {
     assert_eq!(report["reason"], "recorded");
     assert_eq!(
         site_at(report, "heap", "leak_malloc", line)["outstanding_bytes"],
-        10000
+        leak_bytes
     );
 }
 
@@ -297,10 +311,16 @@ fn prometheus_scrapes_bounded_site_series() {
     // The tracer binds port 0 and tells the port it got. Prometheus cannot:
     // it gets a port free a moment ago, and another when that one is taken
     // before it binds it.
+    // Keep the series of the sites down to leak_malloc's rank by size (the
+    // glibc DTV site allocs::heap_sites counts is smaller than any).
+    let leak_bytes = allocs::bytes_at("leak_malloc");
+    let shown = 1 + allocs::EXPECTED
+        .iter()
+        .filter(|e| e.0 == "heap" && e.3 > leak_bytes)
+        .count();
     let (mut tracer, mut stream, attached) = Tracing::attach(target.pid())
-        // allocs holds 13 heap sites; leak_malloc is the 4th largest.
         .args(["--prometheus", "127.0.0.1:0"])
-        .args(["--prometheus-sites", "4"])
+        .args(["--prometheus-sites", &shown.to_string()])
         .on_attached(|_| target.send("go"))
         .start();
     let metrics_port = metrics_port(&attached);
@@ -362,13 +382,15 @@ fn prometheus_scrapes_bounded_site_series() {
     let mut last = Vec::new();
     let leak = poll_until(T, Duration::from_millis(250), || {
         let r = query(leak_q);
-        let held = r.first().is_some_and(|first| value(first) == 10000.0);
+        let held = r
+            .first()
+            .is_some_and(|first| value(first) == leak_bytes as f64);
         last.clone_from(&r);
         held.then_some(r)
     })
     .unwrap_or_else(|| {
         panic!(
-            "Prometheus never saw leak_malloc at 10000 B within {T:?} (last: {last:?}); its log:\n{}",
+            "Prometheus never saw leak_malloc at {leak_bytes} B within {T:?} (last: {last:?}); its log:\n{}",
             std::fs::read_to_string(&log_path).unwrap_or_default()
         )
     });
@@ -377,22 +399,28 @@ fn prometheus_scrapes_bounded_site_series() {
     assert_eq!(labels["pid"], target.pid().to_string());
     assert_eq!(labels["site"].as_str().unwrap().len(), 12, "{labels}");
     let objects = query("tracer_site_outstanding_objects{function=\"leak_malloc\"}");
-    assert_eq!(value(&objects[0]), 10.0);
+    assert_eq!(value(&objects[0]), allocs::expected("leak_malloc").4 as f64);
     let up = query("up{job=\"tracer\"}");
     assert_eq!(value(&up[0]), 1.0, "the scrape succeeds: {up:?}");
-    // Bounded: 4 heap sites and one aggregate, which loses nothing.
+    // Bounded: the sites asked for and one aggregate, which loses nothing.
     let heap = query("tracer_site_outstanding_bytes{kind=\"heap\"}");
-    assert_eq!(heap.len(), 5, "{heap:?}");
+    assert_eq!(heap.len(), shown + 1, "{heap:?}");
     let other: Vec<&Value> = heap
         .iter()
         .filter(|r| r["metric"]["site"] == "other")
         .collect();
     assert_eq!(other.len(), 1, "{heap:?}");
-    assert_eq!(other[0]["metric"]["function"], "[9 other sites]");
+    assert_eq!(
+        other[0]["metric"]["function"],
+        format!("[{} other sites]", allocs::heap_sites() - shown)
+    );
     let sum: f64 = heap.iter().map(value).sum();
     let total = query("tracer_outstanding_bytes{kind=\"heap\"}");
     assert_eq!(sum, value(&total[0]));
-    assert_eq!(value(&query("tracer_sites{kind=\"heap\"}")[0]), 13.0);
+    assert_eq!(
+        value(&query("tracer_sites{kind=\"heap\"}")[0]),
+        allocs::heap_sites() as f64
+    );
     // The tracer's health is there too.
     let lost = query("tracer_lost_total");
     assert!(lost.len() >= 7, "{lost:?}");
@@ -496,13 +524,16 @@ fn folded_stacks_and_flame_graph() {
     let text = std::fs::read_to_string(&folded).unwrap();
     let image = std::fs::read_to_string(&svg).unwrap();
     assert!(
-        text.lines()
-            .any(|l| l == "heap;main;run_all;leak_malloc 10000"),
+        text.lines().any(|l| l
+            == format!(
+                "heap;main;run_all;leak_malloc {}",
+                allocs::bytes_at("leak_malloc")
+            )),
         "{text}"
     );
     assert!(
         text.lines()
-            .any(|l| l == "mmap;main;run_all;leak_mmap 131072"),
+            .any(|l| l == format!("mmap;main;run_all;leak_mmap {}", allocs::bytes_at("mmap"))),
         "{text}"
     );
     assert!(

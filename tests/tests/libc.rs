@@ -4,46 +4,9 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
-use tracer_tests::*;
+use tracer_tests::{allocs::EXPECTED, *};
 
 const T: Duration = Duration::from_secs(60);
-
-/// What tests/fixtures/c/allocs.c leaves behind, per site:
-/// (kind, innermost function, SITE marker, outstanding bytes, outstanding
-/// blocks, allocs, frees).
-const EXPECTED: &[(&str, &str, &str, u64, u64, u64, u64)] = &[
-    ("heap", "leak_malloc", "leak_malloc", 10_000, 10, 10, 0),
-    ("heap", "leak_calloc", "leak_calloc", 5_120, 5, 5, 0),
-    ("heap", "grow_realloc", "realloc_grow", 15_000, 3, 3, 0),
-    // realloc moved these blocks to the realloc site.
-    ("heap", "grow_realloc", "realloc_seed", 0, 0, 3, 3),
-    (
-        "heap",
-        "leak_posix_memalign",
-        "posix_memalign",
-        8_192,
-        4,
-        4,
-        0,
-    ),
-    (
-        "heap",
-        "leak_aligned_alloc",
-        "aligned_alloc",
-        8_192,
-        2,
-        2,
-        0,
-    ),
-    ("heap", "leak_memalign", "memalign", 1_000, 2, 2, 0),
-    ("heap", "leak_reallocarray", "reallocarray", 1_000, 1, 1, 0),
-    ("mmap", "leak_mmap", "mmap", 131_072, 2, 3, 1),
-    // Served by mmap inside malloc: a heap site, never also an mmap site.
-    ("heap", "leak_big", "big_malloc", 2 << 20, 2, 2, 0),
-    ("heap", "inline_alloc", "inline_inner", 2_100, 3, 3, 0),
-    ("heap", "churn", "churn", 0, 0, 10_000, 10_000),
-    ("heap", "thread_main", "thread_malloc", 12_000, 4, 4, 0),
-];
 
 /// A site's (outstanding bytes, outstanding blocks, allocs, frees) are
 /// exactly `want`; `what` names the case in the failure.
@@ -61,12 +24,8 @@ fn assert_figures(site: &Value, want: (u64, u64, u64, u64), what: &str) {
     );
 }
 
-fn allocs_src() -> std::path::PathBuf {
-    source("c/allocs.c")
-}
-
 fn assert_exact_sites(report: &Value, full_stacks: bool) {
-    let src = allocs_src();
+    let src = allocs::src();
     for &(kind, function, marker, bytes, count, allocs, frees) in EXPECTED {
         let line = marker_line(&src, marker);
         let site = site_at(report, kind, function, line);
@@ -254,81 +213,6 @@ fn attach_cmd(cmd: &mut Command, full_stacks: bool) {
     let (stream, pid) = attach_until_exit(cmd, &[]);
     assert_schema(&stream, pid);
     assert_exact_sites(stream.last().unwrap(), full_stacks);
-}
-
-/// Attaches (with `extra` flags) to a target following allocs.c's protocol,
-/// lets it allocate and exit, and returns the whole stream and its pid. The
-/// target must exit 0, the tracer report its exit and then exit 0 itself.
-fn attach_until_exit(cmd: &mut Command, extra: &[&str]) -> (Vec<Value>, u32) {
-    attach_until_exit_env(cmd, extra, &[])
-}
-
-/// [`attach_until_exit`] with environment variables for the tracer.
-fn attach_until_exit_env(
-    cmd: &mut Command,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> (Vec<Value>, u32) {
-    let mut target = Proc::spawn(cmd);
-    target.expect_line("ready", T);
-    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
-        .args(extra)
-        .envs(env)
-        .on_attached(|_| target.send("go"))
-        .start();
-    target.expect_line("done", T);
-    // The target's code, read while it still runs: every frame reported
-    // must lie in it (a walk that left the stack is cut, not reported).
-    let code = code_ranges(target.pid());
-    target.close_stdin();
-    assert_eq!(
-        target.wait(T),
-        Some(0),
-        "the target must run normally while traced"
-    );
-    let exited = stream.next_of("target_exited", T);
-    assert_eq!(exited["pid"], target.pid());
-    let report = stream.next_of("report", T);
-    assert_eq!(report["reason"], "target_exited");
-    for site in report["sites"].as_array().unwrap() {
-        for f in site["frames"].as_array().unwrap() {
-            if f["function"] == "[unknown stack]" {
-                continue;
-            }
-            let pc = f["addr"].as_u64().unwrap().saturating_sub(1);
-            assert!(
-                code.iter().any(|&(lo, hi)| lo <= pc && pc < hi),
-                "frame {f} is outside the target's executable mappings {code:x?}"
-            );
-        }
-    }
-    assert_eq!(
-        tracer.wait(T),
-        Some(0),
-        "the tracer exits 0 when the target exits"
-    );
-    (stream.seen, target.pid())
-}
-
-/// The executable mappings of a running process, from /proc/PID/maps.
-fn code_ranges(pid: u32) -> Vec<(u64, u64)> {
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .unwrap()
-        .lines()
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
-        .map(|l| {
-            let (lo, hi) = l
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .split_once('-')
-                .unwrap();
-            (
-                u64::from_str_radix(lo, 16).unwrap(),
-                u64::from_str_radix(hi, 16).unwrap(),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -610,7 +494,7 @@ fn sampling_keeps_large_blocks_exact_and_estimates_the_rest() {
         &["--sample-bytes", "4096"],
     );
     let report = stream.last().unwrap();
-    let src = allocs_src();
+    let src = allocs::src();
     let at = |f: &str, m: &str| site_at(report, "heap", f, marker_line(&src, m));
     // At or above the rate: kept every time, weight 1.
     assert_eq!(at("leak_big", "big_malloc")["outstanding_bytes"], 2 << 20);
@@ -653,7 +537,7 @@ fn sampled_out_calls_skip_their_return_and_stay_consistent() {
     if !privileged("sampled_out_calls_skip_their_return_and_stay_consistent") {
         return;
     }
-    let src = allocs_src();
+    let src = allocs::src();
     for (env, program, foreign) in [
         (None, "alloc_session", false),
         // Another tool's uretprobe on malloc swaps return addresses for the
@@ -801,15 +685,19 @@ fn colliding_stacks_fall_back_to_the_tracers_own_table() {
         "{}",
         describe_sites(report)
     );
-    let src = allocs_src();
-    for (function, marker, bytes) in [
-        ("leak_malloc", "leak_malloc", 10_000),
-        ("leak_calloc", "leak_calloc", 5_120),
-        ("leak_posix_memalign", "posix_memalign", 8_192),
-        ("leak_memalign", "memalign", 1_000),
+    let src = allocs::src();
+    for (function, marker) in [
+        ("leak_malloc", "leak_malloc"),
+        ("leak_calloc", "leak_calloc"),
+        ("leak_posix_memalign", "posix_memalign"),
+        ("leak_memalign", "memalign"),
     ] {
         let site = site_at(report, "heap", function, marker_line(&src, marker));
-        assert_eq!(site["outstanding_bytes"], bytes, "{function}");
+        assert_eq!(
+            site["outstanding_bytes"],
+            allocs::bytes_at(marker),
+            "{function}"
+        );
         let frames: Vec<&str> = site["frames"]
             .as_array()
             .unwrap()
@@ -1110,7 +998,7 @@ fn a_deleted_binary_is_traced_and_named_so() {
         &report,
         "heap",
         function,
-        marker_line(&allocs_src(), marker),
+        marker_line(&allocs::src(), marker),
     );
     assert_eq!(
         site["frames"][0]["module"],
@@ -1199,7 +1087,7 @@ fn forked_children_are_traced_as_their_own_targets() {
     };
     assert_exact_sites(of(child), true);
     let parent_report = of(parent.pid());
-    let src = allocs_src();
+    let src = allocs::src();
     let own = site_at(
         parent_report,
         "heap",

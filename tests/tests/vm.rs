@@ -53,27 +53,19 @@ fn missing_kernel_features_fall_back_with_a_notice() {
     }
     let release = release();
     let v = version(&release);
-    let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
-    target.expect_line("ready", T);
     // Sampling asks for uprobe sessions; 1 byte keeps every block (p = 1),
     // so the figures stay exact.
-    let (mut tracer, mut stream, attached) = Tracing::attach(target.pid())
-        .args(["--sample-bytes", "1"])
-        .attach_within(T)
-        .on_attached(|_| target.send("go"))
-        .start();
-    target.expect_line("done", T);
-    target.close_stdin();
-    assert_eq!(target.wait(T), Some(0));
-    let report = stream.next_of("report", T);
-    assert_eq!(tracer.wait(T), Some(0));
-
+    let (stream, _) = attach_until_exit(
+        Command::new(fixture("allocs-fp")).arg("wait"),
+        &["--sample-bytes", "1"],
+    );
+    let attached = &stream[0];
+    let report = stream.iter().rfind(|e| e["type"] == "report").unwrap();
     let kernel = &attached["kernel"];
     assert_eq!(kernel["release"], release.as_str(), "{attached}");
     assert_eq!(kernel["batched_uprobes"], v >= (6, 6), "{kernel}");
     assert_eq!(kernel["uprobe_sessions"], v >= (6, 13), "{kernel}");
     let notices: Vec<&str> = stream
-        .seen
         .iter()
         .filter(|e| e["type"] == "notice")
         .map(|e| e["message"].as_str().unwrap())
@@ -89,22 +81,15 @@ fn missing_kernel_features_fall_back_with_a_notice() {
         v < (6, 13),
         "Linux {release}: {notices:?}"
     );
-    // allocs.c's arithmetic (leak_malloc: 10 x 1000 B), whichever way the
-    // probes went in.
-    let src = source("c/allocs.c");
-    let leak = site_at(
-        &report,
-        "heap",
-        "leak_malloc",
-        marker_line(&src, "leak_malloc"),
-    );
+    // allocs.c's arithmetic, whichever way the probes went in.
+    let &(kind, function, marker, bytes, count, ..) = allocs::expected("leak_malloc");
+    let leak = site_at(report, kind, function, marker_line(&allocs::src(), marker));
     assert_eq!(
-        leak["outstanding_bytes"],
-        10_000,
+        (&leak["outstanding_bytes"], &leak["outstanding_count"]),
+        (&bytes.into(), &count.into()),
         "{}",
-        describe_sites(&report)
+        describe_sites(report)
     );
-    assert_eq!(leak["outstanding_count"], 10);
 }
 
 /// A container's group has no limit of its own; its parent (the pod) has.
