@@ -547,18 +547,32 @@ mod tests {
         assert!(version_tokens(b"nothing here").is_empty());
     }
 
+    /// Which row a version gets. The rows' values are not repeated here:
+    /// tests/gopclntab.rs checks each against that release's DWARF.
     #[test]
-    fn offsets_table_and_future_versions() {
-        let (o, known) = offsets_for(&parse_version("go1.23.9").unwrap());
-        assert!(known);
-        assert_eq!((o.g_goid, o.g_gopc, o.g_startpc), (160, 288, 304));
-        assert_eq!(o.timer_period, 24);
-        let (o, known) = offsets_for(&parse_version("go1.21.13").unwrap());
-        assert!(known);
-        assert_eq!(o.g_goid, 152);
-        let (o, known) = offsets_for(&parse_version("go1.31.0").unwrap());
-        assert!(!known, "unknown future version");
-        assert_eq!(o, offsets_for(&parse_version("go1.27.3").unwrap()).0);
+    fn offsets_row_per_release_and_the_newest_for_future_versions() {
+        let row = |v: &str| offsets_for(&parse_version(v).unwrap());
+        let newest_minor = (OLDEST_MINOR..100)
+            .take_while(|m| row(&format!("go1.{m}.0")).1)
+            .last()
+            .unwrap();
+        assert!(newest_minor > OLDEST_MINOR, "a table of one release");
+        let newest = row(&format!("go1.{newest_minor}.0")).0;
+        // Patch releases share their minor's row.
+        for m in OLDEST_MINOR..=newest_minor {
+            assert_eq!(row(&format!("go1.{m}.0")), row(&format!("go1.{m}.13")));
+        }
+        // Layouts do change between releases: not one row for all.
+        assert_ne!(row(&format!("go1.{OLDEST_MINOR}.0")).0, newest);
+        // Newer than the table: the newest row, and not known (the caller
+        // warns).
+        for future in [format!("go1.{}.0", newest_minor + 1), "go2.0.0".into()] {
+            let (o, known) = row(&future);
+            assert!(!known, "{future}");
+            assert_eq!(o, newest, "{future}");
+        }
+        // Older than the table: not known either.
+        assert!(!row(&format!("go1.{}.9", OLDEST_MINOR - 1)).1);
     }
 
     #[test]
