@@ -15,12 +15,16 @@ use tracer_common::{
 
 use crate::counters::count;
 
+/// Entries allocated as they are inserted, not all at load: see
+/// [`ALLOCS`].
+const NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
 /// The traced processes: tgid → [`tracer_common::target`] bits. The
 /// uprobes are scoped to their processes already; this tells them apart in
 /// the shared maps, guards against a probe shared with another consumer on
 /// the same inode, and lets the fork tracepoint add children.
 #[map]
-pub(crate) static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+pub(crate) static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, NO_PREALLOC);
 
 /// Wakes the collector when a target forks a process it follows or execs
 /// (a tgid each): the new image runs unprobed until it is hooked. A full
@@ -35,7 +39,7 @@ pub(crate) static PAGE_SIZE: u64 = 4096;
 /// Struct offsets of each traced Go process's runtime, by tgid.
 #[map]
 pub(crate) static GO_RUNTIMES: HashMap<u32, GoOffsets> =
-    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, NO_PREALLOC);
 
 /// Sampling rate in bytes (`--sample-bytes`); 0 traces every allocation.
 /// Set before attach; `--max-overhead` raises it while tracing (each kept
@@ -51,26 +55,26 @@ pub(crate) static PROBE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(P
 /// Pending timers created since attach: *runtime.timer → creation stack id.
 #[map]
 pub(crate) static GO_TIMERS: HashMap<ProcKey, u32> =
-    HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, NO_PREALLOC);
 
 /// Live goroutines created since attach: goid → creation site. Keyed by goid:
 /// g structs are reused, goids are not.
 #[map]
 pub(crate) static GO_GOROUTINES: HashMap<ProcKey, GoSiteKey> =
-    HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_GOROUTINES, NO_PREALLOC);
 
 /// Goroutines per creation site: outstanding_count = alive, allocs = created,
 /// frees = exited.
 #[map]
 pub(crate) static GO_SITES: HashMap<GoSiteKey, SiteStats> =
-    HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_SITES, NO_PREALLOC);
 
 /// The Go runtime's memory-profile buckets seen since attach: allocs and
 /// frees of sampled objects. The bucket (never freed by the runtime) holds the
 /// allocation stack and the object size, read by the collector.
 #[map]
 pub(crate) static GO_BUCKETS: HashMap<ProcKey, SiteStats> =
-    HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_SITES, NO_PREALLOC);
 
 /// Allocator calls in flight, per thread. LRU: entries whose return is not
 /// probed (OP_NO_RETURN) are never removed, and threads that exit leave theirs
@@ -82,11 +86,11 @@ pub(crate) static PENDING: LruHashMap<u64, Pending> =
 
 #[map]
 pub(crate) static ALLOCS: HashMap<ProcKey, AllocInfo> =
-    HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, NO_PREALLOC);
 
 #[map]
 pub(crate) static SITES: HashMap<SiteKey, SiteStats> =
-    HashMap::with_max_entries(DEFAULT_MAX_SITES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_SITES, NO_PREALLOC);
 
 #[map]
 pub(crate) static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
@@ -138,12 +142,12 @@ pub(crate) static UNWIND_BISECT: PerCpuArray<crate::unwind::Bisect> =
 /// Targets the OOM killer chose, by tgid.
 #[map]
 pub(crate) static OOM_VICTIM: HashMap<u32, OomVictim> =
-    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, NO_PREALLOC);
 
 /// Targets' exit statuses (wait(2)'s form), by tgid.
 #[map]
 pub(crate) static EXIT_STATUS: HashMap<u32, u64> =
-    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, NO_PREALLOC);
 
 /// Offset of `exit_code` in `task_struct`, from the kernel's BTF; 0:
 /// unknown. Set before load.

@@ -78,6 +78,22 @@ pub enum TracerError {
     Load(String),
 
     #[error(
+        "the eBPF maps need {} of kernel memory and the tracer itself about 32 MiB, but the \
+         tracer's own memory cgroup {} has {} left of its {} limit; {hint}",
+        crate::sink::human_bytes(*.need as f64),
+        .cgroup.display(),
+        crate::sink::human_bytes(*.free as f64),
+        crate::sink::human_bytes(*.limit as f64)
+    )]
+    MapsDoNotFit {
+        need: u64,
+        free: u64,
+        limit: u64,
+        cgroup: std::path::PathBuf,
+        hint: &'static str,
+    },
+
+    #[error(
         "this tracer was built without the eBPF object: run `cargo xtask build` (which builds \
          the kernel side first) and use the binary it makes"
     )]
@@ -149,6 +165,7 @@ impl TracerError {
             | Self::NoUprobes(_)
             | Self::KernelTooOld { .. } => 4,
             Self::Load(_)
+            | Self::MapsDoNotFit { .. }
             | Self::NoEbpfObject
             | Self::Attach { .. }
             | Self::MapRead { .. }
