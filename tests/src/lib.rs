@@ -641,6 +641,8 @@ pub struct Tracing<'h> {
     stderr: Option<Stdio>,
     attach_timeout: Duration,
     hook: Option<Hook<'h>>,
+    /// `cgroup.procs` of the group the tracer starts in.
+    cgroup: Option<std::ffi::CString>,
 }
 
 /// What [`Tracing::on_attached`] runs.
@@ -675,6 +677,7 @@ impl<'h> Tracing<'h> {
             output: None,
             stderr: None,
             attach_timeout: ATTACH_TIMEOUT,
+            cgroup: None,
             hook: None,
         }
     }
@@ -732,6 +735,15 @@ impl<'h> Tracing<'h> {
         self
     }
 
+    /// Starts the tracer inside `group` (it moves itself there before it
+    /// execs, so that everything it allocates is charged to the group).
+    pub fn in_cgroup(mut self, group: &MemCgroup) -> Self {
+        let procs = group.dir.join("cgroup.procs");
+        self.cgroup =
+            Some(std::ffi::CString::new(procs.into_os_string().into_encoded_bytes()).unwrap());
+        self
+    }
+
     /// An environment variable for the tracer.
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
@@ -786,6 +798,23 @@ impl<'h> Tracing<'h> {
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(stderr) = self.stderr.take() {
             cmd.stderr(stderr);
+        }
+        if let Some(procs) = self.cgroup.clone() {
+            use std::os::unix::process::CommandExt;
+            // Between fork and exec: no allocation, only system calls. "0"
+            // is the writing process, in either cgroup version.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written == 1 { Ok(()) } else { Err(err) }
+                });
+            }
         }
         cmd
     }

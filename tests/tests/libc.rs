@@ -1531,3 +1531,52 @@ fn allocator_libraries_own_entry_points_are_exact() {
         }
     }
 }
+
+/// Run inside a container's memory cgroup (`kubectl exec` into the pod), the
+/// tracer's eBPF maps are charged to that group. Maps that would not fit are
+/// refused before anything is loaded, with what to do, and the target is
+/// left alone; smaller maps, as the message says, then trace it exactly.
+#[test]
+fn maps_too_large_for_the_tracers_own_cgroup_are_refused_then_shrunk() {
+    const TEST: &str = "maps_too_large_for_the_tracers_own_cgroup_are_refused_then_shrunk";
+    if !privileged(TEST) {
+        return;
+    }
+    // The default maps take 121 MiB of kernel memory as Linux 6.18 counts
+    // them (the `memlock` of each map in /proc/PID/fdinfo), the smaller
+    // ones below about 15 MiB.
+    let Some(group) = MemCgroup::create("own", 96 << 20) else {
+        return;
+    };
+    let mut target = Proc::spawn(Command::new(fixture("allocs-fp")).arg("wait"));
+    target.expect_line("ready", T);
+    let Err(refused) = Tracing::attach(target.pid()).in_cgroup(&group).try_start() else {
+        panic!("the default maps were loaded in a 96 MiB group");
+    };
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    let dir = group.dir.to_str().unwrap();
+    for needle in [dir, "kubectl exec", "--max-allocs", "--max-stacks"] {
+        assert!(
+            refused.stderr.contains(needle),
+            "{needle}: {}",
+            refused.stderr
+        );
+    }
+    assert!(!refused.stderr.contains("panicked"), "{}", refused.stderr);
+
+    let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
+        .in_cgroup(&group)
+        .args(["--max-allocs", "65536", "--max-sites", "4096"])
+        .args(["--max-stacks", "4096", "--max-goroutines", "4096"])
+        .on_attached(|_| target.send("go"))
+        .start();
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", tracer.pid())).unwrap();
+    let name = group.dir.file_name().unwrap().to_str().unwrap();
+    assert!(own.contains(name), "the tracer runs in {name}: {own}");
+    target.expect_line("done", T);
+    target.close_stdin();
+    assert_eq!(target.wait(T), Some(0), "the target runs normally");
+    let report = stream.next_of("report", T);
+    assert_eq!(tracer.wait(T), Some(0));
+    assert_exact_sites(&report, true);
+}

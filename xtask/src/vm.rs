@@ -59,6 +59,7 @@ const SUITE: &[(&str, &[&str])] = &[
             "threads_freeing_each_others_blocks_and_realloc_corners_are_exact",
             "forked_children_are_traced_as_their_own_targets",
             "a_cgroup_v2_directory_is_traced_whole",
+            "maps_too_large_for_the_tracers_own_cgroup_are_refused_then_shrunk",
         ],
     ),
     (
