@@ -1535,7 +1535,8 @@ fn allocator_libraries_own_entry_points_are_exact() {
 /// Run inside a container's memory cgroup (`kubectl exec` into the pod), the
 /// tracer's eBPF maps are charged to that group. Maps that would not fit are
 /// refused before anything is loaded, with what to do, and the target is
-/// left alone; smaller maps, as the message says, then trace it exactly.
+/// left alone; `tracer watch` fits; smaller maps, as the message says, then
+/// trace it exactly.
 #[test]
 fn maps_too_large_for_the_tracers_own_cgroup_are_refused_then_shrunk() {
     const TEST: &str = "maps_too_large_for_the_tracers_own_cgroup_are_refused_then_shrunk";
@@ -1563,6 +1564,14 @@ fn maps_too_large_for_the_tracers_own_cgroup_are_refused_then_shrunk() {
         );
     }
     assert!(!refused.stderr.contains("panicked"), "{}", refused.stderr);
+    // `tracer watch` hangs no probe: it needs no map for blocks, sites or
+    // stacks, and fits at the default sizes.
+    let (mut watcher, mut stream, attached) =
+        Tracing::watch(target.pid()).in_cgroup(&group).start();
+    assert_eq!(attached["probes"].as_array().unwrap().len(), 0);
+    watcher.signal(libc::SIGINT);
+    stream.next_of("report", T);
+    assert_eq!(watcher.wait(T), Some(0));
 
     let (mut tracer, mut stream, _) = Tracing::attach(target.pid())
         .in_cgroup(&group)

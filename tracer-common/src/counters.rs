@@ -66,7 +66,7 @@ counters! {
     /// Live blocks that could not be tracked because the address map was full.
     /// Their bytes are missing from outstanding totals.
     AddrMapFull = 3, "addr_map_full", Lost,
-        "blocks untracked (address map full, raise --max-allocs)";
+        "blocks untracked (address map full, raise --max-allocs or sample with --sample-bytes)";
     /// Sites that could not be created because the site map was full.
     SiteMapFull = 4, "site_map_full", Lost,
         "allocations unaccounted (site map full, raise --max-sites)";

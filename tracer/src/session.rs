@@ -1083,7 +1083,7 @@ pub async fn watch(pid: u32, opts: &Options, sink: &mut dyn Sink) -> Result<(), 
     let target = Target::resolve(pid)?;
     target::check_environment()?;
     let exit_fd = PidFd::open(pid)?;
-    let mut kernel = Kernel::load(opts.sizes)?;
+    let mut kernel = Kernel::load(opts.sizes.without_probes())?;
     kernel.add_target(pid, target_bits(false), None)?;
     let info = Attached {
         schema_version: SCHEMA_VERSION,

@@ -253,6 +253,23 @@ fn load_error(e: aya::EbpfError) -> TracerError {
 }
 
 impl MapSizes {
+    /// The maps of a session with no uprobes (`tracer watch`): the
+    /// processes' maps as asked, one entry for every other, so that
+    /// watching costs no kernel memory for blocks, sites or stacks.
+    pub fn without_probes(self) -> Self {
+        Self {
+            allocs: 1,
+            sites: 1,
+            stacks: 1,
+            threads: 1,
+            goroutines: 1,
+            unwind_rows: 1,
+            sample_bytes: 0,
+            adaptive_sampling: false,
+            ..self
+        }
+    }
+
     /// The kernel memory the maps take at load, as Linux 6.x accounts it:
     /// the preallocated maps whole (the stack tables, 1 KiB a stack; the
     /// LRU maps), the others their bucket array (16 B per slot, a power of
