@@ -223,12 +223,17 @@ fn the_tui_shows_the_limit_the_alert_and_the_leaking_timers_and_quits_cleanly() 
             .find(|l| l.contains(&culprit))
             .map(str::to_string)
     });
-    // GROWTH HELD COUNT, after the selection mark.
-    let count: u64 = row
-        .split_whitespace()
-        .filter(|t| *t != "▶")
-        .nth(2)
-        .and_then(|c| c.parse().ok())
+    // GROWTH HELD COUNT, then the sparkline: the count is the token just
+    // before the first block character (growth and held take one token or
+    // two, "+759.5 KiB/s", as their units come).
+    let tokens: Vec<&str> = row.split_whitespace().collect();
+    let spark = tokens
+        .iter()
+        .position(|t| t.starts_with(['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█']))
+        .unwrap_or_else(|| panic!("no sparkline in {row:?}"));
+    let count: u64 = spark
+        .checked_sub(1)
+        .and_then(|i| tokens[i].parse().ok())
         .unwrap_or_else(|| panic!("no count in {row:?}"));
     assert!(count > 1000, "pending timers at the site: {row}");
     screenshot(&tmux.screen_ansi());
