@@ -470,7 +470,7 @@ fn test(args: &[String]) -> Result<()> {
         Ok(())
     };
     let soaked = if args.is_empty() && result.is_ok() {
-        bench::soak(5.0, 100_000)
+        bench::soak(5.0, 100_000, false)
     } else {
         Ok(())
     };
@@ -567,7 +567,7 @@ fn main() -> Result<()> {
             let route = toolchain::setup()?;
             build(&route)?;
             c_fixtures_build()?;
-            bench::soak(minutes, rate)
+            bench::soak(minutes, rate, true)
         }
         Task::Bench {
             rounds,
